@@ -1,0 +1,195 @@
+"""Prometheus metrics for one rank, fed by :class:`StepReport` (MONITORING.md 1.3, 1.4, 2.2).
+
+* Everything lives in an explicit :class:`CollectorRegistry` owned by :class:`OptimizerMetrics`, never the
+  process-global ``REGISTRY``: no import-time side effects, no clashes between instances in tests.
+* ``_created`` series are dropped by a filtering collector instead of the process-wide
+  ``disable_created_metrics()`` switch, so a user's own metrics in the same process are left alone.
+* Global series (identical on every rank) are exported by the export rank only; per-rank series carry the
+  ``rank`` label and are exported by every rank.  Labels are limited to ``param_group``, ``reason``, ``le``
+  and ``rank`` (plus the constant metadata of ``exporter_info``).
+"""
+from __future__ import annotations
+
+import math
+import socket
+import time
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeHistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from .fields import EFF_LR_EDGES
+from .finalize import GroupStats, finalize
+from .report import StepReport
+
+PREFIX = "sharded_optim_"
+SKIP_REASONS: tuple[str, ...] = ("nonfinite", "overflow", "spike", "manual")
+# Pre-clip gradient norms span many decades between layers, models and phases of training: one bucket per
+# decade 1e-4..1e4 keeps the histogram at 10 series per group.
+GRAD_NORM_BUCKETS: tuple[float, ...] = tuple(10.0**e for e in range(-4, 5))
+# Optimizer steps take ~1 ms (tiny models) to tens of seconds (pipeline bubbles, stragglers).
+STEP_SECONDS_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# Statistic -> (metric suffix, help) for the per-group gauges filled on statistics steps.
+GROUP_GAUGES: dict[str, tuple[str, str]] = {
+    "param_norm": ("param_norm", "L2 norm of the parameters after the update"),
+    "update_to_param_ratio": ("update_to_param_ratio", "||applied update|| / ||parameters|| (aim ~1e-3)"),
+    "adam_update_rms": ("adam_update_rms", "RMS of m_hat/(sqrt(v_hat)+eps), the update before the LR"),
+    "eps_dominated_ratio": ("eps_dominated_ratio", "fraction of elements with sqrt(v_hat) < eps"),
+    "momentum_grad_cosine": ("momentum_grad_cosine", "cosine between m_{t-1} and g_t"),
+    "grad_zero_ratio": ("grad_zero_ratio", "fraction of gradient elements exactly zero"),
+    "amsgrad_max_active_ratio": ("amsgrad_max_active_ratio", "fraction of elements with v_max > v (0 off AMSGrad)"),
+    "adamod_clipped_ratio": ("adamod_clipped_ratio", "fraction of elements clipped by AdaMod's bound (0 off AdaMod)"),
+    "adabound_clamped_ratio": ("adabound_clamped_ratio", "fraction of elements clamped by AdaBound (0 off AdaBound)"),
+}
+
+
+class _DropCreated(Collector):
+    """Serves another registry's metrics without the ``_created`` samples (extra series in Prometheus)."""
+
+    def __init__(self, inner: CollectorRegistry) -> None:
+        self._inner = inner
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._inner.collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+
+class _EffectiveLRCollector(Collector):
+    """``sharded_optim_effective_lr`` as a GaugeHistogram: a gauge with an ``le`` label fails promtool."""
+
+    def __init__(self) -> None:
+        self._snapshot: dict[str, tuple[list[tuple[str, float]], float]] = {}
+
+    def update(self, stats: dict[str, GroupStats]) -> None:
+        snapshot = {}
+        for group, st in stats.items():
+            buckets = [(floatToGoString(e), c) for e, c in zip(EFF_LR_EDGES, st.effective_lr_buckets)]
+            buckets.append(("+Inf", st.numel))
+            snapshot[group] = (buckets, st.effective_lr_sum)
+        self._snapshot = snapshot  # one reference swap: a concurrent scrape sees the old or the new snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        fam = GaugeHistogramMetricFamily(
+            PREFIX + "effective_lr", "Distribution of the per-element effective learning rate on the last "
+            "statistics step (_gsum/_gcount = mean)", labels=["param_group"])
+        for group, (buckets, gsum) in self._snapshot.items():
+            fam.add_metric([group], buckets, gsum_value=gsum)
+        yield fam
+
+
+class OptimizerMetrics:
+    """The metric families of one rank and :meth:`observe`, the report hook that updates them."""
+
+    def __init__(self, *, rank: int = 0, export_global: bool | None = None, world_size: int = 1) -> None:
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.rank = rank
+        self.export_global = (rank == 0) if export_global is None else export_global
+        self._metrics = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry(auto_describe=False)  # what the HTTP server serves
+        self.registry.register(_DropCreated(self._metrics))
+        self._groups: tuple[str, ...] = ()
+        r = self._metrics
+        self.last_step = Gauge(PREFIX + "last_step_timestamp_seconds", "Unix time of this rank's last step",
+                               ["rank"], registry=r).labels(str(rank))
+        self.step_seconds = Histogram(PREFIX + "step_duration_seconds", "Wall time of optimizer.step()",
+                                      ["rank"], buckets=STEP_SECONDS_BUCKETS, registry=r).labels(str(rank))
+        self.shard_grad_norm = Gauge(PREFIX + "shard_grad_norm", "Norm of this rank's gradient shard",
+                                     ["rank"], registry=r).labels(str(rank))
+        self.shard_nonfinite = Gauge(PREFIX + "shard_nonfinite_grad_elements",
+                                     "Non-finite elements in this rank's gradient shard on the last step",
+                                     ["rank"], registry=r).labels(str(rank))
+        self.state_bytes = Gauge(PREFIX + "state_bytes", "Optimizer state bytes held by this rank",
+                                 ["rank"], registry=r).labels(str(rank))
+        Info(PREFIX + "exporter", "Exporter metadata, for joins on rank", registry=r).info(
+            {"rank": str(rank), "world_size": str(world_size), "hostname": socket.gethostname()})
+        if self.export_global:
+            self._init_global(r)
+
+    def _init_global(self, r: CollectorRegistry) -> None:
+        self.steps = Counter(PREFIX + "steps", "Optimizer steps attempted (taken + skipped)", registry=r)
+        self.skipped = Counter(PREFIX + "skipped_steps", "Steps whose update was not applied", ["reason"],
+                               registry=r)
+        for reason in SKIP_REASONS:  # pre-initialised so rate()/increase() see the first skip
+            self.skipped.labels(reason)
+        self.clipped = Counter(PREFIX + "grad_clipped_steps", "Steps on which gradient clipping scaled "
+                               "the gradients", registry=r)
+        self.nonfinite = Counter(PREFIX + "grad_nonfinite_elements", "Non-finite gradient elements seen on "
+                                 "statistics steps", ["param_group"], registry=r)
+        self.grad_norm = Gauge(PREFIX + "grad_norm", "Global pre-clip gradient norm on the last step",
+                               ["param_group"], registry=r)
+        self.grad_norm_hist = Histogram(PREFIX + "step_grad_norm", "Global pre-clip gradient norm, one "
+                                        "observation per step", ["param_group"], buckets=GRAD_NORM_BUCKETS,
+                                        registry=r)
+        self.lr = Gauge(PREFIX + "learning_rate", "Learning rate used on the last step", ["param_group"],
+                        registry=r)
+        self.radam = Gauge(PREFIX + "radam_rectification", "RAdam rectification r_t (0 in the SGD phase)",
+                           ["param_group"], registry=r)
+        self.loss_scale: Gauge | None = None  # created on the first report that has one: 0 would be a lie
+        self.group_gauges = {key: Gauge(PREFIX + suffix, doc, ["param_group"], registry=r)
+                             for key, (suffix, doc) in GROUP_GAUGES.items()}
+        self.effective_lr = _EffectiveLRCollector()
+        r.register(self.effective_lr)
+
+    def observe(self, report: StepReport) -> None:
+        """Update every metric from one step's report; register it with ``optimizer.add_report_hook``."""
+        _check(report)
+        self.last_step.set(time.time())
+        self.step_seconds.observe(report.step_seconds)
+        self.shard_grad_norm.set(report.shard_grad_norm)
+        self.shard_nonfinite.set(report.shard_nonfinite)
+        self.state_bytes.set(report.state_bytes)
+        if self.export_global:
+            self._observe_global(report)
+
+    def _observe_global(self, report: StepReport) -> None:
+        names = tuple(report.group_names)
+        if names != self._groups:  # first report (or groups added): make per-group counters exist at 0
+            for name in names:
+                self.nonfinite.labels(name)
+            self._groups = names
+        self.steps.inc()
+        if report.skipped_reason is not None:
+            self.skipped.labels(report.skipped_reason).inc()
+        if report.clipped:
+            self.clipped.inc()
+        if report.loss_scale is not None:
+            if self.loss_scale is None:
+                self.loss_scale = Gauge(PREFIX + "loss_scale", "Mixed-precision loss scale",
+                                        registry=self._metrics)
+            self.loss_scale.set(report.loss_scale)
+        for i, name in enumerate(names):
+            norm = report.group_grad_norms[i]
+            self.grad_norm.labels(name).set(norm)
+            if math.isfinite(norm):  # one NaN would poison the histogram's _sum for the rest of the run
+                self.grad_norm_hist.labels(name).observe(norm)
+            self.lr.labels(name).set(report.lrs[i])
+            if report.algorithm == "radam" and i < len(report.radam_rectification):
+                r_t = report.radam_rectification[i]
+                self.radam.labels(name).set(0.0 if r_t is None else r_t)
+        if report.stats is not None:
+            stats = finalize(report.stats, names)
+            for name, st in stats.items():
+                if st.nonfinite_count > 0:
+                    self.nonfinite.labels(name).inc(st.nonfinite_count)
+                for key, gauge in self.group_gauges.items():
+                    gauge.labels(name).set(getattr(st, key))
+            self.effective_lr.update(stats)
+
+
+def _check(report: StepReport) -> None:
+    """Reject reports that would create unbounded or mismatched label values, naming the field."""
+    g = len(report.group_names)
+    for field in ("lrs", "group_grad_norms"):
+        if len(getattr(report, field)) != g:
+            raise ValueError(f"StepReport.{field} has {len(getattr(report, field))} entries, "
+                             f"group_names has {g}")
+    if len(set(report.group_names)) != g:
+        raise ValueError(f"StepReport.group_names must be unique, got {report.group_names}")
+    if report.skipped_reason is not None and report.skipped_reason not in SKIP_REASONS:
+        raise ValueError(f"StepReport.skipped_reason must be None or one of {SKIP_REASONS}, "
+                         f"got {report.skipped_reason!r}")

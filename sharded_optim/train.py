@@ -1,0 +1,395 @@
+"""The main training job: a small byte-level GPT trained with :class:`sharded_optim.ShardedOptimizer`.
+
+Run it under any launcher (each rank runs this same file)::
+
+    torchrun --nproc_per_node 2 -m sharded_optim.train --config configs/quickstart.yaml
+    mpirun -np 2 python -m sharded_optim.train --config configs/quickstart.yaml
+    deepspeed --num_gpus 2 --master_port 29600 --module sharded_optim.train --config configs/quickstart.yaml
+    python -m sharded_optim.train --config configs/quickstart.yaml --set training.steps=50   # one process
+
+The model is replicated; the optimizer shards its state and reduces the gradients itself (ZeRO-1/2), so
+there is no DDP wrapper.  Everything random is a function of ``training.seed``: the initial weights, and the
+batch of every step (see :mod:`sharded_optim.data`), so a run is reproducible, independent of the launcher,
+and resumable without saved data-loader state.
+
+Outputs in ``training.run_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per log
+interval and eval), ``summary.json`` (also printed), ``final_weights.pt``, and checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+from . import data as data_lib
+from .config import ConfigError, RunConfig, dump_config, load_config
+from .dist import DistInfo, cleanup, describe_timeout, init_distributed, strip_launcher_args
+from .model import build_model, num_parameters, param_groups
+
+LATEST_FILE = "latest"
+
+
+# --- pieces -------------------------------------------------------------------------------------------
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """``ShardedOptimizer`` over the model's parameter groups, configured from ``cfg.optimizer``."""
+    from . import ShardedOptimizer  # imported here so `--help` and config errors need no optimizer build
+
+    o = cfg.optimizer
+    groups = param_groups(model, o.weight_decay, o.no_decay_norm_and_bias)
+    return ShardedOptimizer(
+        groups, algorithm=o.algorithm, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+        amsgrad=o.amsgrad, bias_correction=o.bias_correction, decoupled_weight_decay=o.decoupled_weight_decay,
+        maximize=o.maximize, beta3=o.beta3, final_lr=o.final_lr, gamma=o.gamma,
+        momentum_decay=o.momentum_decay, degenerated_to_sgd=o.degenerated_to_sgd, zero_stage=o.zero_stage,
+        bucket_mb=o.bucket_mb, overlap=o.overlap,
+        grad_reduce_dtype=getattr(torch, o.grad_reduce_dtype) if o.grad_reduce_dtype else None,
+        param_gather_dtype=getattr(torch, o.param_gather_dtype) if o.param_gather_dtype else None,
+        master_weights=o.master_weights, nonfinite_policy=o.nonfinite_policy, kernel=o.kernel,
+        stats_interval=cfg.telemetry.stats_interval if cfg.telemetry.enabled else 0,
+    )
+
+
+def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> LRScheduler | None:
+    """``constant``: None.  ``warmup``: linear warmup then none/linear/cosine decay to ``min_lr_ratio``.
+    ``1cycle``: torch's OneCycleLR over ``training.steps`` (cycles ``betas[0]`` when ``cycle_momentum``)."""
+    s, steps = cfg.schedule, cfg.training.steps
+    if s.kind == "constant":
+        return None
+    if s.kind == "1cycle":
+        return OneCycleLR(optimizer, max_lr=cfg.optimizer.lr, total_steps=steps, pct_start=s.pct_start,
+                          div_factor=s.div_factor, final_div_factor=s.final_div_factor,
+                          cycle_momentum=s.cycle_momentum, base_momentum=s.base_momentum,
+                          max_momentum=s.max_momentum)
+
+    def factor(step: int) -> float:  # step = optimizer steps already taken
+        if step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        if s.decay == "none":
+            return 1.0
+        progress = min(1.0, (step - s.warmup_steps) / max(1, steps - s.warmup_steps))
+        shape = 1.0 - progress if s.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * shape
+
+    return LambdaLR(optimizer, factor)
+
+
+def fast_forward(scheduler: LRScheduler | None, steps: int) -> None:
+    """Replay ``steps`` scheduler steps after a resume; the schedules are closed-form in the step count, so
+    the learning rates (and 1cycle's betas) come out exactly as in an uninterrupted run."""
+    if scheduler is None:
+        return
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            scheduler.step()
+
+
+def all_mean(values: list[float], info: DistInfo) -> list[float]:
+    """Mean over ranks of a few floats (one all_reduce)."""
+    if not info.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if info.backend == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return (t / info.world_size).tolist()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: data_lib.ByteDataset, cfg: RunConfig, info: DistInfo,
+             device: torch.device, autocast: Any) -> float:
+    """Mean loss over the fixed validation windows (every rank evaluates its share)."""
+    model.eval()
+    batch = cfg.training.batch_size // cfg.training.grad_accum
+    losses = []
+    for x, y in data_lib.eval_batches(val, cfg.training.eval_batches, batch, info.rank, info.world_size):
+        with autocast():
+            losses.append(model(x.to(device), y.to(device))[1].item())
+    model.train()
+    return all_mean([sum(losses) / len(losses)], info)[0]
+
+
+# --- checkpoints (the format lives in sharded_optim.checkpoint) ------------------------------------------
+
+def save_checkpoint(cfg: RunConfig, info: DistInfo, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, step: int, extra: dict) -> Path:
+    """Save through ``sharded_optim.checkpoint`` (collective), then point ``latest`` at it and prune."""
+    from . import checkpoint
+
+    root = cfg.checkpoint_dir
+    path = root / f"step_{step:08d}"
+    checkpoint.save(path, model, optimizer, step=step, extra=extra)
+    if info.distributed:
+        dist.barrier()  # every rank has finished writing before `latest` may name it
+    if info.is_main:
+        tmp = root / (LATEST_FILE + ".tmp")
+        tmp.write_text(path.name + "\n")
+        os.replace(tmp, root / LATEST_FILE)  # atomic: a crash leaves the previous pointer intact
+        if cfg.checkpoint.keep_last:
+            old = sorted(p for p in root.glob("step_*") if p.is_dir())[:-cfg.checkpoint.keep_last]
+            for p in old:
+                shutil.rmtree(p, ignore_errors=True)
+    return path
+
+
+def latest_checkpoint(cfg: RunConfig) -> Path | None:
+    pointer = cfg.checkpoint_dir / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    path = cfg.checkpoint_dir / pointer.read_text().strip()
+    return path if path.exists() else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Load model and optimizer state; return (step, extra)."""
+    from . import checkpoint
+
+    meta = checkpoint.load(path, model, optimizer)
+    extra = meta.get("extra") or {}
+    return int(meta["step"]), extra
+
+
+# --- the job --------------------------------------------------------------------------------------------
+
+def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """Run the configured job on this rank; return the summary (identical on every rank)."""
+    t_start = time.perf_counter()
+    t = cfg.training
+    want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError([f"training.device: got 'cuda' but no CUDA device is available; allowed here: "
+                           "'cpu' or 'auto'"])
+    info = init_distributed(backend="nccl" if want_cuda else "gloo", timeout_s=t.timeout_s,
+                            num_threads=t.threads or None)
+    try:
+        return _train(cfg, info, resume, want_cuda, t_start)
+    except RuntimeError as exc:
+        why = describe_timeout(exc, info, t.timeout_s)
+        cleanup(barrier=False)
+        if why:
+            raise RuntimeError(why) from exc
+        raise
+    except BaseException:
+        cleanup(barrier=False)
+        raise
+    finally:
+        cleanup()
+
+
+def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_start: float) -> dict[str, Any]:
+    t = cfg.training
+    device = torch.device("cuda", info.local_rank) if want_cuda else torch.device("cpu")
+    micro_batch = t.batch_size // t.grad_accum  # sequences per micro-batch, over all ranks
+    if micro_batch % info.world_size:
+        raise ConfigError([f"training.batch_size: got {t.batch_size}; allowed: a multiple of grad_accum x "
+                           f"world size ({t.grad_accum} x {info.world_size})"])
+    run_dir = Path(t.run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    # Data: the whole corpus on every rank (it is small); batches are a function of (seed, step).
+    train_ds, val_ds = data_lib.split_corpus(data_lib.read_corpus(cfg.data.path), cfg.model.seq_len,
+                                             cfg.data.val_fraction)
+
+    # Model: the same seed on every rank gives the same weights; the broadcast makes that a guarantee.
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model).to(device)
+    if info.distributed:
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)  # before any resume: it records the configured lr
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if t.precision == "bf16" \
+        else contextlib.nullcontext
+
+    # Resume from the latest checkpoint, if asked and one exists.
+    start_step, history = 0, {"loss_curve": [], "val_curve": [], "tokens_seen": 0}
+    if resume:
+        path = latest_checkpoint(cfg)
+        if path is None:
+            _log(info, f"--resume: no checkpoint under {cfg.checkpoint_dir}; starting from step 0")
+        else:
+            start_step, extra = load_checkpoint(path, model, optimizer)
+            history.update({k: extra[k] for k in history if k in extra})
+            fast_forward(scheduler, start_step)
+            _log(info, f"resumed from {path} at step {start_step}")
+
+    telemetry = None
+    if cfg.telemetry.enabled:
+        from . import telemetry as telemetry_lib
+        telemetry = telemetry_lib.start(optimizer, base_port=cfg.telemetry.base_port, addr=cfg.telemetry.addr,
+                                        stats_interval=cfg.telemetry.stats_interval,
+                                        targets_file=run_dir / "prometheus_targets.json")
+
+    n_params = num_parameters(model)
+    tokens_per_step = t.batch_size * cfg.model.seq_len
+    _log(info, f"{info.launcher}: {info.world_size} rank(s), backend {info.backend or 'none'}, device {device}, "
+               f"{torch.get_num_threads()} thread(s)/rank | model {n_params:,} params | "
+               f"{cfg.optimizer.algorithm} zero_stage={cfg.optimizer.zero_stage} | "
+               f"{t.steps} steps x {tokens_per_step:,} tokens")
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+    progress = _progress_bar(info, t.steps, start_step)
+
+    # The loop.  One optimizer step = grad_accum micro-batches; losses are averaged over ranks only when
+    # logged, so steps between logs need no extra collective.
+    model.train()
+    window_losses: list[float] = []
+    window_start = time.perf_counter()
+    train_start = time.perf_counter()
+    val_loss = float("nan")
+    step = start_step
+    try:
+        while step < t.steps:
+            step_loss = 0.0
+            for micro in range(t.grad_accum):
+                x, y = data_lib.train_batch(train_ds, t.seed, step, micro, micro_batch, info.rank,
+                                            info.world_size)
+                last = micro == t.grad_accum - 1
+                # Only the last micro-batch reduces gradients; the others accumulate locally.
+                sync = contextlib.nullcontext() if last else optimizer.no_sync()
+                with sync, autocast():
+                    _, loss = model(x.to(device), y.to(device))
+                    (loss / t.grad_accum).backward()
+                step_loss += loss.item() / t.grad_accum
+            if cfg.optimizer.grad_clip > 0:
+                optimizer.clip_grad_norm_(cfg.optimizer.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            history["tokens_seen"] += tokens_per_step
+            window_losses.append(step_loss)
+
+            if step % t.log_interval == 0 or step == t.steps or step == start_step + 1:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - window_start
+                loss_mean = all_mean([sum(window_losses) / len(window_losses)], info)[0]
+                record = {"step": step, "loss": loss_mean, "lr": optimizer.param_groups[0]["lr"],
+                          "step_s": elapsed / len(window_losses),
+                          "tokens_per_s": tokens_per_step * len(window_losses) / elapsed}
+                history["loss_curve"].append([step, loss_mean])
+                _emit(info, progress, metrics_file, record)
+                window_losses, window_start = [], time.perf_counter()
+            progress.update(1)
+
+            if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
+                val_loss = evaluate(model, val_ds, cfg, info, device, autocast)
+                history["val_curve"].append([step, val_loss])
+                _emit(info, progress, metrics_file, {"step": step, "val_loss": val_loss})
+                window_start = time.perf_counter()  # keep eval time out of the throughput numbers
+
+            ck = cfg.checkpoint
+            if (ck.interval and step % ck.interval == 0) or (ck.at_end and step == t.steps):
+                save_checkpoint(cfg, info, model, optimizer, step, extra=dict(history))
+                window_start = time.perf_counter()
+    finally:
+        progress.close()
+        if metrics_file:
+            metrics_file.close()
+        if telemetry is not None:
+            telemetry.stop()
+    train_time = time.perf_counter() - train_start
+
+    steps_run = step - start_step
+    curve = history["loss_curve"]
+    summary = {
+        "steps": step, "steps_this_run": steps_run, "resumed_from": start_step if resume else None,
+        "initial_train_loss": curve[0][1] if curve else float("nan"),
+        "final_train_loss": curve[-1][1] if curve else float("nan"),
+        "final_val_loss": val_loss,
+        "tokens_per_s": steps_run * tokens_per_step / train_time if train_time > 0 else float("nan"),
+        "train_time_s": train_time, "wall_time_s": time.perf_counter() - t_start,
+        "tokens_seen": history["tokens_seen"], "params": n_params, "algorithm": cfg.optimizer.algorithm,
+        "zero_stage": cfg.optimizer.zero_stage, "world_size": info.world_size, "launcher": info.launcher,
+        "backend": info.backend, "device": str(device), "seed": t.seed,
+        "loss_curve": curve, "val_curve": history["val_curve"],
+    }
+    if info.is_main:
+        if t.save_final_weights:
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / "final_weights.pt")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        short = {k: v for k, v in summary.items() if k not in ("loss_curve", "val_curve")}
+        print("summary: " + json.dumps(short), flush=True)
+    return summary
+
+
+# --- output helpers -------------------------------------------------------------------------------------
+
+def _log(info: DistInfo, text: str) -> None:
+    if info.is_main:
+        print(text, flush=True)
+
+
+def _progress_bar(info: DistInfo, total: int, initial: int):
+    """tqdm on rank 0 (to stderr); a do-nothing stand-in elsewhere."""
+    from tqdm import tqdm
+
+    # Redraws every 0.5 s on a terminal; in a log file (not a TTY) rarely, so logs stay readable.
+    return tqdm(total=total, initial=initial, disable=not info.is_main, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 60.0, desc="train", unit="step")
+
+
+def _emit(info: DistInfo, progress, metrics_file, record: dict) -> None:
+    if not info.is_main:
+        return
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    if "loss" in record:
+        progress.set_postfix(loss=f"{record['loss']:.4f}", step_ms=f"{1e3 * record['step_s']:.0f}",
+                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        progress.write(f"step {record['step']:>6}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
+                       f"{1e3 * record['step_s']:.0f} ms/step  {record['tokens_per_s']:.0f} tok/s")
+    else:
+        progress.write(f"step {record['step']:>6}  val_loss {record['val_loss']:.4f}")
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The train command's flags (shared by ``python -m sharded_optim.train`` and ``sharded-optim train``).
+
+    No flag is a prefix of a torchrun option (torchrun would take it): keep it that way.
+    """
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config field, e.g. --set optimizer.lr=3e-4 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Load and validate the config, train; a bad config prints its errors and returns 2."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, resume=args.resume)
+    except ConfigError as exc:  # raised identically on every rank, before any collective
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sharded_optim.train", allow_abbrev=False,
+                                     description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    return run_from_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -45,6 +46,7 @@ class Telemetry:
     server: MetricsServer
     run_id: str
     targets: list[str] = field(default_factory=list)
+    targets_file: Path | None = None  # written by this rank (rank 0 only), removed again by stop()
     _hook_handle: Any = None
 
     @property
@@ -57,6 +59,9 @@ class Telemetry:
             self._hook_handle.remove()
         self._hook_handle = None
         self.server.stop()
+        if self.targets_file is not None:  # a finished run must not stay listed, or it reads as a dead rank
+            self.targets_file.unlink(missing_ok=True)
+            self.targets_file = None
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -92,14 +97,18 @@ def start(optimizer: Any, *, base_port: int = 9400, addr: str = "127.0.0.1", run
         time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3))
     metrics = OptimizerMetrics(rank=rank, world_size=world)
     server = MetricsServer(metrics.registry, port=base_port + local_rank if base_port else 0, addr=addr)
+    targets: list[str] = []
+    written: Path | None = None
     try:
-        targets: list[str] = []
         if targets_file is not None:
             targets = gather_targets(advertised_host(addr), server.port)
             if rank == 0:
-                write_targets_file(targets_file, targets, run_id=run_id, job=job)
+                written = write_targets_file(targets_file, targets, run_id=run_id, job=job)
         handle = optimizer.add_report_hook(metrics.observe)
     except BaseException:
         server.stop()
+        if written is not None:
+            written.unlink(missing_ok=True)
         raise
-    return Telemetry(metrics=metrics, server=server, run_id=run_id, targets=targets, _hook_handle=handle)
+    return Telemetry(metrics=metrics, server=server, run_id=run_id, targets=targets, targets_file=written,
+                     _hook_handle=handle)

@@ -1,0 +1,60 @@
+"""Choose how a fused update runs: compiled once per variant with ``torch.compile``, or eagerly.
+
+``kernel="auto"`` (the default) compiles and falls back to eager, with one warning, if compilation fails (no C++
+compiler on a CPU host, say).  ``kernel="compiled"`` makes such a failure an error; ``kernel="eager"`` never
+compiles (fast start, ~3-10x slower steps).  The environment variable ``SHARDED_OPTIM_KERNEL`` overrides
+``auto``.  One compiled function per variant, created lazily and shared by every optimizer in the process, with
+``dynamic=True`` so that new shard sizes do not recompile (sizes 0 and 1 always specialise; size 0 is skipped).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+from .adam_family import VARIANTS, lookahead_sync
+
+KERNEL_MODES = ("auto", "compiled", "eager")
+ENV_VAR = "SHARDED_OPTIM_KERNEL"
+
+_broken: set[str] = set()   # variants whose compilation failed in "auto" mode
+
+
+def resolve_mode(mode: str) -> str:
+    """Validate a kernel mode and apply the environment override to ``auto``."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel must be one of {KERNEL_MODES}, got {mode!r}")
+    if mode == "auto":
+        env = os.environ.get(ENV_VAR, "auto")
+        if env not in KERNEL_MODES:
+            raise ValueError(f"{ENV_VAR} must be one of {KERNEL_MODES}, got {env!r}")
+        mode = env
+    return mode
+
+
+@functools.cache
+def _compiled(name: str) -> Callable[..., None]:
+    fn = VARIANTS[name] if name in VARIANTS else lookahead_sync
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def run(name: str, mode: str, *tensors: torch.Tensor) -> None:
+    """Run kernel ``name`` on ``tensors`` (parameter, gradient, states..., scalars) in place."""
+    if tensors[0].numel() == 0:
+        return
+    eager = VARIANTS[name] if name in VARIANTS else lookahead_sync
+    if mode == "eager" or name in _broken:
+        eager(*tensors)
+        return
+    try:
+        _compiled(name)(*tensors)
+    except Exception as exc:  # compilation problems surface at the first call
+        if mode == "compiled":
+            raise
+        _broken.add(name)
+        warnings.warn(f"sharded_optim: compiling kernel {name!r} failed ({type(exc).__name__}: {exc}); "
+                      f"using the eager kernel", RuntimeWarning, stacklevel=2)
+        eager(*tensors)

@@ -1,0 +1,609 @@
+"""``ShardedOptimizer``: the public ``torch.optim.Optimizer`` for the whole Adam family, ZeRO-sharded.
+
+This class does bookkeeping only: param groups, validation, the step sequence, state_dict.  The math lives in
+:mod:`sharded_optim.rules` (host scalars) and :mod:`sharded_optim.kernels` (the fused update); buffers and
+communication in :mod:`sharded_optim.zero`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import rules
+from .kernels import dispatch
+from .kernels import stats as stats_kernels
+from .telemetry.fields import NUM_FIELDS
+from .telemetry.report import StepReport
+from .zero import FlatParamGroup
+
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
+_LOCAL = object()  # key for partial sums that need no reduction
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" or (type(t).__name__ == "Parameter" and
+                                              type(getattr(t, "data", None)).__name__ == "DTensor")
+
+
+def _as_dtype(name: str, value: Any) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value in _DTYPES:
+        return _DTYPES[value]
+    raise ValueError(f"{name} must be a torch.dtype or one of {sorted(_DTYPES)}, got {value!r}")
+
+
+class ShardedOptimizer(Optimizer):
+    r"""The Adam family (Adam, AdamW, L2-Adam, AMSGrad, AdaMax, NAdam, RAdam, AdaMod, AdaBound/AMSBound) as one
+    fused, ZeRO-sharded optimizer.
+
+    Every algorithm is the elementwise update (per element, step :math:`t`, :math:`bc_i = 1-\beta_i^t`)
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+        \theta_t = \theta_{t-1} - \frac{\alpha}{bc_1}\,\frac{m_t}{\sqrt{v_t}/\sqrt{bc_2} + \epsilon}
+
+    with the variations each algorithm defines; the exact form of each is written in ``docs/ARCHITECTURE.md``
+    ("Semantics chosen per algorithm"): torch.optim's math where torch has the algorithm (adam, adamw, amsgrad,
+    adamax, nadam, radam), the authors' reference code where it has not (adamod, adabound).
+
+    Args:
+        params: parameters or param-group dicts, as for any ``torch.optim`` optimizer.
+        algorithm: one of :data:`sharded_optim.ALGORITHMS`.
+        lr, betas, eps, weight_decay: as in torch.optim; ``lr``/``weight_decay`` default to the algorithm's.
+        process_group: the data-parallel group to shard over (default: the world group once
+            ``torch.distributed`` is initialised).
+        zero_stage: 0 = no sharding (a fast local fused optimizer; use under DeepSpeed/FSDP2), 1 = state
+            sharded and gradients all-reduced, 2 = state sharded and gradients reduce-scattered.
+        bucket_mb: gradient-reduction / all-gather bucket size in MiB of parameters.
+        overlap: launch gradient reductions from backward hooks as buckets fill (overlaps backward).
+        reduce_grads: set False when the model is wrapped in DDP (gradients already averaged).
+        grad_reduce_dtype, param_gather_dtype: dtypes of the gradient reduction and the parameter all-gather.
+        master_weights: keep an fp32 master copy (and fp32 state) for bf16/fp16 parameters.
+        nonfinite_policy: "skip" (every rank skips a step with a non-finite gradient), "raise", or "ignore".
+        spike_sigma: skip a step whose gradient norm exceeds mean + ``spike_sigma`` * std of the last
+            ``spike_window`` taken steps (None disables).
+        kernel: "auto" (compiled, eager fallback), "compiled" or "eager".
+        stats_interval: compute optimizer-health statistics every this many steps (0 = never).
+        **algorithm_options: ``amsgrad``, ``bias_correction``, ``decoupled_weight_decay``, ``maximize``,
+            ``beta3`` (adamod), ``final_lr``/``gamma`` (adabound), ``momentum_decay`` (nadam),
+            ``degenerated_to_sgd`` (radam).
+
+    Example::
+
+        opt = ShardedOptimizer(model.parameters(), algorithm="adamod", lr=1e-3, beta3=0.999)
+        loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], algorithm: str = "adamw",
+                 lr: float | Tensor | None = None, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float | None = None, *, process_group: Any = None, zero_stage: int = 2,
+                 bucket_mb: float = 25.0, overlap: bool = True, reduce_grads: bool = True,
+                 grad_reduce_dtype: torch.dtype | str | None = None,
+                 param_gather_dtype: torch.dtype | str | None = None, master_weights: bool = True,
+                 nonfinite_policy: str = "skip", spike_sigma: float | None = None, spike_window: int = 128,
+                 kernel: str = "auto", stats_interval: int = 0, **algorithm_options: Any):
+        if not isinstance(algorithm, str):
+            raise TypeError(f"algorithm must be a string, one of {', '.join(rules.ALGORITHMS)}; got {algorithm!r}")
+        algorithm = algorithm.lower()
+        options = rules.resolve_options(algorithm, algorithm_options)
+        spec = rules.SPECS[algorithm]
+        defaults = dict(lr=spec.lr if lr is None else lr, betas=betas, eps=eps,
+                        weight_decay=spec.weight_decay if weight_decay is None else weight_decay, **options)
+        rules.validate_group(algorithm, defaults)
+        if zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage must be 0, 1 or 2, got {zero_stage!r}")
+        if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be a number > 0, got {bucket_mb!r}")
+        if nonfinite_policy not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite_policy must be one of {NONFINITE_POLICIES}, got {nonfinite_policy!r}")
+        if spike_sigma is not None and (isinstance(spike_sigma, bool) or not isinstance(spike_sigma, (int, float))
+                                        or not spike_sigma > 0):
+            raise ValueError(f"spike_sigma must be None or a number > 0, got {spike_sigma!r}")
+        if isinstance(spike_window, bool) or not isinstance(spike_window, int) or spike_window < 2:
+            raise ValueError(f"spike_window must be an integer >= 2, got {spike_window!r}")
+        if isinstance(stats_interval, bool) or not isinstance(stats_interval, int) or stats_interval < 0:
+            raise ValueError(f"stats_interval must be an integer >= 0, got {stats_interval!r}")
+        self.algorithm = algorithm
+        self.zero_stage = zero_stage
+        self.kernel_mode = dispatch.resolve_mode(kernel)
+        self.bucket_numel_bytes = int(bucket_mb * 2**20)
+        self.overlap = overlap
+        self.reduce_grads = reduce_grads
+        self.grad_reduce_dtype = _as_dtype("grad_reduce_dtype", grad_reduce_dtype)
+        self.param_gather_dtype = _as_dtype("param_gather_dtype", param_gather_dtype)
+        self.master_weights = master_weights
+        self.nonfinite_policy = nonfinite_policy
+        self.spike_sigma = spike_sigma
+        self._recent_norms: deque[float] = deque(maxlen=spike_window)
+        self.stats_interval = stats_interval
+        self.process_group, self.world_size, self.rank = self._resolve_group(process_group)
+        self.steps_attempted = 0
+        self.skipped_steps: dict[str, int] = {"nonfinite": 0, "spike": 0}
+        self._runtimes: dict[int, list[FlatParamGroup]] = {}   # id(param group) -> its flat runtimes
+        self._locate: dict[int, tuple[FlatParamGroup, int]] = {}  # id(param) -> (runtime, slot)
+        self._cached_norms: Tensor | None = None
+        self._clipped = False
+        self._report_hooks: list[Callable[[StepReport], None]] = []
+        self._shard_hooks: list[Callable[[FlatParamGroup, dict[str, Any]], None]] = []
+        self._building = True
+        super().__init__(params, defaults)
+        self._building = False
+        if self.sharded:
+            self._ensure_runtimes()  # the gradient hooks must exist before the first backward
+
+    # ---------------------------------------------------------------------------------------- setup
+    @property
+    def sharded(self) -> bool:
+        return self.zero_stage > 0 and self.world_size > 1
+
+    def _resolve_group(self, process_group: Any) -> tuple[Any, int, int]:
+        if self.zero_stage == 0 or not dist.is_available() or not dist.is_initialized():
+            if process_group is not None and self.zero_stage > 0 and not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError("process_group was given but torch.distributed is not initialised")
+            return None, 1, 0
+        group = process_group if process_group is not None else dist.group.WORLD
+        return group, dist.get_world_size(group), dist.get_rank(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (validated first: a rejected group leaves the optimizer unchanged)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        seen: set[int] = set()
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"params[{i}] is a {type(p).__name__}; the optimizer can only optimize Tensors")
+            if p.is_complex():
+                raise TypeError(f"params[{i}] is complex ({p.dtype}); ShardedOptimizer supports real floating "
+                                "point parameters only (view complex parameters with torch.view_as_real)")
+            if not p.is_floating_point():
+                raise TypeError(f"params[{i}] has dtype {p.dtype}; expected a floating point parameter")
+            if p.is_sparse:
+                raise TypeError(f"params[{i}] is a sparse tensor; ShardedOptimizer supports dense parameters only")
+            if id(p) in seen:
+                raise ValueError(f"params[{i}] appears more than once in the same param group")
+            seen.add(id(p))
+        devices = {p.device.type for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"a param group mixes devices {sorted(devices)}; put parameters of each device type "
+                             "in their own optimizer or param group")
+        if self.sharded and params:
+            self._check_backend(params[0].device)
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        spec = rules.SPECS[self.algorithm]
+        for key in rules.OPTION_DEFAULTS:
+            if key in param_group and key not in spec.options:
+                raise ValueError(f"option {key!r} in a param group does not apply to algorithm {self.algorithm!r}")
+        rules.validate_group(self.algorithm, merged)
+        if self.algorithm == "adabound":
+            param_group.setdefault("base_lr", float(merged["lr"]))  # AdaBound scales its bounds by lr/base_lr
+        param_group.setdefault("name", f"group{len(self.param_groups)}")
+        super().add_param_group(param_group)
+        if not self._building and self.sharded:
+            self._ensure_runtimes()
+
+    def _check_backend(self, device: torch.device) -> None:
+        backend = dist.get_backend(self.process_group)
+        if backend == "nccl" and device.type != "cuda":
+            raise ValueError(f"the process group uses the nccl backend but parameters are on {device.type}; "
+                             "use a gloo group for CPU parameters")
+        if backend == "gloo" and device.type not in ("cpu",):
+            raise ValueError(f"the process group uses the gloo backend but parameters are on {device.type}; "
+                             "use an nccl group for CUDA parameters")
+
+    def _ensure_runtimes(self) -> None:
+        """Build flat buffers for param groups that have none (or whose parameters were swapped while the state
+        is still empty, as DeepSpeed does when it hands the optimizer its flat fp32 partitions)."""
+        for group in self.param_groups:
+            runtimes = self._runtimes.get(id(group))
+            if runtimes is not None:
+                current = [p for rt in runtimes for p in rt.params]
+                if len(current) == len(group["params"]) and all(
+                        id(p) in self._locate for p in group["params"]):
+                    continue
+                if any(int(rt.steps.max()) > 0 for rt in runtimes if len(rt.steps)):
+                    raise RuntimeError("the parameters of a param group changed after the optimizer took steps")
+                for rt in runtimes:
+                    rt.remove_hooks()
+            self._runtimes[id(group)] = self._build_runtimes(group)
+
+    def _build_runtimes(self, group: dict[str, Any]) -> list[FlatParamGroup]:
+        by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for p in group["params"]:
+            by_kind.setdefault((p.dtype, p.device), []).append(p)
+        keys = rules.state_keys(self.algorithm, group)
+        runtimes = []
+        for (dtype, _device), params in by_kind.items():
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if _is_dtensor(params[0]):
+                # FSDP2 / DTensor parameters are sharded already: never shard twice (see fsdp.py)
+                from .fsdp import DTensorParamGroup
+                rt = DTensorParamGroup(params, state_keys=keys, master_weights=self.master_weights)
+                self._register_runtime(rt, params, keys)
+                runtimes.append(rt)
+                continue
+            rt = FlatParamGroup(
+                params, state_keys=keys, process_group=self.process_group, world=self.world_size, rank=self.rank,
+                zero_stage=self.zero_stage, bucket_numel=max(1, self.bucket_numel_bytes // itemsize),
+                master_weights=self.master_weights, reduce_grads=self.reduce_grads,
+                grad_reduce_dtype=self.grad_reduce_dtype, gather_dtype=self.param_gather_dtype,
+                overlap=self.overlap)
+            runtimes.append(rt)
+            self._register_runtime(rt, params, keys)
+        return runtimes
+
+    def _register_runtime(self, rt: Any, params: list[Tensor], keys: tuple[str, ...]) -> None:
+        """Expose the runtime's buffers as torch.optim-style ``self.state[p]`` (live views, not copies)."""
+        for slot_index, slot in enumerate(rt.layout.slots):
+            p = params[slot.index]
+            self._locate[id(p)] = (rt, slot_index)
+            entry = {"step": rt.steps[slot_index]}
+            for key in keys:
+                entry[key] = rt.param_state_view(slot_index, key)
+            if self.algorithm == "nadam":
+                entry["mu_product"] = rt.mu_products[slot_index]
+            self.state[p] = entry
+
+    def _all_runtimes(self) -> Iterator[tuple[dict[str, Any], FlatParamGroup]]:
+        for group in self.param_groups:
+            for rt in self._runtimes.get(id(group), []):
+                yield group, rt
+
+    # ---------------------------------------------------------------------------------------- hooks
+    def add_report_hook(self, fn: Callable[[StepReport], None]) -> Callable[[], None]:
+        """Call ``fn(report)`` after every step (taken or skipped); returns a function that removes the hook."""
+        self._report_hooks.append(fn)
+        return lambda: self._report_hooks.remove(fn) if fn in self._report_hooks else None
+
+    def add_shard_hook(self, fn: Callable[[FlatParamGroup, dict[str, Any]], None]) -> Callable[[], None]:
+        """Call ``fn(runtime, group)`` after each shard's update and before the parameter all-gather (Lookahead)."""
+        self._shard_hooks.append(fn)
+        return lambda: self._shard_hooks.remove(fn) if fn in self._shard_hooks else None
+
+    # ---------------------------------------------------------------------------------------- gradients
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradient accumulation: inside this context backward does not reduce; the next backward outside does."""
+        self._ensure_runtimes()
+        runtimes = [rt for _, rt in self._all_runtimes()]
+        for rt in runtimes:
+            rt.sync_enabled = False
+        try:
+            yield
+        finally:
+            for rt in runtimes:
+                rt.sync_enabled = True
+
+    def _collect(self) -> dict[int, list[bool]]:
+        return {id(rt): rt.collect_grads() for _, rt in self._all_runtimes()}
+
+    def _group_norms(self) -> Tensor:
+        """Global pre-clip gradient sum of squares per param group (float64), one all-reduce."""
+        per_group: dict[Any, Tensor] = {}
+        for i, group in enumerate(self.param_groups):
+            for rt in self._runtimes.get(id(group), []):
+                key = rt.reduce_group if rt.reduce_group is not None else _LOCAL
+                acc = per_group.setdefault(key, torch.zeros(len(self.param_groups), dtype=torch.float64))
+                acc[i] += rt.local_grad_sumsq().cpu()
+        return self._reduce_sum(per_group, (len(self.param_groups),))
+
+    @staticmethod
+    def _reduce_sum(partials: dict[Any, Tensor], shape: tuple[int, ...]) -> Tensor:
+        """Sum per-process-group partial sums: one all_reduce per group over which shards are disjoint."""
+        total = torch.zeros(shape, dtype=torch.float64)
+        for key, value in partials.items():
+            if key is not _LOCAL:
+                dist.all_reduce(value, group=key)
+            total += value
+        return total
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip the global gradient norm across all shards; return the total pre-clip norm.
+
+        Matches ``torch.nn.utils.clip_grad_norm_`` on the unsharded model (coefficient ``max_norm/(norm+1e-6)``
+        clamped to 1).  Call it between ``backward()`` and ``step()``: under ZeRO-2 the full gradients are freed
+        as they are reduced, so ``torch.nn.utils.clip_grad_norm_(model.parameters())`` would see none.
+        """
+        if norm_type != 2.0:
+            raise ValueError(f"norm_type must be 2.0 (the global L2 norm), got {norm_type!r}")
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+            raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+        self._ensure_runtimes()
+        self._pending_has_grad = self._collect()
+        sumsq = self._group_norms()
+        self._cached_norms = sumsq
+        total = math.sqrt(float(sumsq.sum()))
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0 and math.isfinite(total):
+            for _, rt in self._all_runtimes():
+                rt.grad.mul_(coef)
+            self._clipped = True
+        return torch.tensor(total)
+
+    # ---------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step (all ranks must call it together when sharded)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        start = time.perf_counter()
+        self._ensure_runtimes()
+        for group in self.param_groups:
+            self._check_group(group)
+        has_grad = getattr(self, "_pending_has_grad", None) or self._collect()
+        self._pending_has_grad = None
+        sumsq = self._cached_norms if self._cached_norms is not None else self._group_norms()
+        self._cached_norms = None
+        clipped, self._clipped = self._clipped, False
+        total_norm = math.sqrt(float(sumsq.sum()))
+        self.steps_attempted += 1
+        reason = self._skip_reason(total_norm)
+        stats = None
+        rectification: list[float | None] = []
+        if reason is None:
+            if math.isfinite(total_norm):
+                self._recent_norms.append(total_norm)
+            stats_step = self.stats_interval > 0 and self.steps_attempted % self.stats_interval == 0
+            partials: dict[Any, Tensor] | None = {} if stats_step else None
+            for gi, group in enumerate(self.param_groups):
+                rectification.append(self._update_group(group, gi, has_grad, partials))
+            if partials is not None:
+                stats = self._reduce_sum(partials, (len(self.param_groups), NUM_FIELDS))
+        for _, rt in self._all_runtimes():
+            rt.end_step()
+        if self._report_hooks:
+            self._report(reason, sumsq, clipped, stats, rectification, time.perf_counter() - start)
+        return loss
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Re-validate hyperparameters (users and schedulers edit param_groups between steps)."""
+        rules.validate_group(self.algorithm, group)
+        runtimes = self._runtimes.get(id(group), [])
+        if runtimes and tuple(runtimes[0].state) != rules.state_keys(self.algorithm, group):
+            raise ValueError("amsgrad of a param group was changed after construction; the state set of a group "
+                             "is fixed (create a new optimizer to switch amsgrad on or off)")
+
+    def _skip_reason(self, total_norm: float) -> str | None:
+        if not math.isfinite(total_norm) and self.nonfinite_policy != "ignore":
+            if self.nonfinite_policy == "raise":
+                raise FloatingPointError(f"non-finite gradient norm {total_norm} at step {self.steps_attempted}; "
+                                         "parameters and optimizer state were left unchanged")
+            return "nonfinite"
+        if self.spike_sigma is not None and len(self._recent_norms) >= max(8, self._recent_norms.maxlen // 4):
+            mean = sum(self._recent_norms) / len(self._recent_norms)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self._recent_norms) / len(self._recent_norms))
+            if total_norm > mean + self.spike_sigma * std:
+                return "spike"
+        return None
+
+    def _update_group(self, group: dict[str, Any], gi: int, has_grad: dict[int, list[bool]],
+                      partials: dict[Any, Tensor] | None) -> float | None:
+        rectification = None
+        for rt in self._runtimes.get(id(group), []):
+            runs = rt.update_runs(has_grad[id(rt)])
+            rt.prepare_update()
+            stats = None
+            if partials is not None:
+                key = rt.reduce_group if rt.reduce_group is not None else _LOCAL
+                stats = partials.setdefault(
+                    key, torch.zeros(len(self.param_groups), NUM_FIELDS, dtype=torch.float64))[gi]
+            if stats is not None:
+                for rng in rt.stat_ranges():
+                    stats_kernels.pre_update_sums(stats, rt.grad[rng], rt.state["exp_avg"][rng],
+                                                  -1.0 if group.get("maximize", False) else 1.0)
+            variant = rules.kernel_variant(self.algorithm, group)
+            keys = tuple(rt.state)
+            steps = rt.steps.tolist()
+            mus = rt.mu_products.tolist()
+            last_scalars = None
+            for rng, slots in runs:
+                t = steps[slots[0]] + 1
+                hs = rules.host_scalars(self.algorithm, group, t, initial_lr=float(group.get("base_lr", 0.0)),
+                                        mu_product=mus[slots[0]])
+                sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
+                dispatch.run(variant, self.kernel_mode, rt.master[rng], rt.grad[rng],
+                             *(rt.state[k][rng] for k in keys), sc)
+                index = torch.tensor(slots, dtype=torch.long)
+                rt.steps[index] += 1
+                if hs.mu_product is not None:
+                    rt.mu_products[index] = hs.mu_product
+                rectification = hs.rectification
+                last_scalars = hs
+            for fn in self._shard_hooks:
+                fn(rt, group)
+            if stats is not None and last_scalars is not None:
+                lr = float(group["lr"])
+                for rng in rt.stat_ranges():
+                    stats_kernels.post_update_sums(stats, variant, last_scalars.values, lr, rt.master[rng],
+                                                   {k: rt.state[k][rng] for k in keys})
+            rt.gather_params()
+        return rectification
+
+    def _report(self, reason: str | None, sumsq: Tensor, clipped: bool, stats: Tensor | None,
+                rectification: list[float | None], seconds: float) -> None:
+        local_sumsq = sum(float(rt.local_grad_sumsq()) for _, rt in self._all_runtimes())
+        report = StepReport(
+            step=self.steps_attempted, skipped_reason=reason,
+            group_names=[str(g.get("name", f"group{i}")) for i, g in enumerate(self.param_groups)],
+            lrs=[float(g["lr"]) for g in self.param_groups], grad_norm=math.sqrt(float(sumsq.sum())),
+            group_grad_norms=[math.sqrt(float(x)) for x in sumsq], clipped=clipped, algorithm=self.algorithm,
+            stats=stats, radam_rectification=rectification, rank=self.rank,
+            shard_grad_norm=math.sqrt(local_sumsq) if math.isfinite(local_sumsq) else float("nan"),
+            shard_nonfinite=sum(int((~torch.isfinite(rt.grad)).sum()) for _, rt in self._all_runtimes()),
+            state_bytes=self.memory_report()["state_bytes"], step_seconds=seconds)
+        for fn in list(self._report_hooks):
+            fn(report)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients; also drops any reduction still in flight (its gradients are discarded)."""
+        for _, rt in self._all_runtimes():
+            rt.wait()
+            rt.end_step()
+        self._pending_has_grad = None
+        self._cached_norms = None
+        self._clipped = False
+        super().zero_grad(set_to_none=set_to_none)
+
+    # ---------------------------------------------------------------------------------------- introspection
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes of optimizer state held by this rank, per state tensor, and the unsharded equivalent."""
+        self._ensure_runtimes()
+        per_key: dict[str, int] = {}
+        unsharded = 0
+        padding = 0
+        for _, rt in self._all_runtimes():
+            for key, nbytes in rt.state_bytes().items():
+                per_key[key] = per_key.get(key, 0) + nbytes
+            real = sum(slot.numel for slot in rt.layout.slots)
+            itemsize = torch.empty((), dtype=rt.compute_dtype).element_size()
+            unsharded += real * itemsize * len(rt.state)
+            padding += rt.layout.local_numel - rt.layout.local_real_numel()
+        state_bytes = sum(v for k, v in per_key.items() if k not in ("master", "grad_shard"))
+        return {"rank": self.rank, "world_size": self.world_size, "zero_stage": self.zero_stage,
+                "by_key": per_key, "state_bytes": state_bytes, "unsharded_state_bytes": unsharded,
+                "padding_elements": padding}
+
+    # ---------------------------------------------------------------------------------------- state_dict
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim-style state with full logical tensors (gathered from all ranks when sharded).
+
+        Loadable at any world size, and by ``load_state_dict`` of a torch.optim optimizer of the same algorithm
+        where the keys match.  The extra top-level ``algorithm`` key lets a mismatched load be refused.
+        """
+        self._ensure_runtimes()
+        state: dict[int, dict[str, Tensor]] = {}
+        groups = []
+        index = 0
+        gathered: dict[tuple[int, str], Tensor] = {}
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            ids = []
+            for p in group["params"]:
+                rt, slot_index = self._locate[id(p)]
+                slot = rt.layout.slots[slot_index]
+                ids.append(index)
+                step = int(rt.steps[slot_index])
+                if step > 0:
+                    entry: dict[str, Tensor] = {"step": torch.tensor(step, dtype=torch.int64)}
+                    for key in rt.state:
+                        full = gathered.get((id(rt), key))
+                        if full is None:
+                            full = gathered[(id(rt), key)] = self._gather_full(rt, rt.state[key])
+                        entry[key] = full[slot.offset: slot.offset + slot.numel].view(slot.shape)
+                    if self.algorithm == "nadam":
+                        entry["mu_product"] = torch.tensor(float(rt.mu_products[slot_index]), dtype=torch.float64)
+                    state[index] = entry
+                index += 1
+            packed["params"] = ids
+            groups.append(packed)
+        return {"state": state, "param_groups": groups, "algorithm": self.algorithm}
+
+    def _gather_full(self, rt: FlatParamGroup, local: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return local
+        full = torch.empty(rt.layout.total_numel, dtype=local.dtype, device=local.device)
+        for bucket in rt.layout.buckets:
+            dist.all_gather_into_tensor(full[rt.layout.bucket_full_range(bucket)],
+                                        local[rt.layout.bucket_local_range(bucket)].contiguous(),
+                                        group=self.process_group)
+        return full
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict` (any world size) or a torch.optim optimizer of the same algorithm.
+
+        Everything is validated before anything is written: a rejected state dict leaves the optimizer unchanged.
+        """
+        self._ensure_runtimes()
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with keys 'state' and 'param_groups'")
+        saved_algorithm = state_dict.get("algorithm", self.algorithm)
+        if saved_algorithm != self.algorithm:
+            raise ValueError(f"state_dict is for algorithm {saved_algorithm!r}, this optimizer runs "
+                             f"{self.algorithm!r}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer has "
+                             f"{len(self.param_groups)}")
+        new_hparams = []
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {gi} has {len(saved['params'])} parameters in the state_dict and "
+                                 f"{len(group['params'])} in the optimizer")
+            spec = rules.SPECS[self.algorithm]
+            foreign = [k for k in rules.OPTION_DEFAULTS if k in saved and k not in spec.options]
+            if foreign:
+                raise ValueError(f"param group {gi} of the state_dict has option(s) {foreign} that algorithm "
+                                 f"{self.algorithm!r} does not use: it was saved by another algorithm")
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            for key in ("betas",):
+                if isinstance(merged.get(key), list):
+                    merged[key] = tuple(merged[key])
+            rules.validate_group(self.algorithm, merged)
+            if bool(merged.get("amsgrad", False)) != bool(group.get("amsgrad", False)):
+                raise ValueError(f"param group {gi}: state_dict has amsgrad={merged.get('amsgrad')} but the "
+                                 f"optimizer has amsgrad={group.get('amsgrad')}")
+            new_hparams.append({k: v for k, v in merged.items() if k != "params"})
+        saved_state = state_dict["state"]
+        plan = []
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            keys = rules.state_keys(self.algorithm, group)
+            for saved_id, p in zip(saved["params"], group["params"]):
+                entry = saved_state.get(saved_id)
+                if entry is None:
+                    plan.append((p, None))
+                    continue
+                required = ("step",) + keys + (("mu_product",) if self.algorithm == "nadam" else ())
+                missing = [k for k in required if k not in entry]
+                if missing:
+                    raise ValueError(f"state of parameter {saved_id} (group {gi}) is missing key(s) {missing}")
+                for key in keys:
+                    value = entry[key]
+                    if not isinstance(value, Tensor):
+                        raise TypeError(f"state[{saved_id}][{key!r}] must be a tensor, got {type(value).__name__}")
+                    if value.numel() != p.numel() or (value.dim() and tuple(value.shape) != tuple(p.shape)):
+                        raise ValueError(f"state[{saved_id}][{key!r}] has shape {tuple(value.shape)}, the "
+                                         f"parameter has shape {tuple(p.shape)}")
+                step = entry["step"]
+                step_value = float(step.item() if isinstance(step, Tensor) else step)
+                if not (step_value >= 0 and step_value == int(step_value)):
+                    raise ValueError(f"state[{saved_id}]['step'] must be an integer >= 0, got {step_value}")
+                plan.append((p, entry))
+        # validated: apply
+        for group, hparams in zip(self.param_groups, new_hparams):
+            group.update(hparams)
+        for p, entry in plan:
+            rt, slot_index = self._locate[id(p)]
+            for key in rt.state:
+                source = None if entry is None else entry[key].detach().reshape(-1)
+                self._write_slot(rt, slot_index, rt.state[key], source)
+            rt.steps[slot_index] = 0 if entry is None else int(float(entry["step"]))
+            if self.algorithm == "nadam":
+                rt.mu_products[slot_index] = 1.0 if entry is None else float(entry["mu_product"])
+
+    @staticmethod
+    def _write_slot(rt: FlatParamGroup, slot_index: int, buffer: Tensor, source: Tensor | None) -> None:
+        slot = rt.layout.slots[slot_index]
+        for piece in rt.layout.pieces:
+            if piece.slot != slot_index:
+                continue
+            dst = buffer[piece.local_lo: piece.local_lo + piece.hi - piece.lo]
+            if source is None:
+                dst.zero_()
+            else:
+                dst.copy_(source[piece.lo: piece.hi])
+        del slot

@@ -1,0 +1,275 @@
+"""The Adam family as data.
+
+Every algorithm here is one elementwise update whose per-step scalars depend only on the step count and the
+hyperparameters.  This module owns those facts: which options an algorithm accepts, which state tensors it needs,
+which kernel (state set) runs it, and the float64 host scalars for step ``t``.  The kernels
+(:mod:`sharded_optim.kernels.adam_family`) never see an algorithm name, only a kernel variant and a scalar vector.
+
+Conventions (ALGORITHMS.md section 0): ``t`` is the step count after incrementing (first step ``t = 1``),
+``bc1 = 1 - beta1**t``, ``bc2 = 1 - beta2**t``.  Scalars are computed here in float64 from an int64 step counter
+(torch's float32 step freezes at 2**24) and cast once to the compute dtype, as torch does.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# Indices into the scalar vector every kernel receives (one 1-D tensor, so new values never recompile).
+GSCALE, L2, DECAY, W1, B2, W2, STEP, DSCALE, EPS, LO, HI, B3, W3, CG = range(14)
+NUM_SCALARS = 14
+
+COMMON_HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """Static facts about one algorithm of the family."""
+
+    name: str
+    lr: float
+    weight_decay: float
+    decoupled_default: bool
+    options: tuple[str, ...]        # algorithm-specific options accepted besides the common ones
+    summary: str
+
+
+_GENERIC = ("amsgrad", "bias_correction", "decoupled_weight_decay", "maximize")
+
+SPECS: dict[str, AlgorithmSpec] = {
+    "adam": AlgorithmSpec("adam", 1e-3, 0.0, False, _GENERIC,
+                          "torch.optim.Adam: L2 weight decay by default, epsilon outside the bias-corrected sqrt (E1)"),
+    "adamw": AlgorithmSpec("adamw", 1e-3, 1e-2, True, _GENERIC,
+                           "torch.optim.AdamW: decoupled weight decay p <- p - (lr*wd)*p"),
+    "adamax": AlgorithmSpec("adamax", 2e-3, 0.0, False, ("bias_correction", "decoupled_weight_decay", "maximize"),
+                            "torch.optim.Adamax: u <- max(beta2*u, |g| + eps)"),
+    "nadam": AlgorithmSpec("nadam", 2e-3, 0.0, False, ("momentum_decay", "decoupled_weight_decay", "maximize"),
+                           "torch.optim.NAdam: Nesterov momentum with the mu_t warm-up schedule"),
+    "radam": AlgorithmSpec("radam", 1e-3, 0.0, False, ("degenerated_to_sgd", "decoupled_weight_decay", "maximize"),
+                           "torch.optim.RAdam: variance rectification once rho_t > 5"),
+    "adamod": AlgorithmSpec("adamod", 1e-3, 0.0, True,
+                            ("beta3", "amsgrad", "bias_correction", "decoupled_weight_decay", "maximize"),
+                            "AdaMod (authors' code): step sizes bounded by their own EMA with beta3"),
+    "adabound": AlgorithmSpec("adabound", 1e-3, 0.0, False,
+                              ("final_lr", "gamma", "amsgrad", "bias_correction", "decoupled_weight_decay",
+                               "maximize"),
+                              "AdaBound / AMSBound (authors' code): step sizes clamped to bounds converging to final_lr"),
+}
+
+ALGORITHMS: tuple[str, ...] = tuple(SPECS)
+
+OPTION_DEFAULTS: dict[str, Any] = {
+    "amsgrad": False,
+    "bias_correction": True,
+    "maximize": False,
+    "beta3": 0.999,
+    "final_lr": 0.1,
+    "gamma": 1e-3,
+    "momentum_decay": 4e-3,
+    "degenerated_to_sgd": True,
+}
+
+
+def _require_unit_interval(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) < 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _require_nonnegative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (float(value) >= 0.0) \
+            or math.isinf(float(value)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _require_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def validate_group(algorithm: str, group: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every hyperparameter of a param group; return the normalised values.
+
+    Raises ``ValueError``/``TypeError`` naming the offending hyperparameter.  Nothing is modified: callers apply
+    the returned dict only after validation passed, so a rejected value never reaches the optimizer state.
+    """
+    spec = SPECS[algorithm]
+    out: dict[str, Any] = {}
+    lr = group["lr"]
+    if hasattr(lr, "item"):  # a 0-d tensor lr (torch.optim allows it) is read on the host
+        lr = float(lr.item())
+    out["lr"] = _require_nonnegative("lr", lr)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    out["betas"] = (_require_unit_interval("betas[0]", betas[0]), _require_unit_interval("betas[1]", betas[1]))
+    out["eps"] = _require_nonnegative("eps", group["eps"])
+    out["weight_decay"] = _require_nonnegative("weight_decay", group["weight_decay"])
+    out["decoupled_weight_decay"] = _require_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+    for name in spec.options:
+        if name == "decoupled_weight_decay":
+            continue
+        value = group[name]
+        if name in ("amsgrad", "bias_correction", "maximize", "degenerated_to_sgd"):
+            out[name] = _require_bool(name, value)
+        elif name == "beta3":
+            out[name] = _require_unit_interval("beta3", value)
+        elif name == "gamma":
+            out[name] = _require_unit_interval("gamma", value)
+            if out[name] == 0.0:
+                raise ValueError("gamma must be in (0, 1): the AdaBound bounds divide by gamma*t, got 0")
+        else:  # final_lr, momentum_decay
+            out[name] = _require_nonnegative(name, value)
+    return out
+
+
+def resolve_options(algorithm: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill algorithm defaults for the options a user did not pass; reject options that do not apply."""
+    if algorithm not in SPECS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+    spec = SPECS[algorithm]
+    known = set(OPTION_DEFAULTS) | {"decoupled_weight_decay"}
+    resolved: dict[str, Any] = {}
+    for name, value in options.items():
+        if name not in known:
+            raise TypeError(f"unknown option {name!r} for algorithm {algorithm!r}; it accepts "
+                            f"{', '.join(spec.options)}")
+        if name not in spec.options:
+            raise ValueError(f"option {name!r} does not apply to algorithm {algorithm!r} "
+                             f"(it accepts {', '.join(spec.options)})")
+        resolved[name] = value
+    for name in spec.options:
+        if name not in resolved:
+            resolved[name] = spec.decoupled_default if name == "decoupled_weight_decay" else OPTION_DEFAULTS[name]
+    if "decoupled_weight_decay" not in resolved or resolved["decoupled_weight_decay"] is None:
+        resolved["decoupled_weight_decay"] = spec.decoupled_default
+    return resolved
+
+
+def state_keys(algorithm: str, group: Mapping[str, Any]) -> tuple[str, ...]:
+    """Names of the per-element state tensors, in torch.optim spelling, in kernel argument order."""
+    if algorithm == "adamax":
+        return ("exp_avg", "exp_inf")
+    keys = ["exp_avg", "exp_avg_sq"]
+    if group.get("amsgrad", False):
+        keys.append("max_exp_avg_sq")
+    if algorithm == "adamod":
+        keys.append("exp_avg_lr")
+    return tuple(keys)
+
+
+def kernel_variant(algorithm: str, group: Mapping[str, Any]) -> str:
+    """Which fused update runs this group: the state set plus the final-step form.
+
+    ``adam_*`` variants apply ``p -= step*(m/denom)`` (torch's addcdiv form); ``bound_*`` variants build the
+    per-element step size ``eta = step/denom`` first and bound it (AdaMod's min with its EMA, AdaBound's clamp),
+    as the authors' code does.
+    """
+    if algorithm == "adamax":
+        return "adamax_mu"
+    ams = "x" if group.get("amsgrad", False) else ""
+    if algorithm == "adamod":
+        return f"bound_mv{ams}s"
+    if algorithm == "adabound":
+        return f"bound_mv{ams}"
+    return f"adam_mv{ams}"
+
+
+@dataclass
+class HostScalars:
+    """The per-step scalars of one param group (float64 on the host) plus host-side bookkeeping."""
+
+    values: list[float]
+    rectification: float | None = None   # RAdam r_t when rectified, else None
+    mu_product: float | None = None      # NAdam running product after this step
+    applies_update: bool = True          # False for RAdam's skipped (degenerated_to_sgd=False) steps
+
+
+def host_scalars(algorithm: str, group: Mapping[str, Any], step: int, *, initial_lr: float,
+                 mu_product: float = 1.0) -> HostScalars:
+    """Per-step scalars for step ``step`` (>= 1) of one param group, in float64.
+
+    ``initial_lr`` is the group's learning rate at construction (AdaBound scales its bounds by lr/initial_lr,
+    so LR schedulers move the bounds, as in the authors' code).  ``mu_product`` is NAdam's running product of
+    mu before this step.
+    """
+    lr = float(group["lr"].item() if hasattr(group["lr"], "item") else group["lr"])
+    beta1, beta2 = (float(b) for b in group["betas"])
+    eps = float(group["eps"])
+    wd = float(group["weight_decay"])
+    decoupled = bool(group["decoupled_weight_decay"])
+    t = int(step)
+    bias_correction = bool(group.get("bias_correction", True))
+    bc1 = 1.0 - beta1 ** t if bias_correction else 1.0
+    bc2 = 1.0 - beta2 ** t if bias_correction else 1.0
+    s = [0.0] * NUM_SCALARS
+    s[GSCALE] = -1.0 if group.get("maximize", False) else 1.0
+    s[L2] = 0.0 if decoupled else wd
+    s[DECAY] = lr * wd if decoupled else 0.0
+    s[W1] = 1.0 - beta1
+    s[B2] = beta2
+    s[W2] = 1.0 - beta2
+    s[EPS] = eps
+    s[LO], s[HI] = 0.0, math.inf
+    s[B3], s[W3] = 1.0, 0.0
+    s[CG] = 0.0
+    out = HostScalars(s)
+
+    if algorithm in ("adam", "adamw"):
+        # E1: p -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
+        s[STEP] = lr / bc1
+        s[DSCALE] = 1.0 / math.sqrt(bc2)
+    elif algorithm == "adamax":
+        s[STEP] = lr / bc1
+    elif algorithm == "nadam":
+        psi = float(group["momentum_decay"])
+        mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+        mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+        prod = mu_product * mu
+        # p -= lr*(1-mu)/(1-prod) * g/d + lr*mu_next/(1-prod*mu_next) * m/d,  d = sqrt(v)/sqrt(bc2) + eps
+        s[CG] = lr * (1.0 - mu) / (1.0 - prod)
+        s[STEP] = lr * mu_next / (1.0 - prod * mu_next)
+        s[DSCALE] = 1.0 / math.sqrt(1.0 - beta2 ** t)
+        out.mu_product = prod
+    elif algorithm == "radam":
+        rho_inf = 2.0 / (1.0 - beta2) - 1.0
+        bc2_raw = 1.0 - beta2 ** t
+        rho_t = rho_inf - 2.0 * t * beta2 ** t / bc2_raw
+        bc1_raw = 1.0 - beta1 ** t
+        if rho_t > 5.0:
+            r_t = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+            # E0: p -= lr * r_t * sqrt(bc2)/bc1 * m / (sqrt(v) + eps)
+            s[STEP] = lr * r_t * math.sqrt(bc2_raw) / bc1_raw
+            s[DSCALE] = 1.0
+            out.rectification = r_t
+        elif group.get("degenerated_to_sgd", True):
+            # SGD with bias-corrected momentum: denominator forced to 1
+            s[STEP] = lr / bc1_raw
+            s[DSCALE] = 0.0
+            s[EPS] = 1.0
+        else:
+            # authors' code: neither the update nor the weight decay touches p before rectification
+            s[STEP] = 0.0
+            s[DSCALE] = 0.0
+            s[EPS] = 1.0
+            s[DECAY] = 0.0
+            out.applies_update = False
+    elif algorithm in ("adamod", "adabound"):
+        # E0 with 1/bc1 folded into eta, as in both authors' codes: eta = (lr*sqrt(bc2)/bc1) / (sqrt(v) + eps)
+        s[STEP] = lr * math.sqrt(bc2) / bc1
+        s[DSCALE] = 1.0
+        if algorithm == "adamod":
+            s[B3] = float(group["beta3"])
+            s[W3] = 1.0 - s[B3]
+        else:
+            gamma = float(group["gamma"])
+            fl = float(group["final_lr"]) * lr / initial_lr if initial_lr > 0 else 0.0
+            s[LO] = fl * (1.0 - 1.0 / (gamma * t + 1.0))
+            s[HI] = fl * (1.0 + 1.0 / (gamma * t))
+            if decoupled:
+                s[DECAY] = wd  # AdaBoundW: p <- p - wd*p, not multiplied by lr (authors' code)
+    else:  # pragma: no cover - resolve_options rejects unknown names first
+        raise ValueError(f"unknown algorithm {algorithm!r}")
+    return out

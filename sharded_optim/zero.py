@@ -1,0 +1,288 @@
+"""The ZeRO engine for one (param group, dtype, device): buffers, gradient reduction, parameter all-gather.
+
+Per step, on each rank:
+
+1. gradients reach the rank's shard: ZeRO-2 reduce-scatters each bucket (averaged) as soon as backward has
+   produced every gradient in it (post-accumulate-grad hooks, so communication overlaps the rest of backward) and
+   frees the full gradients; ZeRO-1 all-reduces the bucket and keeps its slice; with ``reduce_grads=False`` (a
+   DDP-wrapped model, gradients already averaged) the slice is just copied; on one rank it is a copy;
+2. the optimizer runs one fused kernel over the local shard (``master``, ``grad``, ``state``);
+3. the updated shard is all-gathered back into the flat parameter buffer, which the parameters are views of.
+
+Communication uses only ``all_reduce``, ``reduce_scatter_tensor`` and ``all_gather_into_tensor``, available on
+gloo (CPU) and NCCL (GPU) alike; nothing here is CUDA-specific.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .flat import FlatLayout, flatten_into_views
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class _Pending:
+    """An in-flight gradient reduction of one bucket."""
+
+    work: Any
+    staging: Tensor         # the full bucket being reduced (kept alive until the collective completes)
+    out: Tensor             # where this rank's averaged slice lands (ZeRO-2)
+    accumulate: bool        # add the result into the shard (a later micro-batch) instead of overwriting it
+    bucket: int
+
+
+class FlatParamGroup:
+    """Flat buffers and communication for the parameters of one (param group, dtype, device).
+
+    ``master`` (the compute-dtype copy of this rank's shard; a view of the parameter buffer when no copy is needed),
+    ``grad`` (this rank's averaged gradient shard) and ``state[key]`` are 1-D tensors of ``layout.local_numel``
+    elements, so each fused update is a single kernel call.
+    """
+
+    def __init__(self, params: list[Tensor], *, state_keys: tuple[str, ...], process_group: Any, world: int,
+                 rank: int, zero_stage: int, bucket_numel: int | None, master_weights: bool, reduce_grads: bool,
+                 grad_reduce_dtype: torch.dtype | None, gather_dtype: torch.dtype | None, overlap: bool):
+        self.params = list(params)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.process_group = process_group
+        self.world, self.rank = world, rank
+        self.zero_stage = zero_stage
+        self.reduce_grads = reduce_grads and world > 1
+        self.layout = FlatLayout([p.shape for p in params], world, rank, bucket_numel if world > 1 else None)
+        self.compute_dtype = torch.float32 if (self.dtype in LOW_PRECISION and master_weights) else self.dtype
+        self.grad_dtype = grad_reduce_dtype or self.compute_dtype
+        self.gather_dtype = gather_dtype or self.dtype
+        self.full = flatten_into_views(self.params, self.layout, self.dtype, self.device)
+        if world == 1 and self.compute_dtype == self.dtype:
+            self.master = self.full  # update the parameters in place: no copy at all
+        else:
+            self.master = torch.empty(self.layout.local_numel, dtype=self.compute_dtype, device=self.device)
+            for bucket in self.layout.buckets:
+                self.master[self.layout.bucket_local_range(bucket)].copy_(self.full[self.layout.bucket_rank_range(bucket)])
+        self.grad = torch.zeros(self.layout.local_numel, dtype=self.grad_dtype, device=self.device)
+        self.state: dict[str, Tensor] = {
+            key: torch.zeros(self.layout.local_numel, dtype=self.compute_dtype, device=self.device) for key in state_keys}
+        # Host-side per-parameter counters; state[p]["step"] are 0-d views of these, so writes through the
+        # torch.optim-style state are seen here (int64: no saturation at 2**24).
+        self.steps = torch.zeros(len(params), dtype=torch.int64)
+        self.mu_products = torch.ones(len(params), dtype=torch.float64)
+        # gradient-reduction bookkeeping
+        self._ready = [0] * len(self.layout.buckets)
+        self._reduced = [False] * len(self.layout.buckets)
+        self._pending: list[_Pending] = []
+        self._hooks: list[Any] = []
+        self.sync_enabled = True
+        # partial sums (gradient norm, statistics) are summed over this group: the shards are disjoint in it
+        self.reduce_group = process_group if world > 1 else None
+        if self.reduce_grads and overlap:
+            self._register_hooks()
+
+    # ----------------------------------------------------------------------------------------------- views
+    def param_state_view(self, slot_index: int, key: str) -> Tensor:
+        """This rank's part of parameter ``slot_index``'s state ``key``: full-shape view when wholly local."""
+        return self._param_view(self.state[key], slot_index)
+
+    def _param_view(self, buffer: Tensor, slot_index: int) -> Tensor:
+        slot = self.layout.slots[slot_index]
+        if self.world == 1:
+            return buffer[slot.offset: slot.offset + slot.numel].view(slot.shape)
+        for piece in self.layout.pieces:
+            if piece.slot == slot_index:
+                view = buffer[piece.local_lo: piece.local_lo + piece.hi - piece.lo]
+                return view.view(slot.shape) if piece.hi - piece.lo == slot.numel else view
+        return buffer[:0]
+
+    def real_ranges(self) -> list[slice]:
+        """Ranges of the local shard that hold parameter elements (bucket padding excluded)."""
+        ranges = []
+        for bucket in self.layout.buckets:
+            lo = bucket.start + self.rank * bucket.shard_numel
+            end = max(self.layout.slots[s].offset + self.layout.slots[s].numel for s in bucket.slots) \
+                if bucket.slots else bucket.start
+            n = max(0, min(bucket.shard_numel, end - lo))
+            if n:
+                ranges.append(slice(bucket.local_start, bucket.local_start + n))
+        return ranges
+
+    # ------------------------------------------------------------------------------------ gradient reduction
+    def _register_hooks(self) -> None:
+        for slot_index, slot in enumerate(self.layout.slots):
+            p = self.params[slot.index]
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(slot.bucket)))
+
+    def _make_hook(self, bucket_index: int):
+        def hook(_param: Tensor) -> None:
+            if not self.sync_enabled:
+                return  # inside no_sync(): gradients accumulate in p.grad until the last micro-batch
+            self._ready[bucket_index] += 1
+            if self._ready[bucket_index] == len(self.layout.buckets[bucket_index].slots):
+                self._launch(bucket_index)
+        return hook
+
+    def _launch(self, bucket_index: int) -> None:
+        """Average bucket ``bucket_index``'s gradients into this rank's slice, asynchronously."""
+        bucket = self.layout.buckets[bucket_index]
+        self._ready[bucket_index] = 0
+        staging = torch.zeros(bucket.numel, dtype=self.grad_dtype, device=self.device)
+        for s in bucket.slots:
+            slot = self.layout.slots[s]
+            p = self.params[slot.index]
+            if p.grad is not None:
+                # pre-divide by the world size (as DDP does): gloo has no AVG reduction, and it keeps sums small
+                torch.div(p.grad.reshape(-1), self.world,
+                          out=staging[slot.offset - bucket.start: slot.offset - bucket.start + slot.numel])
+                p.grad = None  # the full gradient is no longer needed: only the shard is kept (ZeRO-2 memory)
+        local = self.layout.bucket_local_range(bucket)
+        accumulate = self._reduced[bucket_index]
+        out = torch.empty(bucket.shard_numel, dtype=self.grad_dtype, device=self.device) if accumulate \
+            else self.grad[local]
+        if self.zero_stage >= 2:
+            work = dist.reduce_scatter_tensor(out, staging, group=self.process_group, async_op=True)
+        else:
+            work = dist.all_reduce(staging, group=self.process_group, async_op=True)
+        self._pending.append(_Pending(work, staging, out, accumulate, bucket_index))
+        self._reduced[bucket_index] = True
+
+    def collect_grads(self) -> list[bool]:
+        """Make ``self.grad`` hold this rank's averaged gradient shard; return which params had a gradient.
+
+        With one rank, parameters without a gradient are reported so the optimizer can skip them (torch.optim
+        semantics).  With several ranks every parameter is updated, a missing gradient counting as zero (as in
+        DeepSpeed): whether a gradient exists is a per-rank fact and the shards must stay in lock-step.
+        """
+        has_grad = [True] * len(self.layout.slots)
+        if self.world == 1 or not self.reduce_grads:
+            for s, slot in enumerate(self.layout.slots):
+                p = self.params[slot.index]
+                if p.grad is None:
+                    has_grad[s] = False
+                    self._zero_local_pieces(s)  # no stale gradient may reach the norm or the statistics
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"parameter {slot.index} of its group has a sparse gradient; "
+                                       "ShardedOptimizer supports dense gradients only")
+                self._copy_local_pieces(s, p.grad)
+            return has_grad
+        for b, reduced in enumerate(self._reduced):
+            if not reduced:  # no hook fired (hooks disabled, or no gradient reached this bucket on this rank)
+                self._launch(b)
+        self.wait()
+        return has_grad
+
+    def wait(self) -> None:
+        """Wait for every in-flight reduction and fold its result into the gradient shard."""
+        for pending in self._pending:
+            pending.work.wait()
+            bucket = self.layout.buckets[pending.bucket]
+            local = self.layout.bucket_local_range(bucket)
+            if self.zero_stage >= 2:
+                result = pending.out
+            else:
+                result = pending.staging[self.layout.bucket_rank_range(bucket).start - bucket.start:][:bucket.shard_numel]
+            if pending.accumulate:
+                self.grad[local].add_(result)
+            elif self.zero_stage < 2:
+                self.grad[local].copy_(result)
+        self._pending.clear()
+
+    def end_step(self) -> None:
+        """Forget this step's reductions: the next backward starts a new accumulation cycle."""
+        self._reduced = [False] * len(self.layout.buckets)
+        self._ready = [0] * len(self.layout.buckets)
+
+    def _copy_local_pieces(self, slot_index: int, grad: Tensor) -> None:
+        slot = self.layout.slots[slot_index]
+        flat = grad.reshape(-1)
+        if self.world == 1:
+            self.grad[slot.offset: slot.offset + slot.numel].copy_(flat)
+            return
+        for piece in self.layout.pieces:
+            if piece.slot == slot_index:
+                self.grad[piece.local_lo: piece.local_lo + piece.hi - piece.lo].copy_(flat[piece.lo: piece.hi])
+
+    def _zero_local_pieces(self, slot_index: int) -> None:
+        for piece in self.layout.pieces:
+            if piece.slot == slot_index:
+                self.grad[piece.local_lo: piece.local_lo + piece.hi - piece.lo].zero_()
+
+    # ------------------------------------------------------------------------------------ parameter gather
+    def gather_params(self) -> None:
+        """Write the updated shard back into the flat parameter buffer on every rank."""
+        if self.master is self.full:
+            return
+        if self.world == 1:
+            self.full.copy_(self.master)
+            return
+        works = []
+        for bucket in self.layout.buckets:
+            local = self.master[self.layout.bucket_local_range(bucket)]
+            full = self.full[self.layout.bucket_full_range(bucket)]
+            if self.gather_dtype == self.dtype:
+                mine = self.full[self.layout.bucket_rank_range(bucket)]
+                mine.copy_(local)  # casts the master to the parameter dtype
+                works.append((dist.all_gather_into_tensor(full, mine, group=self.process_group, async_op=True),
+                              None, full))
+            else:
+                out = torch.empty(bucket.numel, dtype=self.gather_dtype, device=self.device)
+                works.append((dist.all_gather_into_tensor(out, local.to(self.gather_dtype),
+                                                          group=self.process_group, async_op=True), out, full))
+        for work, out, full in works:
+            work.wait()
+            if out is not None:
+                full.copy_(out)
+
+    # ------------------------------------------------------------------------------- update-time protocol
+    def update_runs(self, has_grad: list[bool]) -> list[tuple[slice, list[int]]]:
+        """Local ranges to update in one kernel call each, with the parameter slots they cover.
+
+        Normally one run covering the whole shard.  Parameters without a gradient (one rank only) are left out,
+        and parameters at different step counts (possible after loading a torch.optim state) run separately,
+        because the host scalars depend on the step.
+        """
+        steps = self.steps.tolist()
+        mus = self.mu_products.tolist()
+        if all(has_grad) and len(set(steps)) <= 1 and len(set(mus)) <= 1:
+            return [(slice(0, self.layout.local_numel), [piece.slot for piece in self.layout.pieces])]
+        runs: list[tuple[slice, list[int]]] = []
+        for piece in sorted(self.layout.pieces, key=lambda q: q.local_lo):
+            if not has_grad[piece.slot]:
+                continue
+            lo, hi = piece.local_lo, piece.local_lo + piece.hi - piece.lo
+            if runs:
+                rng, slots = runs[-1]
+                first = slots[0]
+                if rng.stop == lo and steps[first] == steps[piece.slot] and mus[first] == mus[piece.slot]:
+                    runs[-1] = (slice(rng.start, hi), slots + [piece.slot])
+                    continue
+            runs.append((slice(lo, hi), [piece.slot]))
+        return runs
+
+    def prepare_update(self) -> None:
+        """Called right before the update; flat runtimes update their parameters in place and need nothing."""
+
+    def local_grad_sumsq(self) -> Tensor:
+        """Sum of squares of this rank's gradient shard, in float64 (padding is zero and adds nothing)."""
+        return torch.linalg.vector_norm(self.grad, dtype=torch.float64).square()
+
+    def stat_ranges(self) -> list[slice]:
+        return self.real_ranges()
+
+    # --------------------------------------------------------------------------------------------- memory
+    def state_bytes(self) -> dict[str, int]:
+        out = {key: t.numel() * t.element_size() for key, t in self.state.items()}
+        if self.master is not self.full:
+            out["master"] = self.master.numel() * self.master.element_size()
+        out["grad_shard"] = self.grad.numel() * self.grad.element_size()
+        return out
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()

@@ -23,7 +23,11 @@ from typing import Any
 
 import yaml
 
-ALGORITHMS = ("adam", "adamw", "adamax", "nadam", "radam", "adamod", "adabound")
+from .rules import ALGORITHMS, SPECS
+
+# Options of ShardedOptimizer that only some algorithms accept (rules.SPECS[alg].options says which).
+ALGORITHM_OPTIONS = ("decoupled_weight_decay", "amsgrad", "bias_correction", "maximize", "beta3", "final_lr",
+                     "gamma", "momentum_decay", "degenerated_to_sgd")
 
 
 class ConfigError(ValueError):
@@ -74,32 +78,42 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Arguments of :class:`sharded_optim.ShardedOptimizer` (see docs/ARCHITECTURE.md) plus clipping."""
+    """Arguments of :class:`sharded_optim.ShardedOptimizer` (see docs/ARCHITECTURE.md) plus clipping.
+
+    ``None`` means "the algorithm's default" (as the optimizer defines it).  An algorithm-specific option
+    (``beta3``, ``final_lr``, ...) set for an algorithm that does not use it is an error, not ignored.
+    """
 
     algorithm: str = _choice("adamw", ALGORITHMS)
-    lr: float = _num(1e-3, 0.0, 10.0, lo_open=True)
+    lr: float | None = _num(None, 0.0, 10.0, lo_open=True, doc="None: the algorithm's default")
     betas: tuple[float, float] = _num((0.9, 0.999), 0.0, 1.0, hi_open=True)
     eps: float = _num(1e-8, 0.0, 1.0, lo_open=True)
     weight_decay: float | None = _num(None, 0.0, 10.0, doc="None: the algorithm's default")
-    amsgrad: bool = _plain(False)
-    bias_correction: bool = _plain(True)
     decoupled_weight_decay: bool | None = _plain(None, "None: the algorithm's default")
-    maximize: bool = _plain(False)
-    beta3: float = _num(0.999, 0.0, 1.0, hi_open=True, doc="AdaMod step-size memory")
-    final_lr: float = _num(0.1, 0.0, 10.0, lo_open=True, doc="AdaBound")
-    gamma: float = _num(1e-3, 0.0, 1.0, lo_open=True, doc="AdaBound bound convergence speed")
-    momentum_decay: float = _num(4e-3, 0.0, 1.0, doc="NAdam")
-    degenerated_to_sgd: bool = _plain(True, "RAdam")
+    amsgrad: bool | None = _plain(None, "adam, adamw, adamod, adabound (AMSBound)")
+    bias_correction: bool | None = _plain(None, "adam, adamw, adamax, adamod, adabound")
+    maximize: bool | None = _plain(None)
+    beta3: float | None = _num(None, 0.0, 1.0, hi_open=True, doc="adamod: step-size memory")
+    final_lr: float | None = _num(None, 0.0, 10.0, doc="adabound")
+    gamma: float | None = _num(None, 0.0, 1.0, lo_open=True, hi_open=True, doc="adabound: bound speed")
+    momentum_decay: float | None = _num(None, 0.0, 1.0, doc="nadam")
+    degenerated_to_sgd: bool | None = _plain(None, "radam")
     zero_stage: int = _choice(2, (0, 1, 2))
     bucket_mb: float = _num(25.0, 0.0, 1 << 16, lo_open=True)
     overlap: bool = _plain(True)
     grad_reduce_dtype: str | None = _choice(None, (None, "float32", "bfloat16", "float16"))
     param_gather_dtype: str | None = _choice(None, (None, "float32", "bfloat16", "float16"))
     master_weights: bool = _plain(True)
-    nonfinite_policy: str = _choice("skip", ("skip", "raise", "apply"))
+    nonfinite_policy: str = _choice("skip", ("skip", "raise", "ignore"))
+    spike_sigma: float | None = _num(None, 0.0, None, lo_open=True, doc="skip steps with a grad-norm spike")
+    spike_window: int = _num(128, 2, None)
     kernel: str = _choice("auto", ("auto", "compiled", "eager"))
     grad_clip: float = _num(1.0, 0.0, None, doc="global gradient-norm clip; 0 disables")
     no_decay_norm_and_bias: bool = _plain(True, "put norms, biases and embeddings in a group without decay")
+
+    def algorithm_options(self) -> dict[str, Any]:
+        """The algorithm-specific options that were set (``None`` ones left to the optimizer's defaults)."""
+        return {name: getattr(self, name) for name in ALGORITHM_OPTIONS if getattr(self, name) is not None}
 
 
 @dataclass
@@ -287,9 +301,11 @@ def _cross_checks(cfg: RunConfig, errors: list[str]) -> None:
     m, o, s, t = cfg.model, cfg.optimizer, cfg.schedule, cfg.training
     if m.d_model % m.n_heads:
         errors.append(f"model.n_heads: got {m.n_heads}; allowed: a divisor of model.d_model ({m.d_model})")
-    if o.amsgrad and o.algorithm not in ("adam", "adamw", "adamod", "adabound"):
-        errors.append(f"optimizer.amsgrad: got True with algorithm {o.algorithm!r}; allowed only with "
-                      "adam, adamw, adamod, adabound")
+    for name, value in o.algorithm_options().items():
+        if name not in SPECS[o.algorithm].options:
+            users = [a for a in ALGORITHMS if name in SPECS[a].options]
+            errors.append(f"optimizer.{name}: got {value!r} but optimizer.algorithm is {o.algorithm!r}; this "
+                          f"option applies only to {', '.join(users)} (leave it unset)")
     if s.kind == "warmup" and s.warmup_steps >= t.steps:
         errors.append(f"schedule.warmup_steps: got {s.warmup_steps}; allowed: fewer than training.steps "
                       f"({t.steps})")

@@ -51,14 +51,12 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
     groups = param_groups(model, o.weight_decay, o.no_decay_norm_and_bias)
     return ShardedOptimizer(
         groups, algorithm=o.algorithm, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-        amsgrad=o.amsgrad, bias_correction=o.bias_correction, decoupled_weight_decay=o.decoupled_weight_decay,
-        maximize=o.maximize, beta3=o.beta3, final_lr=o.final_lr, gamma=o.gamma,
-        momentum_decay=o.momentum_decay, degenerated_to_sgd=o.degenerated_to_sgd, zero_stage=o.zero_stage,
-        bucket_mb=o.bucket_mb, overlap=o.overlap,
-        grad_reduce_dtype=getattr(torch, o.grad_reduce_dtype) if o.grad_reduce_dtype else None,
-        param_gather_dtype=getattr(torch, o.param_gather_dtype) if o.param_gather_dtype else None,
-        master_weights=o.master_weights, nonfinite_policy=o.nonfinite_policy, kernel=o.kernel,
+        zero_stage=o.zero_stage, bucket_mb=o.bucket_mb, overlap=o.overlap,
+        grad_reduce_dtype=o.grad_reduce_dtype, param_gather_dtype=o.param_gather_dtype,
+        master_weights=o.master_weights, nonfinite_policy=o.nonfinite_policy, spike_sigma=o.spike_sigma,
+        spike_window=o.spike_window, kernel=o.kernel,
         stats_interval=cfg.telemetry.stats_interval if cfg.telemetry.enabled else 0,
+        **o.algorithm_options(),
     )
 
 
@@ -69,7 +67,7 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> LRSched
     if s.kind == "constant":
         return None
     if s.kind == "1cycle":
-        return OneCycleLR(optimizer, max_lr=cfg.optimizer.lr, total_steps=steps, pct_start=s.pct_start,
+        return OneCycleLR(optimizer, max_lr=optimizer.defaults["lr"], total_steps=steps, pct_start=s.pct_start,
                           div_factor=s.div_factor, final_div_factor=s.final_div_factor,
                           cycle_momentum=s.cycle_momentum, base_momentum=s.base_momentum,
                           max_momentum=s.max_momentum)

@@ -55,9 +55,11 @@ class Telemetry:
 
     def stop(self) -> None:
         """Detach from the optimizer and shut the HTTP server down (idempotent)."""
-        if self._hook_handle is not None and hasattr(self._hook_handle, "remove"):
-            self._hook_handle.remove()
-        self._hook_handle = None
+        handle, self._hook_handle = self._hook_handle, None
+        if hasattr(handle, "remove"):  # a torch RemovableHandle
+            handle.remove()
+        elif callable(handle):  # ShardedOptimizer.add_report_hook returns the remover itself
+            handle()
         self.server.stop()
         if self.targets_file is not None:  # a finished run must not stay listed, or it reads as a dead rank
             self.targets_file.unlink(missing_ok=True)

@@ -61,7 +61,7 @@ def wait_until(fn: Callable[[], T | None], *, timeout: float, what: str, poll: f
             result = fn()
             if result:
                 return result
-        except Exception as exc:  # the server may not be up yet: keep the last error for the message
+        except OSError as exc:  # the server may not be up yet: keep the last error for the message
             last_exc = exc
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"

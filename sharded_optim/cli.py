@@ -54,17 +54,18 @@ def register(command: Command) -> Command:
     return command
 
 
-def _register_train() -> None:
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        from .train import add_arguments as train_arguments
-        train_arguments(parser)
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .train import add_arguments
+    add_arguments(parser)
 
-    def run(args: argparse.Namespace) -> int:
-        from .train import run_from_args
-        return run_from_args(args)
 
-    register(Command("train", "train the small transformer with ShardedOptimizer (any launcher)",
-                     add_arguments, run))
+def _train_run(args: argparse.Namespace) -> int:
+    from .train import run_from_args  # imported on use: `sharded-optim --help` stays fast
+    return run_from_args(args)
+
+
+register(Command("train", "train the small transformer with ShardedOptimizer (any launcher)", _train_arguments,
+                 _train_run))
 
 
 def _import_command_modules() -> None:
@@ -79,7 +80,6 @@ def _import_command_modules() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _register_train()
     _import_command_modules()
     parser = argparse.ArgumentParser(prog="sharded-optim", allow_abbrev=False,
                                      description="ZeRO-style sharded Adam-family optimizers for PyTorch")

@@ -600,3 +600,85 @@ def test_load_state_dict_rejects_damaged_dicts(damage, culprit):
         opt.load_state_dict(sd)
     assert culprit in str(exc.value)
     _assert_unchanged(opt, p, snap)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("algorithm,opts", [("radam", {"degenerated_to_sgd": False}), ("nadam", {}),
+                                            ("adabound", {"final_lr": 0.5, "gamma": 0.1})])
+def test_params_at_different_steps_in_one_group(algorithm, opts, kernel):
+    """Three params of one flat buffer whose next steps are t = 1, 5 and 10: each needs its own host scalars
+    (for RAdam without the SGD phase, t = 1 and 5 leave p alone and t = 10 is rectified)."""
+    hp = dict(opts, lr=1e-3)
+    ts = [1, 5, 10]
+    ins = [make_inputs(N_ELEM, 20 + i) for i in range(3)]
+    ps = [torch.tensor(p32, requires_grad=True) for p32, _ in ins]
+    opt = ShardedOptimizer(ps, algorithm=algorithm, kernel=kernel, **hp)
+    sd = opt.state_dict()
+    states = []
+    for i, (t, (p32, g32)) in enumerate(zip(ts, ins)):
+        st = random_state(algorithm, hp, p32, g32, t, 20 + i) if t > 1 else {
+            k: (np.float64(v) if k == "mu_product" else np.asarray(v, np.float32))
+            for k, v in initial_state(algorithm, (N_ELEM,), hp).items()}
+        states.append(st)
+        if t > 1:
+            sd["state"][i] = {"step": torch.tensor(t - 1), **{
+                k: torch.tensor(v, dtype=torch.float64 if k == "mu_product" else torch.float32) for k, v in st.items()}}
+    opt.load_state_dict(sd)
+    for p, (_, g32) in zip(ps, ins):
+        p.grad = torch.tensor(g32)
+    opt.step()
+    for i, (t, (p32, g32)) in enumerate(zip(ts, ins)):
+        inp, ref = reference_for(algorithm, hp, p32, g32, states[i], t)
+        tol = tolerances(algorithm, hp, inp, ref, t)
+        assert int(opt.state[ps[i]]["step"]) == t
+        assert_within(f"param {i} (t={t}) p", ps[i], ref["p"], tol["p"])
+        assert_within(f"param {i} (t={t}) exp_avg_sq", opt.state[ps[i]]["exp_avg_sq"], ref["exp_avg_sq"],
+                      tol["exp_avg_sq"])
+
+
+def test_param_without_grad_is_left_alone():
+    """torch.optim semantics: a parameter whose grad is None is not updated and its step does not advance."""
+    a = torch.tensor([1.0, 2.0], requires_grad=True)
+    b = torch.tensor([3.0, 4.0, 5.0], requires_grad=True)
+    opt = ShardedOptimizer([a, b], algorithm="adamw", lr=0.1, weight_decay=0.1, kernel="eager")
+    a.grad = torch.tensor([0.5, -0.5])
+    opt.step()
+    assert torch.equal(b.detach(), torch.tensor([3.0, 4.0, 5.0]))   # no weight decay either
+    assert int(opt.state_dict()["state"][0]["step"]) == 1
+    assert 1 not in opt.state_dict()["state"] or int(opt.state_dict()["state"][1]["step"]) == 0
+    ref = reference_step("adamw", dict(p=[1.0, 2.0], g=[0.5, -0.5], exp_avg=[0.0, 0.0], exp_avg_sq=[0.0, 0.0]), 1,
+                         dict(lr=0.1, weight_decay=0.1))
+    np.testing.assert_allclose(to64(a), ref["p"], rtol=4 * EPS32)
+    b.grad = torch.tensor([1.0, 1.0, 1.0])
+    a.grad = None
+    opt.step()
+    assert int(opt.state[b]["step"]) == 1 and int(opt.state[a]["step"]) == 1
+
+
+@pytest.mark.parametrize("algorithm,cls,opts", [("adam", torch.optim.Adam, {"amsgrad": True, "weight_decay": 0.1}),
+                                                ("nadam", torch.optim.NAdam, {})],
+                         ids=["adam", "nadam"])
+def test_load_torch_optim_state_dict(algorithm, cls, opts):
+    """A torch.optim state dict (float32 'step', torch's group keys) loads and the run continues like torch."""
+    prob = NoisyQuadratic(N_ELEM, seed=30)
+    p_t = torch.tensor(prob.p0(), dtype=torch.float32, requires_grad=True)
+    o_t = cls([p_t], lr=1e-2, **opts)
+    for t in range(1, 11):
+        p_t.grad = torch.tensor(prob(p_t.detach(), t), dtype=torch.float32)
+        o_t.step()
+    p_s = torch.tensor(to64(p_t), dtype=torch.float32, requires_grad=True)
+    o_s = ShardedOptimizer([p_s], algorithm=algorithm, lr=0.5, kernel="eager", **opts)
+    o_s.load_state_dict(copy.deepcopy(o_t.state_dict()))
+    assert o_s.param_groups[0]["lr"] == 1e-2 and int(o_s.state[p_s]["step"]) == 10
+    for t in range(11, 31):
+        g = prob(p_t.detach(), t)
+        p_t.grad = torch.tensor(g, dtype=torch.float32)
+        p_s.grad = torch.tensor(g, dtype=torch.float32)
+        o_t.step()
+        o_s.step()
+    # 20 steps from a common start: the 15.1 bound of test_float32_trajectory_matches_torch; NAdam adds torch's
+    # float32 mu_product (relative error ~1e-7 in the coefficients lr*(1-mu)/(1-prod), i.e. of the step size)
+    pmax = float(torch.max(torch.abs(p_t.detach())))
+    tol = 2 * math.sqrt(20) * float(ulp32(pmax)) + (20 * 1e-7 * 1e-2 if algorithm == "nadam" else 0.0)
+    assert float(torch.max(torch.abs(p_s.detach() - p_t.detach()))) <= tol
+    assert int(o_s.state[p_s]["step"]) == 30

@@ -58,6 +58,9 @@ class _DropCreated(Collector):
             yield metric
 
 
+_EFF_LR_LE: tuple[str, ...] = tuple(floatToGoString(e) for e in EFF_LR_EDGES) + ("+Inf",)
+
+
 class _EffectiveLRCollector(Collector):
     """``sharded_optim_effective_lr`` as a GaugeHistogram: a gauge with an ``le`` label fails promtool."""
 
@@ -65,12 +68,10 @@ class _EffectiveLRCollector(Collector):
         self._snapshot: dict[str, tuple[list[tuple[str, float]], float]] = {}
 
     def update(self, stats: dict[str, GroupStats]) -> None:
-        snapshot = {}
-        for group, st in stats.items():
-            buckets = [(floatToGoString(e), c) for e, c in zip(EFF_LR_EDGES, st.effective_lr_buckets)]
-            buckets.append(("+Inf", st.numel))
-            snapshot[group] = (buckets, st.effective_lr_sum)
-        self._snapshot = snapshot  # one reference swap: a concurrent scrape sees the old or the new snapshot
+        # Built here, on the (rarer) statistics step, so that a scrape only copies references.
+        self._snapshot = {  # one reference swap: a concurrent scrape sees the old or the new snapshot
+            group: (list(zip(_EFF_LR_LE, (*st.effective_lr_buckets, st.numel))), st.effective_lr_sum)
+            for group, st in stats.items()}
 
     def collect(self) -> Iterable[Metric]:
         fam = GaugeHistogramMetricFamily(
@@ -93,6 +94,7 @@ class OptimizerMetrics:
         self.registry = CollectorRegistry(auto_describe=False)  # what the HTTP server serves
         self.registry.register(_DropCreated(self._metrics))
         self._groups: tuple[str, ...] = ()
+        self._children: dict[str, tuple] = {}
         r = self._metrics
         self.last_step = Gauge(PREFIX + "last_step_timestamp_seconds", "Unix time of this rank's last step",
                                ["rank"], registry=r).labels(str(rank))
@@ -146,12 +148,18 @@ class OptimizerMetrics:
         if self.export_global:
             self._observe_global(report)
 
+    def _bind_groups(self, names: tuple[str, ...]) -> None:
+        """Resolve every per-group child once (``labels()`` takes a lock and hashes: too slow per step)."""
+        self._children = {name: (self.grad_norm.labels(name), self.grad_norm_hist.labels(name),
+                                 self.lr.labels(name), self.radam.labels(name), self.nonfinite.labels(name),
+                                 {key: g.labels(name) for key, g in self.group_gauges.items()})
+                          for name in names}  # nonfinite.labels() also makes the counter exist at 0
+        self._groups = names
+
     def _observe_global(self, report: StepReport) -> None:
         names = tuple(report.group_names)
-        if names != self._groups:  # first report (or groups added): make per-group counters exist at 0
-            for name in names:
-                self.nonfinite.labels(name)
-            self._groups = names
+        if names != self._groups:
+            self._bind_groups(names)
         self.steps.inc()
         if report.skipped_reason is not None:
             self.skipped.labels(report.skipped_reason).inc()
@@ -162,22 +170,25 @@ class OptimizerMetrics:
                 self.loss_scale = Gauge(PREFIX + "loss_scale", "Mixed-precision loss scale",
                                         registry=self._metrics)
             self.loss_scale.set(report.loss_scale)
+        radam = report.algorithm == "radam"
         for i, name in enumerate(names):
+            grad_norm, grad_norm_hist, lr, rect, _, _ = self._children[name]
             norm = report.group_grad_norms[i]
-            self.grad_norm.labels(name).set(norm)
+            grad_norm.set(norm)
             if math.isfinite(norm):  # one NaN would poison the histogram's _sum for the rest of the run
-                self.grad_norm_hist.labels(name).observe(norm)
-            self.lr.labels(name).set(report.lrs[i])
-            if report.algorithm == "radam" and i < len(report.radam_rectification):
+                grad_norm_hist.observe(norm)
+            lr.set(report.lrs[i])
+            if radam and i < len(report.radam_rectification):
                 r_t = report.radam_rectification[i]
-                self.radam.labels(name).set(0.0 if r_t is None else r_t)
+                rect.set(0.0 if r_t is None else r_t)
         if report.stats is not None:
             stats = finalize(report.stats, names)
             for name, st in stats.items():
+                *_, nonfinite, gauges = self._children[name]
                 if st.nonfinite_count > 0:
-                    self.nonfinite.labels(name).inc(st.nonfinite_count)
-                for key, gauge in self.group_gauges.items():
-                    gauge.labels(name).set(getattr(st, key))
+                    nonfinite.inc(st.nonfinite_count)
+                for key, gauge in gauges.items():
+                    gauge.set(getattr(st, key))
             self.effective_lr.update(stats)
 
 

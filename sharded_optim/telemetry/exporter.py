@@ -32,17 +32,17 @@ GRAD_NORM_BUCKETS: tuple[float, ...] = tuple(10.0**e for e in range(-4, 5))
 # Optimizer steps take ~1 ms (tiny models) to tens of seconds (pipeline bubbles, stragglers).
 STEP_SECONDS_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-# Statistic -> (metric suffix, help) for the per-group gauges filled on statistics steps.
-GROUP_GAUGES: dict[str, tuple[str, str]] = {
-    "param_norm": ("param_norm", "L2 norm of the parameters after the update"),
-    "update_to_param_ratio": ("update_to_param_ratio", "||applied update|| / ||parameters|| (aim ~1e-3)"),
-    "adam_update_rms": ("adam_update_rms", "RMS of m_hat/(sqrt(v_hat)+eps), the update before the LR"),
-    "eps_dominated_ratio": ("eps_dominated_ratio", "fraction of elements with sqrt(v_hat) < eps"),
-    "momentum_grad_cosine": ("momentum_grad_cosine", "cosine between m_{t-1} and g_t"),
-    "grad_zero_ratio": ("grad_zero_ratio", "fraction of gradient elements exactly zero"),
-    "amsgrad_max_active_ratio": ("amsgrad_max_active_ratio", "fraction of elements with v_max > v (0 off AMSGrad)"),
-    "adamod_clipped_ratio": ("adamod_clipped_ratio", "fraction of elements clipped by AdaMod's bound (0 off AdaMod)"),
-    "adabound_clamped_ratio": ("adabound_clamped_ratio", "fraction of elements clamped by AdaBound (0 off AdaBound)"),
+# GroupStats field (also the metric name after the prefix) -> help, for the gauges set on statistics steps.
+GROUP_GAUGES: dict[str, str] = {
+    "param_norm": "L2 norm of the parameters after the update",
+    "update_to_param_ratio": "||applied update|| / ||parameters|| (aim ~1e-3)",
+    "adam_update_rms": "RMS of m_hat/(sqrt(v_hat)+eps), the update before the LR",
+    "eps_dominated_ratio": "fraction of elements with sqrt(v_hat) < eps",
+    "momentum_grad_cosine": "cosine between m_{t-1} and g_t",
+    "grad_zero_ratio": "fraction of gradient elements exactly zero",
+    "amsgrad_max_active_ratio": "fraction of elements with v_max > v (0 off AMSGrad)",
+    "adamod_clipped_ratio": "fraction of elements clipped by AdaMod's bound (0 off AdaMod)",
+    "adabound_clamped_ratio": "fraction of elements clamped by AdaBound (0 off AdaBound)",
 }
 
 
@@ -132,8 +132,8 @@ class OptimizerMetrics:
         self.radam = Gauge(PREFIX + "radam_rectification", "RAdam rectification r_t (0 in the SGD phase)",
                            ["param_group"], registry=r)
         self.loss_scale: Gauge | None = None  # created on the first report that has one: 0 would be a lie
-        self.group_gauges = {key: Gauge(PREFIX + suffix, doc, ["param_group"], registry=r)
-                             for key, (suffix, doc) in GROUP_GAUGES.items()}
+        self.group_gauges = {key: Gauge(PREFIX + key, doc, ["param_group"], registry=r)
+                             for key, doc in GROUP_GAUGES.items()}
         self.effective_lr = _EffectiveLRCollector()
         r.register(self.effective_lr)
 

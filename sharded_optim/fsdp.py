@@ -1,0 +1,257 @@
+"""FSDP2 / DTensor parameters: the fused update on the local shards, state kept as DTensors.
+
+``torch.distributed.fsdp.fully_shard`` already makes every parameter a ``DTensor`` sharded over the data-parallel
+mesh dimension (``Shard(0)``; ``(Replicate(), Shard(0))`` for a 2-D HSDP mesh), so the optimizer state is
+sharded for free: sharding it again would only add communication.  :class:`DTensorParamGroup` lays the *local*
+shards of one (param group, dtype) end to end in a world-size-1 :class:`~sharded_optim.flat.FlatLayout` and keeps
+``master``, ``grad`` and every ``state[key]`` as flat local buffers, so the update is still one fused kernel call.
+
+FSDP2 owns the parameters' storage (its all-gather reads from it), so the parameters are never re-pointed:
+gradients are copied in (``collect_grads``), the updated ``master`` is copied back into the local shards
+(``gather_params``), and ``master`` follows the shards when something else wrote them (a model checkpoint load).
+
+``self.state[p][key]`` is a DTensor with the parameter's mesh, placements, global shape and stride, a live view of
+the flat buffer.  That is what ``torch.distributed.checkpoint`` needs: state held as plain local tensors would be
+taken for replicated tensors, so uneven shards would fail to load and even ones would load silently corrupted.
+Ranks may hold 0-element shards (a dim smaller than the mesh); their parameters still count their steps, so every
+rank reports the same ``step``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from .flat import FlatLayout
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+MASTER_KEY = "master_param"  # the fp32 master copy of bf16/fp16 parameters in state_dict() (as in optimizer.py)
+
+
+def _shard_dims(p: DTensor) -> tuple[int, ...]:
+    """Mesh dimensions over which ``p``'s local shards are disjoint."""
+    return tuple(i for i, placement in enumerate(p.placements) if placement.is_shard())
+
+
+class DTensorParamGroup:
+    """The optimizer runtime (same protocol as :class:`sharded_optim.zero.FlatParamGroup`) for DTensor parameters.
+
+    Args:
+        params: DTensor parameters of one param group and dtype, all on the same device mesh and sharded over the
+            same mesh dimension (FSDP2 parameters of one model always are).
+        state_keys: names of the per-element state tensors, in kernel argument order.
+        master_weights: keep an fp32 master copy (and fp32 state) for bf16/fp16 parameters.
+    """
+
+    # ShardedOptimizer.state_dict/load_state_dict read this: state stays sharded (DTensors), never gathered
+    keeps_dtensor_state = True
+
+    def __init__(self, params: list[Tensor], *, state_keys: tuple[str, ...], master_weights: bool):
+        if not params:
+            raise ValueError("params must hold at least one DTensor parameter")
+        for i, p in enumerate(params):
+            if not isinstance(p, DTensor):
+                raise TypeError(f"params[{i}] is a {type(p).__name__}, not a DTensor: a param group cannot mix "
+                                "FSDP2/DTensor parameters with regular ones of the same dtype")
+        first = params[0]
+        self.mesh = first.device_mesh
+        dims = _shard_dims(first)
+        for i, p in enumerate(params):
+            if p.device_mesh != self.mesh or _shard_dims(p) != dims:
+                raise ValueError(f"params[{i}] lives on mesh {p.device_mesh} sharded over mesh dims "
+                                 f"{_shard_dims(p)}, params[0] on {self.mesh} over {dims}: put parameters of "
+                                 "different meshes in different param groups")
+        if len(dims) > 1:
+            raise NotImplementedError(f"parameters sharded over several mesh dimensions {dims} (placements "
+                                      f"{first.placements}) are not supported; FSDP2 and HSDP shard over one")
+        self.params = list(params)
+        self.dtype = first.dtype
+        locals_ = [p.to_local() for p in self.params]
+        self.device = locals_[0].device
+        self.layout = FlatLayout([t.shape for t in locals_], 1, 0, None)
+        self.compute_dtype = torch.float32 if (self.dtype in LOW_PRECISION and master_weights) else self.dtype
+        n = self.layout.local_numel
+        self.master = torch.zeros(n, dtype=self.compute_dtype, device=self.device)
+        self.grad = torch.zeros(n, dtype=self.compute_dtype, device=self.device)
+        self.state: dict[str, Tensor] = {
+            key: torch.zeros(n, dtype=self.compute_dtype, device=self.device) for key in state_keys}
+        self.steps = torch.zeros(len(params), dtype=torch.int64)   # per slot, as in FlatParamGroup
+        self.mu_products = torch.ones(len(params), dtype=torch.float64)
+        # partial sums (grad norm, non-finite check, statistics) add up over the shard dimension only: along an
+        # HSDP replicate dimension the shards are copies and summing there would count them twice
+        self.reduce_group = self.mesh.get_group(dims[0]) if dims else None
+        self.sync_enabled = True   # no_sync() toggles it; FSDP2 has its own set_requires_gradient_sync
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _range(self, slot_index: int) -> slice:
+        slot = self.layout.slots[slot_index]
+        return slice(slot.offset, slot.offset + slot.numel)
+
+    def _local(self, slot_index: int) -> Tensor:
+        # fetched afresh every time: FSDP2 may re-point a sharded parameter's local tensor (lazy init, to_empty)
+        return self.params[self.layout.slots[slot_index].index].to_local()
+
+    # ------------------------------------------------------------------------------------------------ views
+    def param_state_view(self, slot_index: int, key: str) -> Tensor:
+        """State ``key`` of parameter ``slot_index`` as a DTensor (live view) with the parameter's sharding."""
+        return self._as_dtensor(self.state[key], slot_index)
+
+    @property
+    def has_master_copy(self) -> bool:
+        return self.compute_dtype != self.dtype
+
+    def _as_dtensor(self, buffer: Tensor, slot_index: int) -> Tensor:
+        p = self.params[self.layout.slots[slot_index].index]
+        view = buffer[self._range(slot_index)].view(self.layout.slots[slot_index].shape)
+        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
+
+    def export_entry(self, slot_index: int, with_mu_product: bool) -> dict[str, Tensor]:
+        """``ShardedOptimizer.state_dict()``'s entry for one parameter: state as sharded DTensors (DCP's format).
+
+        Present even before the first step: DCP loads into the structure ``state_dict()`` returns, so a fresh
+        optimizer built eagerly (``zero_stage > 0``, where DCP's dummy step is not taken) must list every key.
+        ``step`` and ``mu_product`` are plain tensors, equal on every rank (DCP saves them as replicated).
+        """
+        entry: dict[str, Tensor] = {"step": torch.tensor(int(self.steps[slot_index]), dtype=torch.int64)}
+        for key in self.state:
+            entry[key] = self._as_dtensor(self.state[key], slot_index)
+        if with_mu_product:
+            entry["mu_product"] = torch.tensor(float(self.mu_products[slot_index]), dtype=torch.float64)
+        if self.has_master_copy:
+            entry[MASTER_KEY] = self._as_dtensor(self.master, slot_index)
+        return entry
+
+    def import_entry(self, slot_index: int, entry: dict[str, Any] | None, with_mu_product: bool) -> None:
+        """Load one parameter's (validated) ``state_dict()`` entry; ``None`` resets it to a fresh state."""
+        for key, buffer in self.state.items():
+            if entry is None:
+                buffer[self._range(slot_index)].zero_()
+            else:
+                self._import(slot_index, key, entry[key], buffer)
+        if entry is not None and self.has_master_copy and MASTER_KEY in entry:
+            self._import(slot_index, MASTER_KEY, entry[MASTER_KEY], self.master)
+            self._local(slot_index).copy_(self.master[self._range(slot_index)].view(
+                self.layout.slots[slot_index].shape))   # the parameter follows its restored master
+        step = 0 if entry is None else entry["step"]
+        self.steps[slot_index] = int(float(step.item() if isinstance(step, Tensor) else step))
+        if with_mu_product:
+            self.mu_products[slot_index] = 1.0 if entry is None else float(entry["mu_product"])
+
+    def _import(self, slot_index: int, key: str, value: Tensor, buffer: Tensor) -> None:
+        """Copy ``value`` (a DTensor of any placements, or a full logical tensor) into this rank's shard."""
+        p = self.params[self.layout.slots[slot_index].index]
+        local_shape = self.layout.slots[slot_index].shape
+        if isinstance(value, DTensor):
+            if value.device_mesh != p.device_mesh:
+                raise ValueError(f"state {key!r} is a DTensor on mesh {value.device_mesh}, its parameter is on "
+                                 f"{p.device_mesh}")
+            if tuple(value.placements) != tuple(p.placements):
+                value = value.redistribute(p.device_mesh, p.placements)  # collective: every rank loads together
+            local = value.to_local()
+        else:  # a full logical tensor (torch.optim or a full state dict): cut this rank's shard out of it
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            local = value.reshape(p.shape)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+        if tuple(local.shape) != tuple(local_shape):
+            raise ValueError(f"state {key!r}: the local shard has shape {tuple(local.shape)}, the parameter's "
+                             f"local shard {tuple(local_shape)}")
+        buffer[self._range(slot_index)].copy_(local.reshape(-1))
+
+    # ------------------------------------------------------------------------------------ update protocol
+    def collect_grads(self) -> list[bool]:
+        """Copy the local gradient shards (already reduced by FSDP2) into ``grad``; report which exist."""
+        has_grad = []
+        for s, slot in enumerate(self.layout.slots):
+            p = self.params[slot.index]
+            dst = self.grad[self._range(s)]
+            g = p.grad
+            if g is None:
+                dst.zero_()  # no stale gradient may reach the norm or the statistics
+                has_grad.append(False)
+                continue
+            if isinstance(g, DTensor):
+                if tuple(g.placements) != tuple(p.placements):
+                    g = g.redistribute(p.device_mesh, p.placements)
+                g = g.to_local()
+            if tuple(g.shape) != tuple(slot.shape):
+                raise ValueError(f"parameter {slot.index} of its group has a gradient of shape {tuple(g.shape)} "
+                                 f"but a local shard of shape {tuple(slot.shape)}; expected a DTensor gradient")
+            dst.copy_(g.reshape(-1))
+            has_grad.append(True)
+        return has_grad
+
+    def update_runs(self, has_grad: list[bool]) -> list[tuple[slice, list[int]]]:
+        """Local ranges for one kernel call each, with their slots; one run over everything in the usual case.
+
+        Empty local shards are kept in the runs (an empty range costs nothing) so that their step counters move
+        with everyone else's: ``step`` must agree on all ranks for DCP.
+        """
+        steps = self.steps.tolist()
+        mus = self.mu_products.tolist()
+        if all(has_grad) and len(set(steps)) <= 1 and len(set(mus)) <= 1:
+            return [(slice(0, self.layout.local_numel), list(range(len(self.layout.slots))))]
+        runs: list[tuple[slice, list[int]]] = []
+        for s in range(len(self.layout.slots)):   # slots are in increasing offset order
+            if not has_grad[s]:
+                continue
+            rng = self._range(s)
+            if runs:
+                last, slots = runs[-1]
+                first = slots[0]
+                if last.stop == rng.start and steps[first] == steps[s] and mus[first] == mus[s]:
+                    runs[-1] = (slice(last.start, rng.stop), slots + [s])
+                    continue
+            runs.append((rng, [s]))
+        return runs
+
+    def prepare_update(self) -> None:
+        """Make ``master`` agree with the local shards, which others may have written (a model checkpoint load).
+
+        Same dtype: copy the shards in (as cheap as checking them).  With an fp32 master for bf16/fp16 shards:
+        keep the master where the shard still holds the master's rounding, re-read the slots where it does not
+        (re-reading every step would throw away the master's extra precision).  Version counters cannot tell:
+        DCP and FSDP2's state-dict hooks write the shards without always bumping them.
+        """
+        for s in range(len(self.layout.slots)):
+            local = self._local(s).reshape(-1)
+            master = self.master[self._range(s)]
+            if not self.has_master_copy:
+                master.copy_(local)
+            elif not torch.equal(master.to(self.dtype), local):
+                master.copy_(local)
+
+    def gather_params(self) -> None:
+        """Write the updated ``master`` back into FSDP2's local shards (no communication: FSDP2 gathers)."""
+        for s, slot in enumerate(self.layout.slots):
+            self._local(s).copy_(self.master[self._range(s)].view(slot.shape))
+
+    def local_grad_sumsq(self) -> Tensor:
+        """Sum of squares of the local gradient shards in float64 (summed over ``reduce_group`` by the caller)."""
+        return torch.linalg.vector_norm(self.grad, dtype=torch.float64).square()
+
+    def stat_ranges(self) -> list[slice]:
+        real = self.layout.local_real_numel()
+        return [slice(0, real)] if real else []
+
+    def state_bytes(self) -> dict[str, int]:
+        out = {key: t.numel() * t.element_size() for key, t in self.state.items()}
+        out["master"] = self.master.numel() * self.master.element_size()
+        out["grad_shard"] = self.grad.numel() * self.grad.element_size()
+        return out
+
+    def wait(self) -> None:
+        """Nothing in flight: FSDP2 reduced the gradients during backward."""
+
+    def end_step(self) -> None:
+        """No per-step reduction bookkeeping to reset."""
+
+    def remove_hooks(self) -> None:
+        """No hooks were registered."""
+
+    def describe(self) -> dict[str, Any]:
+        """Mesh and sharding summary (for logs and tests)."""
+        return {"mesh": str(self.mesh), "placements": [str(p.placements) for p in self.params],
+                "local_numel": self.layout.local_real_numel()}

@@ -498,7 +498,10 @@ class ShardedOptimizer(Optimizer):
                 slot = rt.layout.slots[slot_index]
                 ids.append(index)
                 step = int(rt.steps[slot_index])
-                if step > 0:
+                if getattr(rt, "keeps_dtensor_state", False):
+                    # FSDP2/DTensor parameters: state stays sharded, as DTensors (what DCP expects; see fsdp.py)
+                    state[index] = rt.export_entry(slot_index, self.algorithm == "nadam")
+                elif step > 0:
                     entry: dict[str, Tensor] = {"step": torch.tensor(step, dtype=torch.int64)}
                     for key in rt.state:
                         full = gathered.get((id(rt), key))
@@ -588,6 +591,9 @@ class ShardedOptimizer(Optimizer):
             group.update(hparams)
         for p, entry in plan:
             rt, slot_index = self._locate[id(p)]
+            if getattr(rt, "keeps_dtensor_state", False):
+                rt.import_entry(slot_index, entry, self.algorithm == "nadam")  # DTensor state: see fsdp.py
+                continue
             for key in rt.state:
                 source = None if entry is None else entry[key].detach().reshape(-1)
                 self._write_slot(rt, slot_index, rt.state[key], source)

@@ -1,0 +1,373 @@
+"""ShardedOptimizer on FSDP2 (``fully_shard``) DTensor parameters: real gloo ranks, real fully_shard, real DCP.
+
+One spawned 2-rank group runs every 1-D check (spawning costs seconds here), one 4-rank group the 2x2 HSDP
+check.  Each rank compares against references it computes itself in the same process without any sharding:
+the same model (same initial weights) trained on the whole global batch by ``torch.optim.AdamW`` (adamw) or by
+our own optimizer on plain tensors (adamod, amsgrad, radam).  The workers return measured differences; the
+assertions live here.
+
+Tolerances: FSDP2 averages two half-batch gradient means where the reference takes one full-batch mean, so
+gradients differ by float32 rounding (~1e-7 relative); after a few Adam steps, whose updates are normalised to
+about ``lr`` per element, that leaves parameter differences orders of magnitude below ``lr * steps``.
+``|diff| <= ATOL + RTOL*|ref|`` with ATOL = 1e-5, RTOL = 1e-4 and lr = 1e-2 still catches one missed or doubled
+step (1e-2), a wrong bias correction (~lr), or gradients averaged over the wrong ranks.  Checkpoint resumption
+is compared bitwise.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+import traceback
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+pytestmark = pytest.mark.slow
+
+LR = 1e-2
+STEPS = 4
+ATOL, RTOL = 1e-5, 1e-4
+VOCAB, D, SEQ, BATCH = 13, 12, 6, 4   # VOCAB and the MLP width are odd: uneven shards on 2 ranks
+
+
+class TinyTransformer(nn.Module):
+    """One pre-norm transformer block over a byte-like vocabulary, with shapes chosen to shard unevenly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.pos = nn.Parameter(torch.randn(SEQ, D) * 0.1)
+        self.norm1 = nn.LayerNorm(D)
+        # no attention biases: the key bias gets a gradient that is zero up to rounding (softmax ignores a shift
+        # shared by all keys), and Adam would amplify that rounding noise to steps of size lr
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=True, bias=False)
+        self.norm2 = nn.LayerNorm(D)
+        self.mlp = nn.Sequential(nn.Linear(D, 2 * D + 1), nn.GELU(), nn.Linear(2 * D + 1, D))
+        self.head = nn.Linear(D, VOCAB)
+        self.gate = nn.Parameter(torch.ones(1))   # one row: rank 1 holds an empty (0-element) shard
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        h = self.norm1(x)
+        mask = torch.triu(torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool), 1)
+        x = x + self.gate * self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x)
+
+
+def make_model(seed: int) -> TinyTransformer:
+    torch.manual_seed(seed)
+    return TinyTransformer()
+
+
+def batches(n: int) -> list[torch.Tensor]:
+    """Counting sequences (next token = previous + 1 mod VOCAB) from random starts: learnable in a few steps."""
+    g = torch.Generator().manual_seed(1234)
+    return [(torch.randint(0, VOCAB, (BATCH, 1), generator=g) + torch.arange(SEQ + 1)) % VOCAB for _ in range(n)]
+
+
+def loss_of(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    logits = model(batch[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+
+
+def shard(model: nn.Module, mesh: Any) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+    fully_shard(model.mlp, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def local_rows(batch: torch.Tensor, index: int, count: int) -> torch.Tensor:
+    per = batch.shape[0] // count
+    return batch[index * per: (index + 1) * per]
+
+
+# ----------------------------------------------------------------------------------------- rank plumbing
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, fn: Callable[..., dict], args: tuple, queue: Any) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    os.environ["SHARDED_OPTIM_KERNEL"] = "eager"   # compiling per rank costs ~10 s; the math is the same function
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        result = fn(rank, world, *args)
+        dist.barrier()
+        queue.put((rank, result))
+    except BaseException:
+        queue.put((rank, {"__error__": traceback.format_exc()}))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., dict], world: int, *args: Any, timeout: float = 240) -> list[dict]:
+    """Run ``fn(rank, world, *args)`` on ``world`` spawned gloo ranks; return their results in rank order."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, dict] = {}
+    try:
+        for _ in range(world):
+            rank, result = queue.get(timeout=timeout)
+            results[rank] = result
+            if "__error__" in result:
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=20)
+            if p.is_alive():
+                p.kill()
+    errors = [f"rank {r}:\n{res['__error__']}" for r, res in sorted(results.items()) if "__error__" in res]
+    assert not errors, "\n".join(errors)
+    return [results[r] for r in range(world)]
+
+
+def _guard(out: dict, name: str, fn: Callable[[], dict]) -> None:
+    """Run one scenario; keep its traceback as its result so the other scenarios still report."""
+    try:
+        out[name] = fn()
+    except Exception:
+        out[name] = {"error": traceback.format_exc()}
+
+
+# ------------------------------------------------------------------------------------------- scenarios
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Worst ``|a - b| / (ATOL + RTOL * |b|)`` (<= 1 is close): relative, because AdaMod's ``exp_avg_lr`` holds
+    values near ``lr / eps`` where moments are tiny, absolute for values near zero."""
+    a, b = a.detach().double(), b.detach().double()
+    return float(((a - b).abs() / (ATOL + RTOL * b.abs())).max()) if a.numel() else 0.0
+
+
+def _train_pair(mesh: Any, dp_rank: int, dp_size: int, algorithm: str, reference: str,
+                **opt_kwargs: Any) -> dict:
+    """Train the sharded model with our optimizer and a plain copy with the reference; return differences."""
+    from torch.distributed.tensor import DTensor
+
+    from sharded_optim import ShardedOptimizer
+    ref_model = make_model(0)
+    model = shard(make_model(0), mesh)
+    opt = ShardedOptimizer(model.parameters(), algorithm=algorithm, lr=LR, zero_stage=0, **opt_kwargs)
+    if reference == "torch":
+        ref_opt: torch.optim.Optimizer = torch.optim.AdamW(ref_model.parameters(), lr=LR, weight_decay=1e-2)
+    else:
+        ref_opt = ShardedOptimizer(ref_model.parameters(), algorithm=algorithm, lr=LR, zero_stage=0,
+                                   **opt_kwargs)
+    norm_diffs, losses = [], []
+    for batch in batches(STEPS):
+        loss = loss_of(model, local_rows(batch, dp_rank, dp_size))
+        loss.backward()
+        norm = float(opt.clip_grad_norm_(1e9))   # the optimizer's global norm (sums over the shard group only)
+        opt.step()
+        opt.zero_grad()
+        ref_loss = loss_of(ref_model, batch)
+        ref_loss.backward()
+        ref_norm = float(torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 1e9))
+        ref_opt.step()
+        ref_opt.zero_grad()
+        norm_diffs.append(abs(norm - ref_norm) / ref_norm)
+        losses.append(float(ref_loss.detach()))
+    params, ref_params = dict(model.named_parameters()), dict(ref_model.named_parameters())
+    param_err = max(_err(p.full_tensor(), ref_params[n]) for n, p in params.items())
+    state_err, kinds = 0.0, set()
+    for name, p in params.items():
+        for key, value in opt.state[p].items():
+            if key == "step":
+                assert int(value) == STEPS, (name, int(value))
+                continue
+            assert isinstance(value, DTensor), (name, key, type(value))
+            assert value.placements == p.placements and value.device_mesh == p.device_mesh, (name, key)
+            assert value.to_local().shape == p.to_local().shape, (name, key)
+            kinds.add(key)
+            state_err = max(state_err, _err(value.full_tensor(), ref_opt.state[ref_params[name]][key]))
+    local_numel = sum(p.to_local().numel() for p in params.values())
+    return {"param_err": param_err, "state_err": state_err, "norm_rel_diff": max(norm_diffs),
+            "state_keys": sorted(kinds), "local_numel": local_numel,
+            "state_bytes": opt.memory_report()["state_bytes"], "losses": losses,
+            "empty_shards": [n for n, p in params.items() if p.to_local().numel() == 0],
+            "uneven": [n for n, p in params.items() if p.shape[0] % dp_size]}
+
+
+def _nonfinite_skip(mesh: Any, rank: int) -> dict:
+    """A NaN in one rank's gradient shard makes every rank skip the step (the check sums over the group)."""
+    from sharded_optim import ShardedOptimizer
+    model = shard(make_model(0), mesh)
+    opt = ShardedOptimizer(model.parameters(), lr=LR, zero_stage=0)
+    before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+    loss_of(model, batches(1)[0]).backward()
+    if rank == 0:
+        model.embed.weight.grad.to_local()[0, 0] = float("nan")
+    opt.step()
+    changed = sum(not torch.equal(before[n], p.to_local()) for n, p in model.named_parameters())
+    return {"skipped": opt.skipped_steps["nonfinite"], "changed": changed}
+
+
+def _dcp_resume(mesh: Any, rank: int, directory: str, algorithm: str, dtype: torch.dtype, zero_stage: int,
+                **opt_kwargs: Any) -> dict:
+    """Save after 2 steps, continue 2; a fresh model + optimizer loaded from the checkpoint continues the same."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    from sharded_optim import ShardedOptimizer
+    data = batches(4)
+
+    def build(seed: int):
+        model = shard(make_model(seed).to(dtype), mesh)
+        return model, ShardedOptimizer(model.parameters(), algorithm=algorithm, lr=LR, zero_stage=zero_stage,
+                                       **opt_kwargs)
+
+    def train(model, opt, steps):
+        for batch in steps:
+            loss_of(model, local_rows(batch, rank, 2)).backward()
+            opt.step()
+            opt.zero_grad()
+
+    def snapshot(model, opt) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, p in model.named_parameters():
+            out[n] = p.to_local().clone()
+            for k, v in opt.state[p].items():
+                out[f"{n}/{k}"] = (v.to_local() if hasattr(v, "to_local") else v).clone()
+        return out
+
+    model, opt = build(0)
+    train(model, opt, data[:2])
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=directory)
+    saved_osd = get_optimizer_state_dict(model, opt)
+    train(model, opt, data[2:])
+    uninterrupted = snapshot(model, opt)
+
+    model2, opt2 = build(7)   # other initial weights: only a real load can make it match
+    target = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(target, checkpoint_id=directory)
+    set_model_state_dict(model2, target["model"])
+    set_optimizer_state_dict(model2, opt2, target["optim"])
+    steps_after_load = sorted({int(opt2.state[p]["step"]) for p in model2.parameters()})
+    train(model2, opt2, data[2:])
+    resumed = snapshot(model2, opt2)
+    mismatched = [k for k in uninterrupted if not torch.equal(uninterrupted[k], resumed[k])]
+    state_types = sorted({type(v).__name__ for e in saved_osd["state"].values() for k, v in e.items()
+                          if k not in ("step", "mu_product")})
+    return {"mismatched": mismatched, "compared": len(uninterrupted), "steps_after_load": steps_after_load,
+            "state_types": state_types, "saved_keys": sorted(next(iter(saved_osd["state"].values())))}
+
+
+def _one_d_worker(rank: int, world: int, directory: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("shard",))
+    out: dict[str, Any] = {}
+    _guard(out, "adamw", lambda: _train_pair(mesh, rank, world, "adamw", "torch"))
+    _guard(out, "adamod", lambda: _train_pair(mesh, rank, world, "adamod", "ours"))
+    _guard(out, "amsgrad", lambda: _train_pair(mesh, rank, world, "adam", "ours", amsgrad=True,
+                                                weight_decay=1e-3))
+    _guard(out, "radam", lambda: _train_pair(mesh, rank, world, "radam", "ours"))
+    _guard(out, "nonfinite", lambda: _nonfinite_skip(mesh, rank))
+    # lazily built runtimes (zero_stage=0): DCP takes its dummy step (zero grads, lr=0) on the empty state
+    _guard(out, "dcp_lazy", lambda: _dcp_resume(mesh, rank, os.path.join(directory, "lazy"), "adamod",
+                                                torch.float32, 0, amsgrad=True))
+    # eagerly built runtimes (zero_stage=2 on a process group): no dummy step; bf16 params keep an fp32 master
+    _guard(out, "dcp_eager_bf16", lambda: _dcp_resume(mesh, rank, os.path.join(directory, "eager"), "nadam",
+                                                      torch.bfloat16, 2))
+    return out
+
+
+def _hsdp_worker(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    # HSDP: each replica (mesh row) sees half of the global batch, split again over its shard dimension
+    dp_rank = mesh.get_local_rank("replicate") * 2 + mesh.get_local_rank("shard")
+    out: dict[str, Any] = {}
+    _guard(out, "adamw", lambda: _train_pair(mesh, dp_rank, world, "adamw", "torch"))
+    _guard(out, "radam", lambda: _train_pair(mesh, dp_rank, world, "radam", "ours"))
+    from sharded_optim import ShardedOptimizer
+    model = shard(make_model(0), mesh)
+    opt = ShardedOptimizer(model.parameters(), zero_stage=0)
+    opt.memory_report()   # builds the runtimes
+    rt = next(rt for _, rt in opt._all_runtimes())
+    import torch.distributed as dist
+    out["reduce_group_size"] = dist.get_world_size(rt.reduce_group)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tests
+@pytest.fixture(scope="module")
+def one_d() -> list[dict]:
+    with tempfile.TemporaryDirectory() as directory:
+        return run_ranks(_one_d_worker, 2, directory)
+
+
+@pytest.fixture(scope="module")
+def hsdp() -> list[dict]:
+    return run_ranks(_hsdp_worker, 4)
+
+
+def _scenario(results: list[dict], name: str) -> list[dict]:
+    per_rank = [r[name] for r in results]
+    for rank, r in enumerate(per_rank):
+        assert "error" not in r, f"rank {rank}, scenario {name}:\n{r['error']}"
+    return per_rank
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamod", "amsgrad", "radam"])
+def test_fully_shard_matches_unsharded_reference(one_d, name):
+    for rank, r in enumerate(_scenario(one_d, name)):
+        assert r["param_err"] <= 1.0 and r["state_err"] <= 1.0, (rank, r)
+        assert r["norm_rel_diff"] <= RTOL, (rank, r)   # the global norm sums the two shards, nothing more
+        assert r["losses"][-1] < r["losses"][0], r["losses"]
+    expected = {"adamw": ["exp_avg", "exp_avg_sq"], "adamod": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
+                "amsgrad": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], "radam": ["exp_avg", "exp_avg_sq"]}
+    assert one_d[0][name]["state_keys"] == expected[name]
+
+
+def test_no_double_sharding_and_uneven_shards(one_d):
+    ranks = _scenario(one_d, "adamod")
+    total = sum(p.numel() for p in make_model(0).parameters())
+    assert sum(r["local_numel"] for r in ranks) == total   # each element on exactly one rank
+    for r in ranks:
+        # 3 fp32 state tensors over the local shard (+ flat-buffer alignment padding), not over the full model
+        assert 3 * 4 * r["local_numel"] <= r["state_bytes"] < 3 * 4 * (r["local_numel"] + 64)
+    assert "embed.weight" in ranks[0]["uneven"] and "head.weight" in ranks[0]["uneven"]
+    assert ranks[0]["empty_shards"] == [] and ranks[1]["empty_shards"] == ["gate"]
+
+
+def test_nonfinite_gradient_on_one_rank_skips_everywhere(one_d):
+    for r in _scenario(one_d, "nonfinite"):
+        assert r == {"skipped": 1, "changed": 0}
+
+
+@pytest.mark.parametrize("name", ["dcp_lazy", "dcp_eager_bf16"])
+def test_dcp_save_load_resumes_bitwise(one_d, name):
+    for rank, r in enumerate(_scenario(one_d, name)):
+        assert r["compared"] > 20 and r["mismatched"] == [], (rank, r["mismatched"])
+        assert r["steps_after_load"] == [2], (rank, r)
+        assert r["state_types"] == ["DTensor"], (rank, r)
+    keys = one_d[0][name]["saved_keys"]
+    if name == "dcp_eager_bf16":
+        assert keys == ["exp_avg", "exp_avg_sq", "master_param", "mu_product", "step"]
+    else:
+        assert keys == ["exp_avg", "exp_avg_lr", "exp_avg_sq", "max_exp_avg_sq", "step"]
+
+
+@pytest.mark.parametrize("name", ["adamw", "radam"])
+def test_hsdp_2x2_matches_unsharded_reference(hsdp, name):
+    for rank, r in enumerate(_scenario(hsdp, name)):
+        assert r["param_err"] <= 1.0 and r["state_err"] <= 1.0, (rank, r)
+        assert r["norm_rel_diff"] <= RTOL, (rank, r)   # summed over the shard dim only, not the replicas
+    assert [r["reduce_group_size"] for r in hsdp] == [2, 2, 2, 2]
+    assert not math.isnan(hsdp[0][name]["param_err"])

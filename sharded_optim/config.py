@@ -135,7 +135,8 @@ class ScheduleConfig:
 
 @dataclass
 class TrainingConfig:
-    steps: int = _num(100, 1, None)
+    steps: int = _num(100, 1, None, doc="length of the run (the schedule spans all of it)")
+    stop_at: int | None = _num(None, 1, None, doc="end this invocation after this step (resume later); None: steps")
     batch_size: int = _num(16, 1, None, doc="global sequences per optimizer step (all ranks, all micro-batches)")
     grad_accum: int = _num(1, 1, 4096, doc="micro-batches per optimizer step")
     seed: int = _num(0, 0, 2**63 - 1)
@@ -312,6 +313,8 @@ def _cross_checks(cfg: RunConfig, errors: list[str]) -> None:
     if s.kind == "1cycle" and s.cycle_momentum and s.base_momentum > s.max_momentum:
         errors.append(f"schedule.base_momentum: got {s.base_momentum}; allowed: <= schedule.max_momentum "
                       f"({s.max_momentum})")
+    if t.stop_at is not None and t.stop_at > t.steps:
+        errors.append(f"training.stop_at: got {t.stop_at}; allowed: at most training.steps ({t.steps})")
     if t.batch_size % t.grad_accum:
         errors.append(f"training.batch_size: got {t.batch_size}; allowed: a multiple of training.grad_accum "
                       f"({t.grad_accum})")

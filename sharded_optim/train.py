@@ -21,8 +21,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 import warnings
@@ -37,9 +35,6 @@ from . import data as data_lib
 from .config import ConfigError, RunConfig, dump_config, load_config
 from .dist import DistInfo, cleanup, describe_timeout, init_distributed, strip_launcher_args
 from .model import build_model, num_parameters, param_groups
-
-LATEST_FILE = "latest"
-
 
 # --- pieces -------------------------------------------------------------------------------------------
 
@@ -120,44 +115,29 @@ def evaluate(model: torch.nn.Module, val: data_lib.ByteDataset, cfg: RunConfig, 
     return all_mean([sum(losses) / len(losses)], info)[0]
 
 
-# --- checkpoints (the format lives in sharded_optim.checkpoint) ------------------------------------------
+# --- checkpoints (format, atomic writes, `latest` pointer and pruning live in sharded_optim.checkpoint) ------
 
-def save_checkpoint(cfg: RunConfig, info: DistInfo, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, step: int, extra: dict) -> Path:
-    """Save through ``sharded_optim.checkpoint`` (collective), then point ``latest`` at it and prune."""
+def save_checkpoint(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    extra: dict) -> Path:
+    """Collective: every rank writes its shard to ``<checkpoint dir>/step_<step>``; older ones are pruned."""
     from . import checkpoint
 
-    root = cfg.checkpoint_dir
-    path = root / f"step_{step:08d}"
-    checkpoint.save(path, model, optimizer, step=step, extra=extra)
-    if info.distributed:
-        dist.barrier()  # every rank has finished writing before `latest` may name it
-    if info.is_main:
-        tmp = root / (LATEST_FILE + ".tmp")
-        tmp.write_text(path.name + "\n")
-        os.replace(tmp, root / LATEST_FILE)  # atomic: a crash leaves the previous pointer intact
-        if cfg.checkpoint.keep_last:
-            old = sorted(p for p in root.glob("step_*") if p.is_dir())[:-cfg.checkpoint.keep_last]
-            for p in old:
-                shutil.rmtree(p, ignore_errors=True)
-    return path
+    return checkpoint.save(cfg.checkpoint_dir / f"step_{step:08d}", model, optimizer, step=step, extra=extra,
+                           keep_last=cfg.checkpoint.keep_last or None)
 
 
 def latest_checkpoint(cfg: RunConfig) -> Path | None:
-    pointer = cfg.checkpoint_dir / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    path = cfg.checkpoint_dir / pointer.read_text().strip()
-    return path if path.exists() else None
+    from . import checkpoint
+
+    return checkpoint.latest(cfg.checkpoint_dir) if cfg.checkpoint_dir.is_dir() else None
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
-    """Load model and optimizer state; return (step, extra)."""
+    """Load model and optimizer state (any world size); return (step, extra)."""
     from . import checkpoint
 
     meta = checkpoint.load(path, model, optimizer)
-    extra = meta.get("extra") or {}
-    return int(meta["step"]), extra
+    return int(meta["step"]), meta.get("extra") or {}
 
 
 # --- the job --------------------------------------------------------------------------------------------
@@ -239,7 +219,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
                f"{torch.get_num_threads()} thread(s)/rank | model {n_params:,} params | "
                f"{cfg.optimizer.algorithm} zero_stage={cfg.optimizer.zero_stage} | "
                f"{t.steps} steps x {tokens_per_step:,} tokens")
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if info.is_main else None
+    metrics_file = open(run_dir / "metrics.jsonl", "a" if resume else "w") if info.is_main else None
     progress = _progress_bar(info, t.steps, start_step)
 
     # The loop.  One optimizer step = grad_accum micro-batches; losses are averaged over ranks only when
@@ -250,8 +230,9 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
     train_start = time.perf_counter()
     val_loss = float("nan")
     step = start_step
+    last_step = t.stop_at or t.steps  # stop_at ends this invocation early; the schedule still spans t.steps
     try:
-        while step < t.steps:
+        while step < last_step:
             step_loss = 0.0
             for micro in range(t.grad_accum):
                 x, y = data_lib.train_batch(train_ds, t.seed, step, micro, micro_batch, info.rank,
@@ -273,7 +254,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
             history["tokens_seen"] += tokens_per_step
             window_losses.append(step_loss)
 
-            if step % t.log_interval == 0 or step == t.steps or step == start_step + 1:
+            if step % t.log_interval == 0 or step == last_step or step == start_step + 1:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - window_start
@@ -286,15 +267,15 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
                 window_losses, window_start = [], time.perf_counter()
             progress.update(1)
 
-            if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
+            if (t.eval_interval and step % t.eval_interval == 0) or step == last_step:
                 val_loss = evaluate(model, val_ds, cfg, info, device, autocast)
                 history["val_curve"].append([step, val_loss])
                 _emit(info, progress, metrics_file, {"step": step, "val_loss": val_loss})
                 window_start = time.perf_counter()  # keep eval time out of the throughput numbers
 
             ck = cfg.checkpoint
-            if (ck.interval and step % ck.interval == 0) or (ck.at_end and step == t.steps):
-                save_checkpoint(cfg, info, model, optimizer, step, extra=dict(history))
+            if (ck.interval and step % ck.interval == 0) or (ck.at_end and step == last_step):
+                save_checkpoint(cfg, model, optimizer, step, extra=dict(history))
                 window_start = time.perf_counter()
     finally:
         progress.close()

@@ -1,5 +1,5 @@
 """The same tiny 2-rank job under torchrun, mpirun (mpi4py) and the deepspeed launcher, through the scripts
-in launch/, plus a single process with no launcher.
+in launch/, plus a single process with no launcher, and --resume from a run stopped half-way.
 
 Same seed, same world size, same backend: the math is identical, so the final parameters must be
 bitwise identical across launchers.  The single-process run sees the same data (batches are drawn
@@ -8,6 +8,7 @@ bitwise.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
@@ -77,3 +78,49 @@ def test_single_process_agrees_with_two_ranks(torchrun_run: JobResult, tmp_path)
         torch.testing.assert_close(single[name], pair[name], rtol=1e-3, atol=1e-4, msg=name)
     for (s1, l1), (s2, l2) in zip(result.summary["loss_curve"], torchrun_run.summary["loss_curve"]):
         assert s1 == s2 and abs(l1 - l2) < 1e-3
+
+
+# --- resume -----------------------------------------------------------------------------------------------
+
+HALF = STEPS // 2
+
+
+@pytest.fixture(scope="module")
+def half_run_dir(tmp_path_factory):
+    """A 2-rank run of the same job stopped at HALF (the schedule still spans STEPS), checkpointed there."""
+    require_tool("torchrun")
+    run_dir = tmp_path_factory.mktemp("half")
+    half = run_job(["bash", str(REPO / "launch" / "torchrun.sh")], run_dir, env=job_env(NPROC_PER_NODE="2"),
+                   extra_args=["--set", f"training.stop_at={HALF}", "--set", f"checkpoint.interval={HALF}"])
+    assert half.summary["steps"] == HALF
+    assert (run_dir / "checkpoints" / f"step_{HALF:08d}").is_dir()
+    return run_dir
+
+
+def test_resume_same_world_size_is_exact(torchrun_run: JobResult, half_run_dir, tmp_path):
+    run_dir = shutil.copytree(half_run_dir, tmp_path / "run")  # a private copy: tests stay independent
+    resumed = run_job(["bash", str(REPO / "launch" / "torchrun.sh")], run_dir, env=job_env(NPROC_PER_NODE="2"),
+                      extra_args=["--resume"])
+    s, straight = resumed.summary, torchrun_run.summary
+    assert s["resumed_from"] == HALF and s["steps"] == STEPS and s["steps_this_run"] == STEPS - HALF
+    assert "resumed from" in resumed.output
+    assert s["loss_curve"][0] == straight["loss_curve"][0]  # the history travelled in the checkpoint
+    assert s["final_val_loss"] == straight["final_val_loss"]
+    assert_same_weights(resumed.weights(), torchrun_run.weights())
+
+
+def test_resume_on_a_different_world_size(torchrun_run: JobResult, half_run_dir, tmp_path):
+    run_dir = shutil.copytree(half_run_dir, tmp_path / "run")
+    resumed = run_job([sys.executable, "-m", "sharded_optim.train"], run_dir, extra_args=["--resume"])
+    assert resumed.summary["world_size"] == 1 and resumed.summary["resumed_from"] == HALF
+    single, pair = resumed.weights(), torchrun_run.weights()
+    for name in single:
+        torch.testing.assert_close(single[name], pair[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    result = run_job([sys.executable, "-m", "sharded_optim.train"], tmp_path / "fresh",
+                     extra_args=["--resume", "--set", "training.steps=2", "--set", "training.eval_interval=0",
+                                 "--set", "schedule.warmup_steps=1"])
+    assert result.summary["steps"] == 2 and result.summary["resumed_from"] == 0
+    assert "no checkpoint" in result.output

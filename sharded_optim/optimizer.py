@@ -22,10 +22,11 @@ from .kernels import dispatch
 from .kernels import stats as stats_kernels
 from .telemetry.fields import NUM_FIELDS
 from .telemetry.report import StepReport
-from .zero import FlatParamGroup
+from .zero import FlatParamGroup, all_gather
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _LOCAL = object()  # key for partial sums that need no reduction
+MASTER_KEY = "master_param"  # fp32 master copy of bf16/fp16 parameters, in state_dict()
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
@@ -135,6 +136,7 @@ class ShardedOptimizer(Optimizer):
         self._cached_norms: Tensor | None = None
         self._clipped = False
         self._report_hooks: list[Callable[[StepReport], None]] = []
+        self._validated: dict[int, tuple] = {}
         self._shard_hooks: list[Callable[[FlatParamGroup, dict[str, Any]], None]] = []
         self._building = True
         super().__init__(params, defaults)
@@ -291,13 +293,17 @@ class ShardedOptimizer(Optimizer):
 
     def _group_norms(self) -> Tensor:
         """Global pre-clip gradient sum of squares per param group (float64), one all-reduce."""
-        per_group: dict[Any, Tensor] = {}
+        per_group: dict[Any, list[Tensor | float]] = {}
         for i, group in enumerate(self.param_groups):
             for rt in self._runtimes.get(id(group), []):
                 key = rt.reduce_group if rt.reduce_group is not None else _LOCAL
-                acc = per_group.setdefault(key, torch.zeros(len(self.param_groups), dtype=torch.float64))
-                acc[i] += rt.local_grad_sumsq().cpu()
-        return self._reduce_sum(per_group, (len(self.param_groups),))
+                acc = per_group.setdefault(key, [0.0] * len(self.param_groups))
+                acc[i] = acc[i] + rt.local_grad_sumsq()
+        if len(per_group) == 1 and _LOCAL in per_group:  # one process: no tensor packing needed
+            return torch.tensor([float(x) for x in per_group[_LOCAL]], dtype=torch.float64)
+        packed = {k: torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in v])
+                  for k, v in per_group.items()}
+        return self._reduce_sum(packed, (len(self.param_groups),))
 
     @staticmethod
     def _reduce_sum(partials: dict[Any, Tensor], shape: tuple[int, ...]) -> Tensor:
@@ -353,6 +359,8 @@ class ShardedOptimizer(Optimizer):
         total_norm = math.sqrt(float(sumsq.sum()))
         self.steps_attempted += 1
         reason = self._skip_reason(total_norm)
+        if reason is not None:
+            self.skipped_steps[reason] += 1
         stats = None
         rectification: list[float | None] = []
         if reason is None:
@@ -372,7 +380,11 @@ class ShardedOptimizer(Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Re-validate hyperparameters (users and schedulers edit param_groups between steps)."""
+        snapshot = tuple((k, v if not isinstance(v, Tensor) else float(v)) for k, v in group.items() if k != "params")
+        if self._validated.get(id(group)) == snapshot:
+            return  # unchanged since it was last validated
         rules.validate_group(self.algorithm, group)
+        self._validated[id(group)] = snapshot
         runtimes = self._runtimes.get(id(group), [])
         if runtimes and tuple(runtimes[0].state) != rules.state_keys(self.algorithm, group):
             raise ValueError("amsgrad of a param group was changed after construction; the state set of a group "
@@ -418,7 +430,7 @@ class ShardedOptimizer(Optimizer):
                 sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
                 dispatch.run(variant, self.kernel_mode, rt.master[rng], rt.grad[rng],
                              *(rt.state[k][rng] for k in keys), sc)
-                index = torch.tensor(slots, dtype=torch.long)
+                index = slice(None) if len(slots) == len(steps) else torch.tensor(slots, dtype=torch.long)
                 rt.steps[index] += 1
                 if hs.mu_product is not None:
                     rt.mu_products[index] = hs.mu_product
@@ -486,6 +498,8 @@ class ShardedOptimizer(Optimizer):
         where the keys match.  The extra top-level ``algorithm`` key lets a mismatched load be refused.
         """
         self._ensure_runtimes()
+        for _, rt in self._all_runtimes():
+            rt.prepare_update()  # a master copy must reflect parameters written since the last step
         state: dict[int, dict[str, Tensor]] = {}
         groups = []
         index = 0
@@ -510,6 +524,12 @@ class ShardedOptimizer(Optimizer):
                         entry[key] = full[slot.offset: slot.offset + slot.numel].view(slot.shape)
                     if self.algorithm == "nadam":
                         entry["mu_product"] = torch.tensor(float(rt.mu_products[slot_index]), dtype=torch.float64)
+                    if rt.has_master_copy:
+                        # bf16/fp16 parameters: the fp32 master is state too, or a resume loses precision
+                        full = gathered.get((id(rt), MASTER_KEY))
+                        if full is None:
+                            full = gathered[(id(rt), MASTER_KEY)] = self._gather_full(rt, rt.master)
+                        entry[MASTER_KEY] = full[slot.offset: slot.offset + slot.numel].view(slot.shape)
                     state[index] = entry
                 index += 1
             packed["params"] = ids
@@ -521,7 +541,7 @@ class ShardedOptimizer(Optimizer):
             return local
         full = torch.empty(rt.layout.total_numel, dtype=local.dtype, device=local.device)
         for bucket in rt.layout.buckets:
-            dist.all_gather_into_tensor(full[rt.layout.bucket_full_range(bucket)],
+            all_gather(full[rt.layout.bucket_full_range(bucket)],
                                         local[rt.layout.bucket_local_range(bucket)].contiguous(),
                                         group=self.process_group)
         return full
@@ -548,6 +568,9 @@ class ShardedOptimizer(Optimizer):
                 raise ValueError(f"param group {gi} has {len(saved['params'])} parameters in the state_dict and "
                                  f"{len(group['params'])} in the optimizer")
             spec = rules.SPECS[self.algorithm]
+            absent = [k for k in rules.COMMON_HYPERPARAMETERS if k not in saved]
+            if absent:
+                raise ValueError(f"param group {gi} of the state_dict is missing hyperparameter(s) {absent}")
             foreign = [k for k in rules.OPTION_DEFAULTS if k in saved and k not in spec.options]
             if foreign:
                 raise ValueError(f"param group {gi} of the state_dict has option(s) {foreign} that algorithm "
@@ -581,11 +604,20 @@ class ShardedOptimizer(Optimizer):
                     if value.numel() != p.numel() or (value.dim() and tuple(value.shape) != tuple(p.shape)):
                         raise ValueError(f"state[{saved_id}][{key!r}] has shape {tuple(value.shape)}, the "
                                          f"parameter has shape {tuple(p.shape)}")
+                if MASTER_KEY in entry and entry[MASTER_KEY].numel() != p.numel():
+                    raise ValueError(f"state[{saved_id}][{MASTER_KEY!r}] has {entry[MASTER_KEY].numel()} elements, "
+                                     f"the parameter has {p.numel()}")
                 step = entry["step"]
                 step_value = float(step.item() if isinstance(step, Tensor) else step)
                 if not (step_value >= 0 and step_value == int(step_value)):
                     raise ValueError(f"state[{saved_id}]['step'] must be an integer >= 0, got {step_value}")
                 plan.append((p, entry))
+        if self.sharded:
+            for gi, group in enumerate(self.param_groups):
+                steps = {int(float(e["step"])) if e is not None else 0 for p, e in plan if any(p is q for q in group["params"])}
+                if len(steps) > 1:
+                    raise ValueError(f"param group {gi}: a sharded optimizer needs one step count per param group, "
+                                     f"the state_dict has {sorted(steps)}")
         # validated: apply
         for group, hparams in zip(self.param_groups, new_hparams):
             group.update(hparams)
@@ -597,6 +629,10 @@ class ShardedOptimizer(Optimizer):
             for key in rt.state:
                 source = None if entry is None else entry[key].detach().reshape(-1)
                 self._write_slot(rt, slot_index, rt.state[key], source)
+            if rt.has_master_copy and entry is not None and MASTER_KEY in entry:
+                master = entry[MASTER_KEY].detach()
+                self._write_slot(rt, slot_index, rt.master, master.reshape(-1))
+                p.detach().copy_(master.view_as(p))  # the parameters follow their restored master
             rt.steps[slot_index] = 0 if entry is None else int(float(entry["step"]))
             if self.algorithm == "nadam":
                 rt.mu_products[slot_index] = 1.0 if entry is None else float(entry["mu_product"])

@@ -25,6 +25,10 @@ from .flat import FlatLayout, flatten_into_views
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
+# torch 2.13 renamed the tensor collectives (the old names warn); older torch has only the old names.
+reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass
 class _Pending:
@@ -66,6 +70,8 @@ class FlatParamGroup:
             self.master = torch.empty(self.layout.local_numel, dtype=self.compute_dtype, device=self.device)
             for bucket in self.layout.buckets:
                 self.master[self.layout.bucket_local_range(bucket)].copy_(self.full[self.layout.bucket_rank_range(bucket)])
+        # a separate master exists for low-precision parameters (a copy worth saving) or for shards (a slice)
+        self.has_master_copy = self.compute_dtype != self.dtype
         self.grad = torch.zeros(self.layout.local_numel, dtype=self.grad_dtype, device=self.device)
         self.state: dict[str, Tensor] = {
             key: torch.zeros(self.layout.local_numel, dtype=self.compute_dtype, device=self.device) for key in state_keys}
@@ -79,6 +85,7 @@ class FlatParamGroup:
         self._pending: list[_Pending] = []
         self._hooks: list[Any] = []
         self.sync_enabled = True
+        self._versions = [p._version for p in self.params]
         # partial sums (gradient norm, statistics) are summed over this group: the shards are disjoint in it
         self.reduce_group = process_group if world > 1 else None
         if self.reduce_grads and overlap:
@@ -144,7 +151,7 @@ class FlatParamGroup:
         out = torch.empty(bucket.shard_numel, dtype=self.grad_dtype, device=self.device) if accumulate \
             else self.grad[local]
         if self.zero_stage >= 2:
-            work = dist.reduce_scatter_tensor(out, staging, group=self.process_group, async_op=True)
+            work = reduce_scatter(out, staging, group=self.process_group, async_op=True)
         else:
             work = dist.all_reduce(staging, group=self.process_group, async_op=True)
         self._pending.append(_Pending(work, staging, out, accumulate, bucket_index))
@@ -227,11 +234,11 @@ class FlatParamGroup:
             if self.gather_dtype == self.dtype:
                 mine = self.full[self.layout.bucket_rank_range(bucket)]
                 mine.copy_(local)  # casts the master to the parameter dtype
-                works.append((dist.all_gather_into_tensor(full, mine, group=self.process_group, async_op=True),
+                works.append((all_gather(full, mine, group=self.process_group, async_op=True),
                               None, full))
             else:
                 out = torch.empty(bucket.numel, dtype=self.gather_dtype, device=self.device)
-                works.append((dist.all_gather_into_tensor(out, local.to(self.gather_dtype),
+                works.append((all_gather(out, local.to(self.gather_dtype),
                                                           group=self.process_group, async_op=True), out, full))
         for work, out, full in works:
             work.wait()
@@ -248,8 +255,9 @@ class FlatParamGroup:
         """
         steps = self.steps.tolist()
         mus = self.mu_products.tolist()
-        if all(has_grad) and len(set(steps)) <= 1 and len(set(mus)) <= 1:
-            return [(slice(0, self.layout.local_numel), [piece.slot for piece in self.layout.pieces])]
+        if self.world > 1 or (all(has_grad) and len(set(steps)) <= 1 and len(set(mus)) <= 1):
+            # sharded: every rank advances every parameter's counter (load_state_dict keeps them equal)
+            return [(slice(0, self.layout.local_numel), list(range(len(self.layout.slots))))]
         runs: list[tuple[slice, list[int]]] = []
         for piece in sorted(self.layout.pieces, key=lambda q: q.local_lo):
             if not has_grad[piece.slot]:
@@ -265,7 +273,28 @@ class FlatParamGroup:
         return runs
 
     def prepare_update(self) -> None:
-        """Called right before the update; flat runtimes update their parameters in place and need nothing."""
+        """Refresh the master copy of any parameter written from outside since the last step.
+
+        ``model.load_state_dict`` (or any in-place write through a parameter) bumps that parameter's version
+        counter; our own writes go through the flat buffer and do not.  Without this, a separate master copy would
+        silently overwrite the user's new values at the next step.
+        """
+        if self.master is self.full:
+            return
+        versions = [p._version for p in self.params]
+        if versions == self._versions:
+            return
+        for s, slot in enumerate(self.layout.slots):
+            if versions[slot.index] != self._versions[slot.index]:
+                flat = self.params[slot.index].detach().reshape(-1)
+                for piece in self.layout.pieces:
+                    if piece.slot == s:
+                        master = self.master[piece.local_lo: piece.local_lo + piece.hi - piece.lo]
+                        value = flat[piece.lo: piece.hi]
+                        # keep the master's extra precision wherever the parameter still equals its rounding
+                        changed = value != master.to(value.dtype)
+                        master.copy_(torch.where(changed, value.to(master.dtype), master))
+        self._versions = versions
 
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of this rank's gradient shard, in float64 (padding is zero and adds nothing)."""

@@ -200,3 +200,26 @@ def test_cli_registry_lists_train_and_accepts_new_commands(capsys):
 def test_deepspeed_local_rank_flag_is_accepted(tmp_path):
     rc = cli.main(["train", "--local_rank=0", "--config", str(TINY_CONFIG), "--set", "training.steps=0"])
     assert rc == 2  # parsed (the flag is stripped); the bad steps value is what is reported
+
+
+def test_telemetry_enabled_exports_the_runs_steps(tmp_path, monkeypatch):
+    import sharded_optim.telemetry as telemetry
+
+    started = []
+    real_start = telemetry.start
+
+    def recording_start(optimizer, **kwargs):
+        started.append(real_start(optimizer, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(telemetry, "start", recording_start)
+    cfg = load_config(TINY_CONFIG, ["training.steps=4", "training.eval_interval=0", "schedule.warmup_steps=1",
+                                    "telemetry.enabled=true", "telemetry.base_port=0",
+                                    "telemetry.stats_interval=2", f"training.run_dir={tmp_path}"])
+    train(cfg)
+    (handle,) = started
+    registry = handle.metrics.registry
+    assert registry.get_sample_value("sharded_optim_steps_total") == 4
+    groups = {s.labels["param_group"] for m in registry.collect() for s in m.samples if "param_group" in s.labels}
+    assert {"decay", "no_decay"} <= groups  # statistics were computed and exported per param group
+    assert not (tmp_path / "prometheus_targets.json").exists()  # stop() withdrew the scrape target

@@ -219,3 +219,36 @@ def test_targets_gathered_over_gloo(tmp_path: Path) -> None:
     (entry,) = json.loads(out.read_text())
     assert len(entry["targets"]) == 2 and len(set(entry["targets"])) == 2
     assert all(t.startswith("127.0.0.1:") for t in entry["targets"])
+
+
+def test_start_with_the_real_optimizer(tmp_path: Path) -> None:
+    from sharded_optim import ShardedOptimizer, telemetry
+
+    model = torch.nn.Linear(8, 4)
+    opt = ShardedOptimizer([{"params": model.parameters(), "name": "all"}], lr=1e-2, kernel="eager")
+    targets = tmp_path / "targets" / "run.json"
+    tel = telemetry.start(opt, base_port=0, run_id="unit", targets_file=targets)
+    assert opt.stats_interval == telemetry.DEFAULT_STATS_INTERVAL  # statistics were off: default turned on
+    assert json.loads(targets.read_text())[0]["targets"] == [f"127.0.0.1:{tel.port}"]
+    try:
+        for _ in range(telemetry.DEFAULT_STATS_INTERVAL):
+            model(torch.randn(16, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        with urllib.request.urlopen(f"http://127.0.0.1:{tel.port}/metrics", timeout=10) as resp:
+            body = resp.read().decode()
+        assert f"{PREFIX}steps_total {float(telemetry.DEFAULT_STATS_INTERVAL)}" in body
+        assert f'{PREFIX}param_norm{{param_group="all"}}' in body  # one statistics step happened
+    finally:
+        tel.stop()
+    assert not targets.exists() and not tel.server.thread.is_alive()
+    model(torch.randn(16, 8)).pow(2).mean().backward()
+    opt.step()  # the hook is gone: the stopped exporter no longer counts
+    assert tel.metrics.registry.get_sample_value(PREFIX + "steps_total") == telemetry.DEFAULT_STATS_INTERVAL
+    tel.stop()  # idempotent
+    with pytest.raises(TypeError, match="optimizer"):
+        telemetry.start(object(), base_port=0)
+    with pytest.raises(ValueError, match="base_port"):
+        telemetry.start(opt, base_port=-1)
+    with pytest.raises(ValueError, match="stats_interval"):
+        telemetry.start(opt, base_port=0, stats_interval=-2)

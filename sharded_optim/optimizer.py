@@ -76,6 +76,10 @@ class ShardedOptimizer(Optimizer):
             ``spike_window`` taken steps (None disables).
         kernel: "auto" (compiled, eager fallback), "compiled" or "eager".
         stats_interval: compute optimizer-health statistics every this many steps (0 = never).
+        overlap_param_gather: leave the parameter all-gather in flight after ``step()`` and complete each bucket
+            when a module first uses it in the next forward (needs :meth:`attach_model`; code that reads the
+            parameters outside a forward calls :meth:`wait_params` first).  Default off: the synchronous gather
+            is always correct, whoever reads the parameters.
         **algorithm_options: ``amsgrad``, ``bias_correction``, ``decoupled_weight_decay``, ``maximize``,
             ``beta3`` (adamod), ``final_lr``/``gamma`` (adabound), ``momentum_decay`` (nadam),
             ``degenerated_to_sgd`` (radam).
@@ -93,7 +97,8 @@ class ShardedOptimizer(Optimizer):
                  grad_reduce_dtype: torch.dtype | str | None = None,
                  param_gather_dtype: torch.dtype | str | None = None, master_weights: bool = True,
                  nonfinite_policy: str = "skip", spike_sigma: float | None = None, spike_window: int = 128,
-                 kernel: str = "auto", stats_interval: int = 0, **algorithm_options: Any):
+                 kernel: str = "auto", stats_interval: int = 0, overlap_param_gather: bool = False,
+                 **algorithm_options: Any):
         if not isinstance(algorithm, str):
             raise TypeError(f"algorithm must be a string, one of {', '.join(rules.ALGORITHMS)}; got {algorithm!r}")
         algorithm = algorithm.lower()
@@ -128,6 +133,8 @@ class ShardedOptimizer(Optimizer):
         self.spike_sigma = spike_sigma
         self._recent_norms: deque[float] = deque(maxlen=spike_window)
         self.stats_interval = stats_interval
+        self.overlap_param_gather = bool(overlap_param_gather)
+        self._attached = False
         self.process_group, self.world_size, self.rank = self._resolve_group(process_group)
         self.steps_attempted = 0
         self.skipped_steps: dict[str, int] = {"nonfinite": 0, "spike": 0}
@@ -274,6 +281,28 @@ class ShardedOptimizer(Optimizer):
         self._shard_hooks.append(fn)
         return lambda: self._shard_hooks.remove(fn) if fn in self._shard_hooks else None
 
+    def attach_model(self, model: torch.nn.Module) -> None:
+        """Let each module of ``model`` wait, in a forward pre-hook, for the all-gather of its own parameters only
+        (used with ``overlap_param_gather=True``: the gather of later layers overlaps the forward of earlier ones)."""
+        self._ensure_runtimes()
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if not own:
+                continue
+            targets = [(rt, rt.buckets_of(own)) for _, rt in self._all_runtimes()]
+            targets = [(rt, b) for rt, b in targets if b]
+
+            def pre_hook(_module: torch.nn.Module, _inputs: Any, targets=targets) -> None:
+                for rt, buckets in targets:
+                    rt.wait_params(buckets)
+            module.register_forward_pre_hook(pre_hook)
+        self._attached = True
+
+    def wait_params(self) -> None:
+        """Complete every parameter all-gather still in flight (a no-op unless ``overlap_param_gather``)."""
+        for _, rt in self._all_runtimes():
+            rt.wait_params()
+
     # ---------------------------------------------------------------------------------------- gradients
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -349,6 +378,10 @@ class ShardedOptimizer(Optimizer):
                 loss = closure()
         start = time.perf_counter()
         self._ensure_runtimes()
+        self.wait_params()
+        if self.overlap_param_gather and self.sharded and not self._attached:
+            raise RuntimeError("overlap_param_gather=True needs optimizer.attach_model(model) before the first step, "
+                               "so the next forward can wait for the parameters it uses")
         for group in self.param_groups:
             self._check_group(group)
         has_grad = getattr(self, "_pending_has_grad", None) or self._collect()
@@ -443,7 +476,7 @@ class ShardedOptimizer(Optimizer):
                 for rng in rt.stat_ranges():
                     stats_kernels.post_update_sums(stats, variant, last_scalars.values, lr, rt.master[rng],
                                                    {k: rt.state[k][rng] for k in keys})
-            rt.gather_params()
+            rt.gather_params(wait=not self.overlap_param_gather)
         return rectification
 
     def _report(self, reason: str | None, sumsq: Tensor, clipped: bool, stats: Tensor | None,
@@ -498,6 +531,7 @@ class ShardedOptimizer(Optimizer):
         where the keys match.  The extra top-level ``algorithm`` key lets a mismatched load be refused.
         """
         self._ensure_runtimes()
+        self.wait_params()
         for _, rt in self._all_runtimes():
             rt.prepare_update()  # a master copy must reflect parameters written since the last step
         state: dict[int, dict[str, Tensor]] = {}
@@ -552,6 +586,7 @@ class ShardedOptimizer(Optimizer):
         Everything is validated before anything is written: a rejected state dict leaves the optimizer unchanged.
         """
         self._ensure_runtimes()
+        self.wait_params()
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict must be a dict with keys 'state' and 'param_groups'")
         saved_algorithm = state_dict.get("algorithm", self.algorithm)

@@ -15,7 +15,7 @@ gloo (CPU) and NCCL (GPU) alike; nothing here is CUDA-specific.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -86,6 +86,7 @@ class FlatParamGroup:
         self._hooks: list[Any] = []
         self.sync_enabled = True
         self._versions = [p._version for p in self.params]
+        self._gathers: dict[int, tuple[Any, Tensor | None, Tensor]] = {}  # bucket -> in-flight all-gather
         # partial sums (gradient norm, statistics) are summed over this group: the shards are disjoint in it
         self.reduce_group = process_group if world > 1 else None
         if self.reduce_grads and overlap:
@@ -220,30 +221,43 @@ class FlatParamGroup:
                 self.grad[piece.local_lo: piece.local_lo + piece.hi - piece.lo].zero_()
 
     # ------------------------------------------------------------------------------------ parameter gather
-    def gather_params(self) -> None:
-        """Write the updated shard back into the flat parameter buffer on every rank."""
+    def gather_params(self, wait: bool = True) -> None:
+        """Write the updated shard back into the flat parameter buffer on every rank.
+
+        With ``wait=False`` the all-gathers stay in flight and :meth:`wait_params` (called from a forward pre-hook
+        on first use of a parameter, or before anything else reads the parameters) completes them.
+        """
         if self.master is self.full:
             return
         if self.world == 1:
             self.full.copy_(self.master)
             return
-        works = []
         for bucket in self.layout.buckets:
             local = self.master[self.layout.bucket_local_range(bucket)]
             full = self.full[self.layout.bucket_full_range(bucket)]
             if self.gather_dtype == self.dtype:
                 mine = self.full[self.layout.bucket_rank_range(bucket)]
                 mine.copy_(local)  # casts the master to the parameter dtype
-                works.append((all_gather(full, mine, group=self.process_group, async_op=True),
-                              None, full))
+                work = all_gather(full, mine, group=self.process_group, async_op=True)
+                self._gathers[bucket.index] = (work, None, full)
             else:
                 out = torch.empty(bucket.numel, dtype=self.gather_dtype, device=self.device)
-                works.append((all_gather(out, local.to(self.gather_dtype),
-                                                          group=self.process_group, async_op=True), out, full))
-        for work, out, full in works:
+                work = all_gather(out, local.to(self.gather_dtype), group=self.process_group, async_op=True)
+                self._gathers[bucket.index] = (work, out, full)
+        if wait:
+            self.wait_params()
+
+    def wait_params(self, buckets: Iterable[int] | None = None) -> None:
+        """Complete in-flight parameter all-gathers (all, or only ``buckets``)."""
+        for b in list(self._gathers) if buckets is None else [b for b in buckets if b in self._gathers]:
+            work, out, full = self._gathers.pop(b)
             work.wait()
             if out is not None:
                 full.copy_(out)
+
+    def buckets_of(self, params: Iterable[Tensor]) -> set[int]:
+        ids = {id(p) for p in params}
+        return {slot.bucket for slot in self.layout.slots if id(self.params[slot.index]) in ids}
 
     # ------------------------------------------------------------------------------- update-time protocol
     def update_runs(self, has_grad: list[bool]) -> list[tuple[slice, list[int]]]:

@@ -63,12 +63,16 @@ def params_np(model: torch.nn.Module) -> list[np.ndarray]:
 
 
 def train_real(rank: int, world: int, algorithm: str, options: dict, *, zero_stage: int, ddp: bool = False,
-               micro_batches: int = 1, use_no_sync: bool = False, clip: float | None = None) -> dict:
+               micro_batches: int = 1, use_no_sync: bool = False, clip: float | None = None,
+               overlap_gather: bool = False) -> dict:
     """Train the MLP for STEPS steps on this rank's slice of the global batch."""
     model = make_model()
     module = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     opt = so.ShardedOptimizer(model.parameters(), algorithm=algorithm, zero_stage=zero_stage,
-                              bucket_mb=TINY_BUCKET_MB, reduce_grads=not ddp, kernel="eager", **options)
+                              bucket_mb=TINY_BUCKET_MB, reduce_grads=not ddp, kernel="eager",
+                              overlap_param_gather=overlap_gather, **options)
+    if overlap_gather:
+        opt.attach_model(model)
     norms = []
     for step in range(STEPS):
         x = global_batch(step, world)[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH]
@@ -81,6 +85,7 @@ def train_real(rank: int, world: int, algorithm: str, options: dict, *, zero_sta
         if clip is not None:
             norms.append(float(opt.clip_grad_norm_(clip)))
         opt.step()
+    opt.wait_params()  # outside a forward, whoever reads the parameters completes an overlapped gather first
     return {"params": params_np(model), "norms": norms, "memory": opt.memory_report()}
 
 
@@ -157,6 +162,14 @@ def scenarios_two_ranks(rank: int, world: int) -> dict:
                                                    use_no_sync=True)
         out[("accum_hooks", stage)] = train_real(rank, world, "adamw", {}, zero_stage=stage, micro_batches=2)
     out["clip"] = train_real(rank, world, "adamw", {}, zero_stage=2, clip=0.05)
+    out[("overlap_gather", 2)] = train_real(rank, world, "adamw", {}, zero_stage=2, overlap_gather=True)
+    out[("overlap_gather", 1)] = out[("overlap_gather", 2)]
+    try:
+        unattached = so.ShardedOptimizer(make_model().parameters(), overlap_param_gather=True, kernel="eager")
+        unattached.step()
+        out["unattached_error"] = None
+    except RuntimeError as exc:
+        out["unattached_error"] = str(exc)
     out["nonfinite"] = nonfinite_scenario(rank)
     out["bf16"] = bf16_scenario(rank, world)
     out["bad_input"] = bad_input_scenario()
@@ -263,7 +276,11 @@ def test_update_is_exact_on_two_ranks(two_rank_results: list[dict], name: str) -
                 assert np.array_equal(got, ref), f"{name} zero-{stage} rank {rank}: max diff {abs(got - ref).max()}"
 
 
-@pytest.mark.parametrize("scenario", ["ddp", "accum_no_sync", "accum_hooks"])
+def test_overlapped_param_gather_needs_the_model(two_rank_results: list[dict]) -> None:
+    assert "attach_model" in (two_rank_results[0]["unattached_error"] or "")
+
+
+@pytest.mark.parametrize("scenario", ["ddp", "accum_no_sync", "accum_hooks", "overlap_gather"])
 def test_ddp_and_gradient_accumulation(two_rank_results: list[dict], scenario: str) -> None:
     ref = reference_real("adamw", {}, 2)
     for stage in (1, 2):

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up a fresh machine and run the main job: a real 2-rank CPU training run of a small GPT on the shipped
+# corpus with the sharded optimizer (ZeRO-2), live Prometheus metrics on 127.0.0.1:9400-9401, and a summary.
+#
+# Usage:  bash scripts/quickstart.sh [train args...]   e.g.  --set optimizer.algorithm=adamod
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+source scripts/setup.sh
+NPROC_PER_NODE="${NPROC_PER_NODE:-2}" exec bash launch/torchrun.sh --config configs/quickstart.yaml "$@"

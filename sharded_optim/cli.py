@@ -41,7 +41,7 @@ _REGISTRY: dict[str, Command] = {}
 # before it is written.
 COMMAND_MODULES: tuple[str, ...] = (
     "sharded_optim.inspect",
-    "sharded_optim.experiment",
+    "sharded_optim.experiments.cli",
 )
 
 

@@ -13,7 +13,11 @@ batch of every step (see :mod:`sharded_optim.data`), so a run is reproducible, i
 and resumable without saved data-loader state.
 
 Outputs in ``training.run_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per log
-interval and eval), ``summary.json`` (also printed), ``final_weights.pt``, and checkpoints.
+interval and eval), ``summary.json`` (also printed), ``final_weights.pt``, and checkpoints.  In the summary,
+``initial_train_loss`` is the loss of step 1, ``final_train_loss`` the mean over the last log window (all
+ranks), ``final_val_loss`` the loss on the fixed validation windows after the last step, and
+``tokens_per_s`` the training throughput over the steps of this invocation (evaluation and checkpoint
+time excluded, the first step's kernel compilation included); ``wall_time_s`` covers the whole invocation.
 """
 from __future__ import annotations
 
@@ -228,6 +232,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
     window_losses: list[float] = []
     window_start = time.perf_counter()
     train_start = time.perf_counter()
+    step_time = 0.0  # seconds spent in training steps (log windows): throughput excludes eval and checkpoints
     val_loss = float("nan")
     step = start_step
     last_step = t.stop_at or t.steps  # stop_at ends this invocation early; the schedule still spans t.steps
@@ -258,6 +263,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - window_start
+                step_time += elapsed
                 loss_mean = all_mean([sum(window_losses) / len(window_losses)], info)[0]
                 record = {"step": step, "loss": loss_mean, "lr": optimizer.param_groups[0]["lr"],
                           "step_s": elapsed / len(window_losses),
@@ -292,7 +298,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
         "initial_train_loss": curve[0][1] if curve else float("nan"),
         "final_train_loss": curve[-1][1] if curve else float("nan"),
         "final_val_loss": val_loss,
-        "tokens_per_s": steps_run * tokens_per_step / train_time if train_time > 0 else float("nan"),
+        "tokens_per_s": steps_run * tokens_per_step / step_time if step_time > 0 else float("nan"),
         "train_time_s": train_time, "wall_time_s": time.perf_counter() - t_start,
         "tokens_seen": history["tokens_seen"], "params": n_params, "algorithm": cfg.optimizer.algorithm,
         "zero_stage": cfg.optimizer.zero_stage, "world_size": info.world_size, "launcher": info.launcher,
@@ -316,7 +322,7 @@ def _log(info: DistInfo, text: str) -> None:
 
 
 def _progress_bar(info: DistInfo, total: int, initial: int):
-    """tqdm on rank 0 (to stderr); a do-nothing stand-in elsewhere."""
+    """tqdm on rank 0 (to stderr); disabled on the other ranks."""
     from tqdm import tqdm
 
     # Redraws every 0.5 s on a terminal; in a log file (not a TTY) rarely, so logs stay readable.

@@ -291,10 +291,7 @@ def _build_section(name: str, cls: type, raw: Any, errors: list[str]) -> Any:
             checked = _check_field(f"{name}.{fname}", raw[fname], hints[fname], dict(f.metadata), errors)
             if checked is not None or raw[fname] is None:
                 values[fname] = checked
-    try:
-        return cls(**values)
-    except TypeError:
-        return cls()
+    return cls(**values)
 
 
 def _cross_checks(cfg: RunConfig, errors: list[str]) -> None:

@@ -1,0 +1,52 @@
+"""Optimizer comparison experiments (issue 8): one module per experiment, a registry, one command.
+
+``sharded-optim experiment NAME [--ci] [--steps N] [--kernel eager|compiled] [--out DIR]`` or
+``python -m sharded_optim.experiments NAME ...``; under ``torchrun --nproc_per_node 2 -m sharded_optim.experiments
+NAME`` every rank trains on its slice of each global batch and the ZeRO optimizer averages the gradients (same
+numerics as one process up to float summation order).  Results: ``bench/results/experiments/NAME.{json,md,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import DEFAULT_OUT, Context
+from .registry import EXPERIMENT_MODULES, Experiment, experiments, get, register
+
+__all__ = ["Context", "Experiment", "EXPERIMENT_MODULES", "add_arguments", "experiments", "get", "register",
+           "run_experiment", "run_from_args"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The experiment command's arguments (shared by ``sharded-optim experiment`` and ``python -m``)."""
+    parser.add_argument("name", choices=sorted(experiments()), help="which experiment to run")
+    parser.add_argument("--ci", action="store_true", help="tiny grid and few steps (the CI variant)")
+    parser.add_argument("--steps", type=int, default=None, help="override the experiment's step count")
+    parser.add_argument("--kernel", choices=("eager", "compiled", "auto"), default="eager",
+                        help="ShardedOptimizer kernel (eager is faster for these tiny models)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (JSON, markdown, PNG)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per rank (default 1: tiny models gain nothing from more, and a "
+                             "busy machine makes multi-threaded OpenMP much slower)")
+
+
+def run_experiment(name: str, *, ci: bool = False, steps: int | None = None, kernel: str = "eager",
+                   out_dir: Path | None = DEFAULT_OUT, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """Run one experiment in this process (the caller owns any process group)."""
+    ctx = Context(name=name, rank=rank, world_size=world_size, ci=ci, kernel=kernel, out_dir=out_dir, steps=steps)
+    return get(name).run(ctx)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Entry point: initialise torch.distributed if a launcher started us, run, clean up."""
+    from ..dist import cleanup, init_distributed
+    info = init_distributed(num_threads=args.threads)
+    try:
+        run_experiment(args.name, ci=args.ci, steps=args.steps, kernel=args.kernel, out_dir=args.out,
+                       rank=info.rank, world_size=info.world_size)
+    except BaseException:
+        cleanup(barrier=False)
+        raise
+    cleanup()
+    return 0

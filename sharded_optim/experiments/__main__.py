@@ -1,0 +1,11 @@
+"""``python -m sharded_optim.experiments NAME [--ci] ...`` (same as ``sharded-optim experiment NAME``)."""
+import argparse
+import sys
+
+from ..dist import strip_launcher_args
+from . import add_arguments, run_from_args
+
+parser = argparse.ArgumentParser(prog="python -m sharded_optim.experiments", allow_abbrev=False,
+                                 description="optimizer comparison experiments")
+add_arguments(parser)
+sys.exit(run_from_args(parser.parse_args(strip_launcher_args(sys.argv[1:]))))

@@ -18,7 +18,7 @@ rank reports the same ``step``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
@@ -223,10 +223,23 @@ class DTensorParamGroup:
             elif not torch.equal(master.to(self.dtype), local):
                 master.copy_(local)
 
-    def gather_params(self) -> None:
-        """Write the updated ``master`` back into FSDP2's local shards (no communication: FSDP2 gathers)."""
+    def gather_params(self, wait: bool = True) -> None:
+        """Write the updated ``master`` back into FSDP2's local shards.
+
+        No communication, so nothing is left in flight whatever ``wait`` says: FSDP2 all-gathers (and overlaps
+        that with the forward) itself.
+        """
+        del wait
         for s, slot in enumerate(self.layout.slots):
             self._local(s).copy_(self.master[self._range(s)].view(slot.shape))
+
+    def wait_params(self, buckets: Iterable[int] | None = None) -> None:
+        """Nothing in flight: see :meth:`gather_params`."""
+
+    def buckets_of(self, params: Iterable[Tensor]) -> set[int]:
+        """No all-gather buckets of ours (``attach_model`` then registers no forward pre-hook for FSDP2)."""
+        del params
+        return set()
 
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of the local gradient shards in float64 (summed over ``reduce_group`` by the caller)."""

@@ -1,0 +1,296 @@
+"""Loading a :mod:`sharded_optim.checkpoint`: validate everything, read into scratch buffers, then apply.
+
+The order is what makes a refused load harmless: (1) every rank checks ``meta.json``, the DCP metadata and its
+RNG file against the live model and optimizer; (2) DCP reads the tensors into freshly allocated buffers laid out
+like the live ones; (3) the ranks agree that all of them succeeded; only then (4) values are copied into the
+model, the optimizer, the Lookahead slow weights and the RNGs.  Steps 1-3 write nothing that is live.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
+
+from . import ckpt_io, rules
+from .checkpoint import (FORMAT_NAME, FORMAT_VERSION, MASTER_KEY, META_FILE, RNG_DIR, SLOW_KEY, CheckpointError,
+                         _agree, _distributed, _Param, _params, _rank, _state_keys, _tensor_map, _unwrap)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
+    try:
+        meta = ckpt_io.read_json(path / META_FILE, "metadata")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"checkpoint {path}: {META_FILE} is not a {FORMAT_NAME} file "
+                              f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"checkpoint {path}: format_version must be an integer >= 1, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format_version {version} is newer than this sharded-optim "
+                              f"supports ({FORMAT_VERSION}); upgrade sharded-optim to load it")
+    for key in ("algorithm", "step", "param_groups", "params", "model_keys", "counters"):
+        if key not in meta:
+            raise CheckpointError(f"checkpoint {path}: {META_FILE} has no {key!r}")
+    return meta
+
+
+def _check_groups(path: Path, meta: dict[str, Any], opt: Any, params: list[_Param]) -> list[dict[str, Any]]:
+    """Validated new hyperparameters per group (not applied yet)."""
+    saved_groups = meta["param_groups"]
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(opt.param_groups):
+        raise CheckpointError(f"checkpoint {path}: {len(saved_groups)} param groups saved, the optimizer has "
+                              f"{len(opt.param_groups)}")
+    spec = rules.SPECS[opt.algorithm]
+    new = []
+    for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        names = [e.name for e in params if e.gi == gi]
+        if saved.get("params") != names:
+            raise CheckpointError(f"checkpoint {path}: param group {gi} holds parameters {saved.get('params')} "
+                                  f"in the checkpoint but {names} here")
+        keys = list(rules.state_keys(opt.algorithm, group))
+        if saved.get("state_keys") != keys:
+            raise CheckpointError(f"checkpoint {path}: param group {gi} has state keys {saved.get('state_keys')} "
+                                  f"in the checkpoint but {keys} here (amsgrad differs?)")
+        hp = {k: v for k, v in saved.items() if k not in ("params", "state_keys")}
+        foreign = [k for k in rules.OPTION_DEFAULTS if k in hp and k not in spec.options]
+        if foreign:
+            raise CheckpointError(f"checkpoint {path}: param group {gi} has option(s) {foreign} that "
+                                  f"{opt.algorithm!r} does not use")
+        for k, v in list(hp.items()):
+            current = group.get(k)
+            if isinstance(current, tuple) and isinstance(v, list):
+                hp[k] = tuple(v)
+            elif isinstance(current, Tensor) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                hp[k] = torch.tensor(v, dtype=current.dtype, device=current.device)
+        merged = {**{k: v for k, v in group.items() if k != "params"}, **hp}
+        try:
+            rules.validate_group(opt.algorithm, merged)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {path}: param group {gi} has invalid hyperparameters: {exc}") \
+                from None
+        new.append(hp)
+    return new
+
+
+def _check_params(path: Path, meta: dict[str, Any], opt: Any, params: list[_Param]) -> None:
+    info = meta["params"]
+    for entry in params:
+        saved = info.get(entry.name) if isinstance(info, dict) else None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"checkpoint {path}: no entry for parameter {entry.name!r}")
+        if list(saved.get("shape", [])) != list(entry.p.shape):
+            raise CheckpointError(f"checkpoint {path}: parameter {entry.name!r} has shape "
+                                  f"{tuple(saved.get('shape', []))} in the checkpoint but {tuple(entry.p.shape)} "
+                                  "here")
+        step = saved.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CheckpointError(f"checkpoint {path}: parameter {entry.name!r} has step {step!r}; expected "
+                                  "an integer >= 0")
+        mu = saved.get("mu_product")
+        if opt.algorithm == "nadam" and (isinstance(mu, bool) or not isinstance(mu, (int, float))
+                                         or not math.isfinite(mu)):
+            raise CheckpointError(f"checkpoint {path}: parameter {entry.name!r} has mu_product {mu!r}; "
+                                  "expected a finite number")
+
+
+def _check_lookahead(path: Path, meta: dict[str, Any], la: Any, strict: bool) -> dict[str, Any] | None:
+    saved = meta.get("lookahead")
+    if la is None:
+        if saved is not None and strict:
+            raise CheckpointError(f"checkpoint {path} holds Lookahead slow weights but the optimizer is not a "
+                                  "Lookahead (load with strict=False to ignore them)")
+        return None
+    if saved is None:
+        if strict:
+            raise CheckpointError(f"checkpoint {path} has no Lookahead slow weights but the optimizer is a "
+                                  "Lookahead (load with strict=False to keep the current ones)")
+        return None
+    k, alpha, inner = saved.get("k"), saved.get("alpha"), saved.get("inner_steps")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or isinstance(inner, bool) or \
+            not isinstance(inner, int) or inner < 0 or isinstance(alpha, bool) or \
+            not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise CheckpointError(f"checkpoint {path}: invalid Lookahead settings {saved!r}")
+    return saved
+
+
+def _check_dcp(path: Path, wanted: dict[str, Tensor]) -> None:
+    try:
+        metadata = ckpt_io.read_dcp_metadata(path)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    stored = metadata.state_dict_metadata
+    for fqn, tensor in wanted.items():
+        md = stored.get(fqn)
+        if md is None:
+            raise CheckpointError(f"checkpoint {path}: tensor {fqn!r} is missing from the DCP files")
+        if tuple(md.size) != tuple(tensor.shape):
+            raise CheckpointError(f"checkpoint {path}: tensor {fqn!r} has shape {tuple(md.size)} in the "
+                                  f"checkpoint but {tuple(tensor.shape)} here")
+
+
+def _read_rng(path: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
+    world = dist.get_world_size() if _distributed() else 1
+    if meta.get("world_size") != world:
+        return None  # per-rank RNG streams do not map onto another number of ranks
+    state = ckpt_io.read_json(path / RNG_DIR / f"rank_{_rank():05d}.json", "RNG")
+    ckpt_io.check_rng(state, f"checkpoint {path}: rank {_rank()} RNG")
+    return state
+
+
+def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any, *, strict: bool = True) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`sharded_optim.checkpoint.save` at any world size (collective).
+
+    ``strict=False`` tolerates model keys missing from / unexpected in the checkpoint and a Lookahead mismatch;
+    algorithm, format version, parameter names and shapes must always match.  Returns
+    ``{"step", "extra", "world_size" (of the save), "rng_restored"}``; RNG states are restored when the world
+    size is the one the checkpoint was saved with.  Raises :class:`CheckpointError` (a ``ValueError``) and
+    modifies nothing when the checkpoint does not fit.
+    """
+    opt, la = _unwrap(optimizer)
+    path = Path(path)
+    params = _params(model, opt)
+    plan: dict[str, Any] = {}
+    error: BaseException | None = None
+    try:
+        plan = _validate(path, model, opt, la, params, strict)
+    except Exception as exc:  # every rank must reach the agreement below, whatever went wrong
+        error = exc if isinstance(exc, CheckpointError) else CheckpointError(f"{type(exc).__name__}: {exc}")
+    _agree(error, f"load {path}")
+    error = None
+    try:
+        dcp.load(plan["staging"], storage_reader=ckpt_io.SafeReader(str(path)),
+                 planner=DefaultLoadPlanner(allow_partial_load=False), no_dist=not _distributed())
+    except (Exception, CheckpointException) as exc:  # DCP gathers every rank's failure into one error
+        error = CheckpointError(f"checkpoint {path}: reading the tensors failed, nothing was modified: "
+                                f"{type(exc).__name__}: {str(exc)[:2000]}")
+    _agree(error, f"load {path}")
+    _apply(model, opt, la, params, plan)
+    meta = plan["meta"]
+    return {"step": int(meta["step"]), "extra": meta.get("extra"), "world_size": meta.get("world_size"),
+            "rng_restored": plan["rng"] is not None}
+
+
+def _validate(path: Path, model: torch.nn.Module, opt: Any, la: Any, params: list[_Param],
+              strict: bool) -> dict[str, Any]:
+    meta = _read_meta(path)
+    if meta["algorithm"] != opt.algorithm:
+        raise CheckpointError(f"checkpoint {path} was saved by algorithm {meta['algorithm']!r}, this optimizer "
+                              f"runs {opt.algorithm!r}")
+    _check_params(path, meta, opt, params)
+    hparams = _check_groups(path, meta, opt, params)
+    lookahead = _check_lookahead(path, meta, la, strict)
+    live_model = model.state_dict()
+    saved_keys = meta["model_keys"]
+    missing = [k for k in live_model if k not in saved_keys]
+    unexpected = [k for k in saved_keys if k not in live_model]
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"checkpoint {path}: model keys differ (missing from the checkpoint: {missing}, "
+                              f"not in the model: {unexpected}); load with strict=False to skip them")
+    for k, v in live_model.items():
+        if k in saved_keys and list(saved_keys[k]) != list(v.shape):
+            raise CheckpointError(f"checkpoint {path}: model entry {k!r} has shape {tuple(saved_keys[k])} in "
+                                  f"the checkpoint but {tuple(v.shape)} here")
+    staging: dict[str, Tensor] = {f"model.{k}": torch.empty_like(v) for k, v in live_model.items()
+                                  if k in saved_keys}
+    scratch: dict[tuple[int, str], Tensor] = {}
+
+    def buffer_of(entry: _Param, key: str, live: Tensor) -> Tensor:
+        if key == MASTER_KEY and not meta["params"][entry.name].get("master"):
+            return live  # described but dropped below: master comes from the loaded weights instead
+        if not entry.flat:
+            return scratch.setdefault((id(live), key), torch.empty_like(live))
+        return scratch.setdefault((id(entry.rt), key), torch.zeros_like(live))
+
+    optim = _tensor_map(opt, la if lookahead is not None else None, params, buffer_of)
+    for entry in params:
+        if entry.has_master and not meta["params"][entry.name].get("master"):
+            optim.pop(f"optim.{entry.name}.{MASTER_KEY}")
+    staging.update(optim)
+    _check_dcp(path, staging)
+    return {"meta": meta, "hparams": hparams, "lookahead": lookahead, "staging": staging, "scratch": scratch,
+            "rng": _read_rng(path, meta)}
+
+
+@torch.no_grad()
+def _apply(model: torch.nn.Module, opt: Any, la: Any, params: list[_Param], plan: dict[str, Any]) -> None:
+    """Copy the validated, fully read values into the live objects (no collectives, nothing left to fail)."""
+    meta, staging, scratch = plan["meta"], plan["staging"], plan["scratch"]
+    for k, v in model.state_dict().items():
+        if f"model.{k}" in staging:
+            v.copy_(staging[f"model.{k}"])
+    for group, hp in zip(opt.param_groups, plan["hparams"]):
+        group.update(hp)
+    for entry in params:
+        saved = meta["params"][entry.name]
+        rt = entry.rt
+        keys = _state_keys(opt, entry)
+        if entry.flat:
+            for key in keys:
+                entry.sharding.write(rt.state[key], scratch[(id(rt), key)])
+            if entry.has_master and saved.get("master"):
+                entry.sharding.write(rt.master, scratch[(id(rt), MASTER_KEY)])
+            elif rt.master is not rt.full:
+                _refresh_master(entry)
+            if plan["lookahead"] is not None:
+                entry.sharding.write(la._slow[id(rt)], scratch[(id(rt), SLOW_KEY)])
+        else:
+            for key in keys:
+                live = opt.state[entry.p][key]
+                live.copy_(scratch[(id(live), key)])
+        rt.steps[entry.slot] = int(saved["step"])
+        if opt.algorithm == "nadam":
+            rt.mu_products[entry.slot] = float(saved["mu_product"])
+    counters = meta["counters"]
+    opt.steps_attempted = int(counters.get("steps_attempted", opt.steps_attempted))
+    opt.skipped_steps.update({k: int(v) for k, v in counters.get("skipped_steps", {}).items()})
+    opt._recent_norms.clear()
+    opt._recent_norms.extend(float(x) for x in counters.get("recent_norms", []))
+    if plan["lookahead"] is not None:
+        la.k, la.alpha, la.inner_steps = (int(plan["lookahead"]["k"]), float(plan["lookahead"]["alpha"]),
+                                          int(plan["lookahead"]["inner_steps"]))
+    if plan["rng"] is not None:
+        ckpt_io.restore_rng(plan["rng"])
+
+
+def _refresh_master(entry: _Param) -> None:
+    """The compute copy of this rank's pieces of a parameter, from the (just loaded) parameter buffer."""
+    rt = entry.rt
+    slot = rt.layout.slots[entry.slot]
+    flat = rt.full[slot.offset: slot.offset + slot.numel]
+    for lo, hi, local_lo in entry.sharding.local:
+        rt.master[local_lo: local_lo + hi - lo].copy_(flat[lo:hi])
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read a whole checkpoint on one process (no process group needed): ``(meta, {DCP key: full tensor})``.
+
+    The optimizer tensors come back with their logical shapes.  For offline tools (export, inspect).
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    metadata = ckpt_io.read_dcp_metadata(path)
+    tensors = {fqn: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+               for fqn, md in metadata.state_dict_metadata.items()}
+    try:
+        dcp.load(tensors, storage_reader=ckpt_io.SafeReader(str(path)), no_dist=True)
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"checkpoint {path}: reading the tensors failed: {type(exc).__name__}: "
+                              f"{str(exc)[:2000]}") from None
+    for fqn in list(tensors):
+        kind, _, rest = fqn.partition(".")
+        name = rest.rpartition(".")[0]  # parameter names may contain dots, state keys do not
+        if kind in ("optim", "lookahead") and name in meta["params"]:
+            tensors[fqn] = tensors[fqn].view(tuple(meta["params"][name]["shape"]))
+    return meta, tensors

@@ -20,6 +20,7 @@ import os
 import socket
 import tempfile
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -268,6 +269,23 @@ def _dcp_resume(mesh: Any, rank: int, directory: str, algorithm: str, dtype: tor
             "state_types": state_types, "saved_keys": sorted(next(iter(saved_osd["state"].values())))}
 
 
+def _protocol(mesh: Any) -> dict:
+    """Every runtime attribute the optimizer (and Lookahead) use exists on the DTensor runtime too: the
+    protocol grows with zero.py, and a name missing here would only fail deep inside a step."""
+    import re
+
+    import sharded_optim
+    from sharded_optim import ShardedOptimizer
+    package = Path(sharded_optim.__file__).parent
+    used = set()
+    for source in ("optimizer.py", "lookahead.py"):
+        used |= set(re.findall(r"\brt\.([A-Za-z_]\w*)", (package / source).read_text()))
+    opt = ShardedOptimizer(shard(make_model(0), mesh).parameters(), zero_stage=0)
+    opt.memory_report()   # builds the runtimes
+    rt = next(rt for _, rt in opt._all_runtimes())
+    return {"type": type(rt).__name__, "used": sorted(used), "missing": sorted(n for n in used if not hasattr(rt, n))}
+
+
 def _one_d_worker(rank: int, world: int, directory: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("shard",))
@@ -278,6 +296,7 @@ def _one_d_worker(rank: int, world: int, directory: str) -> dict:
                                                 weight_decay=1e-3))
     _guard(out, "radam", lambda: _train_pair(mesh, rank, world, "radam", "ours"))
     _guard(out, "nonfinite", lambda: _nonfinite_skip(mesh, rank))
+    _guard(out, "protocol", lambda: _protocol(mesh))
     # lazily built runtimes (zero_stage=0): DCP takes its dummy step (zero grads, lr=0) on the empty state
     _guard(out, "dcp_lazy", lambda: _dcp_resume(mesh, rank, os.path.join(directory, "lazy"), "adamod",
                                                 torch.float32, 0, amsgrad=True))
@@ -344,6 +363,12 @@ def test_no_double_sharding_and_uneven_shards(one_d):
         assert 3 * 4 * r["local_numel"] <= r["state_bytes"] < 3 * 4 * (r["local_numel"] + 64)
     assert "embed.weight" in ranks[0]["uneven"] and "head.weight" in ranks[0]["uneven"]
     assert ranks[0]["empty_shards"] == [] and ranks[1]["empty_shards"] == ["gate"]
+
+
+def test_dtensor_runtime_has_every_attribute_the_optimizer_uses(one_d):
+    for r in _scenario(one_d, "protocol"):
+        assert r["type"] == "DTensorParamGroup" and len(r["used"]) > 20, r
+        assert r["missing"] == [], r
 
 
 def test_nonfinite_gradient_on_one_rank_skips_everywhere(one_d):

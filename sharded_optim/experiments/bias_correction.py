@@ -4,7 +4,7 @@ on digits, 3 seeds.
 
 Claims tested (docs/EXPERIMENTS.md): bias correction mostly helps convergence (seed 000); without it the first
 steps are too large when beta2 is close to 1 (Kingma & Ba, seed 001 summary); AMSGrad has no clear practical
-advantage over Adam (seeds 000, 001).
+advantage over Adam (seeds 000, 002).
 """
 from __future__ import annotations
 

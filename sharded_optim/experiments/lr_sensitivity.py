@@ -2,8 +2,8 @@
 amsgrad, radam, adamod and adabound (each at its own defaults otherwise), on logistic regression and an MLP on
 digits (3 seeds), and on the small transformer (fewer points: one seed, shorter runs, to fit the time budget).
 
-Claims tested (docs/EXPERIMENTS.md): RAdam is robust to the learning rate (seed 002); AdaMod is less sensitive to
-the learning rate than Adam (seed 003); AMSGrad is more robust to hyperparameters than Adam (Reddi et al., refuted
+Claims tested (docs/EXPERIMENTS.md): RAdam is robust to the learning rate (seed 003); AdaMod is less sensitive to
+the learning rate than Adam (seed 004); AMSGrad is more robust to hyperparameters than Adam (Reddi et al., refuted
 by seed 000 on MNIST logistic regression).
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@ beta1 cycle: lr max_lr/25 -> max_lr -> max_lr/2.5e5, beta1 0.95 -> 0.85 -> 0.95)
 learning rate, for the same step budgets, on the digits MLP (two budgets, 3 seeds) and the small transformer
 (one budget, one seed).
 
-Claim tested (docs/EXPERIMENTS.md, seed 001): AdamW + 1cycle trains to a given quality in fewer steps
+Claim tested (docs/EXPERIMENTS.md, seed 002): AdamW + 1cycle trains to a given quality in fewer steps
 ("super-convergence").
 """
 from __future__ import annotations
@@ -64,7 +64,8 @@ def _plot(summary: list[dict[str, Any]], trace: dict[str, list[float]]) -> Any:
         axes[0, col].set_xscale("log")
         axes[0, col].set_xlabel("max lr (constant: the lr)")
         axes[0, col].set_title(f"{task}: final validation loss")
-        axes[0, col].legend(fontsize=7)
+        if axes[0, col].get_legend_handles_labels()[0]:
+            axes[0, col].legend(fontsize=7)
     return fig
 
 

@@ -1,8 +1,8 @@
 """``warmup``: Adam with and without linear learning-rate warmup, against RAdam and AdaMod without warmup, on the
 project's small transformer (``sharded_optim.model`` on the shipped byte corpus) at several peak learning rates.
 
-Claims tested (docs/EXPERIMENTS.md): without warmup Adam trains worse early on / can be unusable (seeds 002 and
-003); RAdam's rectification (seed 002) and AdaMod's step-size memory (seed 003) remove the need for warmup.
+Claims tested (docs/EXPERIMENTS.md): without warmup Adam trains worse early on / can be unusable (seeds 003 and
+004); RAdam's rectification (seed 003) and AdaMod's step-size memory (seed 004) remove the need for warmup.
 """
 from __future__ import annotations
 

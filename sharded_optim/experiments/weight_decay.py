@@ -1,7 +1,7 @@
 """``weight-decay``: L2-regularised Adam (``adam``: ``g += wd*p`` before the moments) against AdamW (``adamw``:
 ``p -= lr*wd*p``, torch's convention) across weight-decay values, on the digits MLP trained long enough to overfit.
 
-Claims tested (docs/EXPERIMENTS.md, seed 001): decoupled weight decay is not equivalent to L2 under Adam; AdamW
+Claims tested (docs/EXPERIMENTS.md, seed 002): decoupled weight decay is not equivalent to L2 under Adam; AdamW
 is at least as good as Adam+L2 at its best setting; the best L2 coefficient is orders of magnitude smaller
 than the best decoupled one.
 """

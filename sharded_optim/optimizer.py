@@ -144,6 +144,7 @@ class ShardedOptimizer(Optimizer):
         self._clipped = False
         self._report_hooks: list[Callable[[StepReport], None]] = []
         self._validated: dict[int, tuple] = {}
+        self._state_bytes: int | None = None
         self._shard_hooks: list[Callable[[FlatParamGroup, dict[str, Any]], None]] = []
         self._building = True
         super().__init__(params, defaults)
@@ -227,6 +228,7 @@ class ShardedOptimizer(Optimizer):
                 for rt in runtimes:
                     rt.remove_hooks()
             self._runtimes[id(group)] = self._build_runtimes(group)
+            self._state_bytes = None
 
     def _build_runtimes(self, group: dict[str, Any]) -> list[FlatParamGroup]:
         by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
@@ -482,6 +484,11 @@ class ShardedOptimizer(Optimizer):
     def _report(self, reason: str | None, sumsq: Tensor, clipped: bool, stats: Tensor | None,
                 rectification: list[float | None], seconds: float) -> None:
         local_sumsq = sum(float(rt.local_grad_sumsq()) for _, rt in self._all_runtimes())
+        # counting non-finite elements costs a pass: only when the shard's norm says there are some
+        shard_nonfinite = 0 if math.isfinite(local_sumsq) else \
+            sum(int((~torch.isfinite(rt.grad)).sum()) for _, rt in self._all_runtimes())
+        if self._state_bytes is None:
+            self._state_bytes = self.memory_report()["state_bytes"]  # constant once the buffers exist
         report = StepReport(
             step=self.steps_attempted, skipped_reason=reason,
             group_names=[str(g.get("name", f"group{i}")) for i, g in enumerate(self.param_groups)],
@@ -489,8 +496,7 @@ class ShardedOptimizer(Optimizer):
             group_grad_norms=[math.sqrt(float(x)) for x in sumsq], clipped=clipped, algorithm=self.algorithm,
             stats=stats, radam_rectification=rectification, rank=self.rank,
             shard_grad_norm=math.sqrt(local_sumsq) if math.isfinite(local_sumsq) else float("nan"),
-            shard_nonfinite=sum(int((~torch.isfinite(rt.grad)).sum()) for _, rt in self._all_runtimes()),
-            state_bytes=self.memory_report()["state_bytes"], step_seconds=seconds)
+            shard_nonfinite=shard_nonfinite, state_bytes=self._state_bytes, step_seconds=seconds)
         for fn in list(self._report_hooks):
             fn(report)
 

@@ -106,6 +106,7 @@ class _Param:
 
 def _params(model: torch.nn.Module, opt: ShardedOptimizer) -> list[_Param]:
     opt._ensure_runtimes()
+    opt.wait_params()  # an overlapped all-gather still in flight would race with reading or loading the weights
     if opt.sharded and opt.process_group is not dist.group.WORLD and \
             dist.get_world_size(opt.process_group) != dist.get_world_size():
         raise NotImplementedError("checkpoints of an optimizer sharded over a sub-group of the world are not "

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .flat import FlatLayout, flatten_into_views
+from .kernels.stats import sumsq
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -207,10 +208,16 @@ class FlatParamGroup:
 
     def _copy_local_pieces(self, slot_index: int, grad: Tensor) -> None:
         slot = self.layout.slots[slot_index]
-        flat = grad.reshape(-1)
         if self.world == 1:
-            self.grad[slot.offset: slot.offset + slot.numel].copy_(flat)
+            view = self.grad[slot.offset: slot.offset + slot.numel].view(slot.shape)
+            if grad.data_ptr() == view.data_ptr() and grad.shape == view.shape and grad.stride() == view.stride():
+                return  # p.grad already is our buffer (zero_grad(set_to_none=False) keeps it): no copy at all
+            view.copy_(grad)
+            if grad.dtype == view.dtype and not grad.requires_grad:
+                # hand the parameter our buffer as its .grad: later backwards accumulate straight into it
+                self.params[slot.index].grad = view
             return
+        flat = grad.reshape(-1)
         for piece in self.layout.pieces:
             if piece.slot == slot_index:
                 self.grad[piece.local_lo: piece.local_lo + piece.hi - piece.lo].copy_(flat[piece.lo: piece.hi])
@@ -312,7 +319,7 @@ class FlatParamGroup:
 
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of this rank's gradient shard, in float64 (padding is zero and adds nothing)."""
-        return torch.linalg.vector_norm(self.grad, dtype=torch.float64).square()
+        return sumsq(self.grad)
 
     def stat_ranges(self) -> list[slice]:
         return self.real_ranges()

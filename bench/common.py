@@ -1,0 +1,111 @@
+"""Shared helpers for the benchmarks: interleaved timing, environment facts, result files.
+
+Timing rule (DESIGN.md section 5): every candidate is timed in the same process, repetitions interleaved
+(A, B, C, A, B, C, ...; the order rotates each round so no candidate always runs first), and we report medians
+and ratios of medians.  Absolute times on a shared machine are only indicative.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+if str(REPO) not in sys.path:  # run as `python bench/x.py` from the repository root
+    sys.path.insert(0, str(REPO))
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, *, timer: Callable[[Callable[[], object]], float]
+                | None = None) -> dict[str, list[float]]:
+    """Time each callable ``reps`` times, interleaved and rotated; return seconds per call per name."""
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    timer = timer or wall_time
+    for r in range(reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            out[name].append(timer(fns[name]))
+    return out
+
+
+def wall_time(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median plus the interquartile range, for the JSON files."""
+    xs = sorted(xs)
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+    return {"median": q[1] if len(xs) >= 2 else xs[0], "p25": q[0], "p75": q[2], "min": xs[0], "max": xs[-1],
+            "n": len(xs)}
+
+
+def _git_state() -> dict[str, object]:
+    """Which engine was measured: HEAD and the files of the package that differ from it (the tree is shared)."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sharded_optim"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        return {"git_head": head, "uncommitted_package_files": [ln[3:] for ln in dirty if ln.strip()]}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def environment() -> dict[str, object]:
+    import torch
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu,
+            "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **_git_state()}
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def write_markdown(name: str, text: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(text if text.endswith("\n") else text + "\n")
+    return path
+
+
+def md_table(header: list[str], rows: list[list[object]]) -> str:
+    def fmt(x: object) -> str:
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+        return str(x)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_path(name: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS / f"{name}.png"

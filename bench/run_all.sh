@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run the CPU benchmarks (issues 2 and 3) from the repository root; results land in bench/results/.
+#   bench/run_all.sh            # both, ~20-25 min on the 2-core machine when it is shared
+#   bench/run_all.sh kernel     # only the fused-update benchmark
+#   bench/run_all.sh zero       # only the data-parallel step benchmark
+# The GPU benchmark is separate (CUDA only): python bench/gpu_bench.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ -z "${VIRTUAL_ENV:-}" && -f .venv/bin/activate ]]; then
+  source .venv/bin/activate
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+what="${1:-all}"
+if [[ "$what" == all || "$what" == kernel ]]; then
+  python bench/kernel_bench.py
+fi
+if [[ "$what" == all || "$what" == zero ]]; then
+  python bench/zero_bench.py
+fi

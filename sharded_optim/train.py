@@ -215,7 +215,10 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
         from . import telemetry as telemetry_lib
         telemetry = telemetry_lib.start(optimizer, base_port=cfg.telemetry.base_port, addr=cfg.telemetry.addr,
                                         stats_interval=cfg.telemetry.stats_interval,
-                                        targets_file=run_dir / "prometheus_targets.json")
+                                        # dashboards/prometheus.yml discovers runs/targets/*.json (a file_sd
+                                        # wildcard may only stand in the last path segment)
+                                        targets_file=run_dir.parent / "targets" / f"{run_dir.name}.json",
+                                        run_id=run_dir.name)
 
     n_params = num_parameters(model)
     tokens_per_step = t.batch_size * cfg.model.seq_len

@@ -205,11 +205,12 @@ def test_deepspeed_local_rank_flag_is_accepted(tmp_path):
 def test_telemetry_enabled_exports_the_runs_steps(tmp_path, monkeypatch):
     import sharded_optim.telemetry as telemetry
 
-    started = []
+    started, written = [], []
     real_start = telemetry.start
 
     def recording_start(optimizer, **kwargs):
         started.append(real_start(optimizer, **kwargs))
+        written.append((started[-1].targets_file, started[-1].targets_file.exists()))
         return started[-1]
 
     monkeypatch.setattr(telemetry, "start", recording_start)
@@ -222,4 +223,6 @@ def test_telemetry_enabled_exports_the_runs_steps(tmp_path, monkeypatch):
     assert registry.get_sample_value("sharded_optim_steps_total") == 4
     groups = {s.labels["param_group"] for m in registry.collect() for s in m.samples if "param_group" in s.labels}
     assert {"decay", "no_decay"} <= groups  # statistics were computed and exported per param group
-    assert not (tmp_path / "prometheus_targets.json").exists()  # stop() withdrew the scrape target
+    (path, existed), = written
+    assert path == tmp_path.parent / "targets" / f"{tmp_path.name}.json" and existed  # where prometheus.yml looks
+    assert not path.exists()  # stop() withdrew the scrape target

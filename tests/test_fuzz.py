@@ -1,0 +1,144 @@
+"""Property tests: random hyperparameters and options, valid or not, thrown at ShardedOptimizer, at a step after
+editing param_groups, and random YAML mappings at the config loader.  Only clear validation errors (naming the
+field) may come out; a successful step with finite gradients never leaves non-finite state."""
+from __future__ import annotations
+
+import math
+
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sharded_optim import ALGORITHMS, ShardedOptimizer
+from sharded_optim.rules import OPTION_DEFAULTS
+
+EXAMPLES = 60
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# numbers a float32 optimizer can take without overflowing (validation is about meaning, not dtype range)
+sane = st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 1e-12, 1e-3, 0.5, 0.999, 10.0]))
+weird = st.one_of(st.sampled_from([float("nan"), float("inf"), -float("inf"), -1.0, -1e-9, 1.0, 2.0, 1e30]),
+                  st.text(max_size=3), st.none(), st.booleans(), st.lists(st.floats(), max_size=3),
+                  st.integers(-5, 5), st.complex_numbers(allow_nan=False, max_magnitude=2))
+value = st.one_of(sane, sane, weird)
+OPTION_NAMES = sorted({*OPTION_DEFAULTS, "decoupled_weight_decay"})
+HYPER_NAMES = ("lr", "eps", "weight_decay", "betas")
+KNOWN = (*HYPER_NAMES, *OPTION_NAMES, "nonfinite_policy", "spike_sigma", "spike_window", "zero_stage",
+         "bucket_mb", "stats_interval", "kernel")
+
+
+def _kwargs() -> st.SearchStrategy[dict]:
+    names = st.one_of(st.sampled_from(KNOWN), st.sampled_from(["lr", "betas"]), st.text(min_size=1, max_size=6))
+    betas = st.one_of(st.tuples(value, value), weird)
+    return st.dictionaries(names, value, max_size=4).flatmap(
+        lambda d: st.builds(lambda b, use: {**d, **({"betas": b} if use else {})}, betas, st.booleans()))
+
+
+def _named(exc: BaseException, keys: list[str]) -> bool:
+    text = str(exc)
+    return any(k in text for k in keys) or "option" in text
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 2)
+
+
+def _step_and_check(model, opt) -> None:
+    model(torch.randn(4, 3)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _finite(opt) -> bool:
+    for entry in opt.state_dict()["state"].values():
+        for key, t in entry.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return False
+    return True
+
+
+@SETTINGS
+@given(algorithm=st.one_of(st.sampled_from(ALGORITHMS), st.text(max_size=6), st.integers()), kwargs=_kwargs())
+def test_constructor_only_raises_validation_errors(algorithm, kwargs):
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        opt = ShardedOptimizer(model.parameters(), algorithm=algorithm, kernel="eager", **kwargs)
+    except (ValueError, TypeError) as exc:
+        assert _named(exc, [*kwargs, "algorithm"]), f"{type(exc).__name__} names no parameter: {exc}"
+        for p, b in zip(model.parameters(), before):
+            assert torch.equal(p.detach(), b)
+        return
+    for _ in range(2):
+        _step_and_check(model, opt)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters()) or opt.param_groups[0]["lr"] > 1
+    assert _finite(opt), f"non-finite state after a successful step: {algorithm} {kwargs}"
+
+
+@SETTINGS
+@given(algorithm=st.sampled_from(ALGORITHMS), edits=st.dictionaries(st.sampled_from(HYPER_NAMES + tuple(OPTION_NAMES)),
+                                                                    value, min_size=1, max_size=3))
+def test_step_after_editing_param_groups(algorithm, edits):
+    model = _model()
+    opt = ShardedOptimizer(model.parameters(), algorithm=algorithm, kernel="eager")
+    _step_and_check(model, opt)
+    group = opt.param_groups[0]
+    snapshot = ([p.detach().clone() for p in model.parameters()],
+                {k: v.clone() for k, v in opt.state_dict()["state"][0].items()})
+    group.update(edits)
+    try:
+        _step_and_check(model, opt)
+    except (ValueError, TypeError, KeyError) as exc:
+        assert _named(exc, list(edits)), f"{type(exc).__name__} names no edited field: {exc}"
+        for p, b in zip(model.parameters(), snapshot[0]):
+            assert torch.equal(p.detach(), b), "a refused step changed a parameter"
+        for k, v in opt.state_dict()["state"][0].items():
+            assert torch.equal(v, snapshot[1][k]), f"a refused step changed state {k}"
+        return
+    assert _finite(opt), f"non-finite state after a successful step: {algorithm} {edits}"
+
+
+def test_overflowing_hyperparameters_are_refused_or_finite():
+    """Finite values too large for the float32 compute dtype (found by the fuzzers above)."""
+    for algorithm, kwargs in [("adam", {"weight_decay": 1e39}), ("adamw", {"lr": 1e39}),
+                              ("adamw", {"eps": 1e39}), ("adabound", {"final_lr": 1e39})]:
+        model = _model()
+        try:
+            opt = ShardedOptimizer(model.parameters(), algorithm=algorithm, kernel="eager", **kwargs)
+        except (ValueError, TypeError) as exc:
+            assert _named(exc, list(kwargs)), exc
+            continue
+        _step_and_check(model, opt)
+        assert _finite(opt) and all(bool(torch.isfinite(p).all()) for p in model.parameters()), (
+            f"{algorithm} {kwargs}: accepted, then produced non-finite values")
+
+
+# ------------------------------------------------------------------------------------------- config loader
+from sharded_optim import config  # noqa: E402  (the config loader is part of the package)
+SECTIONS = ("model", "data", "optimizer", "schedule", "training", "telemetry", "checkpoint")
+scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**20), st.floats(allow_nan=True),
+                   st.text(max_size=8), st.sampled_from(["adamw", "nadam", "cpu", "fp32", "bf16", "1e-3", "auto"]))
+fields = st.sampled_from(["lr", "algorithm", "betas", "eps", "weight_decay", "zero_stage", "steps", "batch_size",
+                          "seq_len", "d_model", "n_layers", "device", "precision", "interval", "keep_last",
+                          "amsgrad", "beta3", "warmup_steps", "kind", "path", "timeout_s", "enabled", "unknown"])
+section = st.dictionaries(st.one_of(fields, st.text(max_size=5)),
+                          st.one_of(scalar, st.lists(scalar, max_size=3)), max_size=5)
+document = st.one_of(st.dictionaries(st.one_of(st.sampled_from(SECTIONS), st.text(max_size=5)),
+                                     st.one_of(section, scalar), max_size=4), scalar, st.lists(scalar, max_size=2))
+
+
+@SETTINGS
+@given(raw=document)
+def test_config_loader_only_raises_config_error(tmp_path_factory, raw):
+    path = tmp_path_factory.mktemp("cfg") / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    try:
+        cfg = config.load_config(path)
+    except config.ConfigError as exc:
+        assert str(exc).strip(), "empty ConfigError"
+        return
+    assert isinstance(cfg, config.RunConfig)
+    lr = cfg.optimizer.lr
+    assert lr is None or (math.isfinite(lr) and 0 < lr <= 10), f"accepted optimizer.lr={lr!r}"

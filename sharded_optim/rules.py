@@ -76,10 +76,15 @@ def _require_unit_interval(name: str, value: Any) -> float:
     return float(value)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _require_nonnegative(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (float(value) >= 0.0) \
             or math.isinf(float(value)):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if float(value) > FLOAT32_MAX:  # the kernels compute in float32: a larger value would become inf there
+        raise ValueError(f"{name} must be <= {FLOAT32_MAX:.4g} (the float32 compute range), got {value!r}")
     return float(value)
 
 

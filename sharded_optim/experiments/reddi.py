@@ -35,7 +35,7 @@ SETTINGS: tuple[tuple[str, str, float, int | None], ...] = (
     ("online x1=0", "online", 0.0, None),
     *((f"stochastic x1=1 seed {s}", "stochastic", 1.0, s) for s in STOCH_SEEDS),
 )
-FULL_STEPS = 150_000
+FULL_STEPS = 500_000
 CI_STEPS = 8_000
 CHUNK = 10_000
 

@@ -76,13 +76,16 @@ def _finite(x: float) -> float:
 
 def train_digits(ctx: Context, model_kind: str, label: str, lr: float, steps: int, seed: int, *,
                  batch: int = 64, eval_every: int = 0, scheduler: SchedulerFactory | None = None,
-                 **optimizer_options: Any) -> dict[str, Any]:
+                 n_train: int | None = None, **optimizer_options: Any) -> dict[str, Any]:
     """Train one digits model; return the curve ``[(step, train_loss, val_loss, val_acc)]`` and final values.
 
     The training loss reported is the full-training-set loss (no dropout: deterministic), evaluated at step 0,
-    every ``eval_every`` steps and at the end.
+    every ``eval_every`` steps and at the end.  ``n_train``: train on the first ``n_train`` training images only
+    (a small training set that a long run overfits).
     """
     data = load_digits()
+    if n_train is not None:
+        data = Digits(data.x_train[:n_train], data.y_train[:n_train], data.x_val, data.y_val)
     if batch % ctx.world_size:
         raise ValueError(f"batch {batch} is not divisible by the world size {ctx.world_size}")
     model = digits_model(model_kind, seed)

@@ -21,7 +21,7 @@ VARIANTS: dict[str, tuple[str, float]] = {
     "radam": ("radam", 0.0),
     "adamod": ("adamod", 0.0),
 }
-FULL = {"lrs": [1e-3, 3e-3, 1e-2], "steps": 300, "seeds": (0, 1), "eval_every": 25}
+FULL = {"lrs": [1e-3, 3e-3, 1e-2], "steps": 300, "seeds": (0, 1, 2), "eval_every": 25}
 CI = {"lrs": [3e-3], "steps": 8, "seeds": (0,), "eval_every": 4}
 
 

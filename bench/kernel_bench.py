@@ -242,7 +242,7 @@ def plot(rows: list[dict], path) -> None:
                 width, label=label)
     ax1.set_xticks(range(len(rows)), names, rotation=30)
     ax1.set_ylabel("effective GB/s (algorithmic bytes / time)")
-    ax1.set_title(f"fused update, {rows[0]['numel'] / 1e6:.0f}M fp32 elements")
+    ax1.set_title(f"fused update, {rows[0]['numel'] / 2**20:g}Mi fp32 elements")
     ax1.legend(fontsize=8)
     ax2.bar([x - 0.2 for x in range(len(rows))], [r["kernel_over_peer_speed"] for r in rows], 0.4,
             label="ours (kernel) / peer")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.support import ckpt_scenarios as S
-from tests.support.ranks import run_ranks
+from tests.support.multiproc import run_ranks
 
 pytestmark = pytest.mark.slow
 

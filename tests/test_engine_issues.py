@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.engine_issue_scenarios import scenarios
-from tests.support.ranks import run_ranks
+from tests.support.multiproc import run_ranks
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import torch
 
 from tests.support import fault_scenarios
 from tests.support.jobs import REPO, job_env, require_tool
-from tests.support.ranks import run_ranks
+from tests.support.multiproc import run_ranks
 
 pytestmark = pytest.mark.slow
 COLLECTIVE_TIMEOUT_S = 10.0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -25,8 +24,9 @@ from typing import Any, Callable
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
+
+from tests.support.multiproc import run_ranks as _run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -90,52 +90,9 @@ def local_rows(batch: torch.Tensor, index: int, count: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- rank plumbing
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, fn: Callable[..., dict], args: tuple, queue: Any) -> None:
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    os.environ["SHARDED_OPTIM_KERNEL"] = "eager"   # compiling per rank costs ~10 s; the math is the same function
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        result = fn(rank, world, *args)
-        dist.barrier()
-        queue.put((rank, result))
-    except BaseException:
-        queue.put((rank, {"__error__": traceback.format_exc()}))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks(fn: Callable[..., dict], world: int, *args: Any, timeout: float = 240) -> list[dict]:
-    """Run ``fn(rank, world, *args)`` on ``world`` spawned gloo ranks; return their results in rank order."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, dict] = {}
-    try:
-        for _ in range(world):
-            rank, result = queue.get(timeout=timeout)
-            results[rank] = result
-            if "__error__" in result:
-                break
-    finally:
-        for p in procs:
-            p.join(timeout=20)
-            if p.is_alive():
-                p.kill()
-    errors = [f"rank {r}:\n{res['__error__']}" for r, res in sorted(results.items()) if "__error__" in res]
-    assert not errors, "\n".join(errors)
-    return [results[r] for r in range(world)]
+def run_ranks(fn: Callable[..., dict], world: int, *args: Any) -> list[dict]:
+    """Spawned gloo ranks with the eager kernel: compiling per rank costs ~10 s and the math is the same function."""
+    return _run_ranks(fn, world, *args, timeout=240, env={"SHARDED_OPTIM_KERNEL": "eager"})
 
 
 def _guard(out: dict, name: str, fn: Callable[[], dict]) -> None:

@@ -104,8 +104,9 @@ def test_every_algorithm_lowers_the_digits_training_loss_at_its_default_lr(label
     from sharded_optim.experiments import common
     if label not in common.OPTIMIZERS:  # adamax, nadam: not in the comparison grids, still must train
         common.OPTIMIZERS.setdefault(label, (label, {}))
-    out = train_digits(CTX, "mlp", label, None, 150, 0)
-    assert out["train_loss"] < 0.8 * out["initial_train_loss"], (label, out["initial_train_loss"], out["train_loss"])
+    # 300 steps: RAdam (rectification) and AdaMod (beta3 = 0.999 bound) damp their first ~100s of steps by design
+    out = train_digits(CTX, "mlp", label, None, 300, 0)
+    assert out["train_loss"] < 0.5 * out["initial_train_loss"], (label, out["initial_train_loss"], out["train_loss"])
 
 
 def test_one_cycle_cycles_lr_and_beta1_of_the_sharded_optimizer():

@@ -325,25 +325,31 @@ class ShardedOptimizer(Optimizer):
     def _group_norms(self) -> Tensor:
         """Global pre-clip gradient sum of squares per param group (float64), one all-reduce."""
         per_group: dict[Any, list[Tensor | float]] = {}
+        devices: dict[Any, torch.device] = {}
         for i, group in enumerate(self.param_groups):
             for rt in self._runtimes.get(id(group), []):
                 key = rt.reduce_group if rt.reduce_group is not None else _LOCAL
                 acc = per_group.setdefault(key, [0.0] * len(self.param_groups))
+                devices.setdefault(key, rt.device)
                 acc[i] = acc[i] + rt.local_grad_sumsq()
         if len(per_group) == 1 and _LOCAL in per_group:  # one process: no tensor packing needed
             return torch.tensor([float(x) for x in per_group[_LOCAL]], dtype=torch.float64)
-        packed = {k: torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in v])
+        # partial sums stay on the parameters' device: NCCL reduces CUDA tensors only
+        packed = {k: torch.stack([torch.as_tensor(x, dtype=torch.float64, device=devices[k]) for x in v])
                   for k, v in per_group.items()}
         return self._reduce_sum(packed, (len(self.param_groups),))
 
     @staticmethod
     def _reduce_sum(partials: dict[Any, Tensor], shape: tuple[int, ...]) -> Tensor:
-        """Sum per-process-group partial sums: one all_reduce per group over which shards are disjoint."""
+        """Sum per-process-group partial sums: one all_reduce per group over which shards are disjoint.
+
+        The partials live on the device of their parameters; the result comes back to the host (the one host
+        synchronisation of a step: the skip decision and the clip coefficient need the value)."""
         total = torch.zeros(shape, dtype=torch.float64)
         for key, value in partials.items():
             if key is not _LOCAL:
                 dist.all_reduce(value, group=key)
-            total += value
+            total += value.cpu()
         return total
 
     @torch.no_grad()
@@ -448,7 +454,7 @@ class ShardedOptimizer(Optimizer):
             if partials is not None:
                 key = rt.reduce_group if rt.reduce_group is not None else _LOCAL
                 stats = partials.setdefault(
-                    key, torch.zeros(len(self.param_groups), NUM_FIELDS, dtype=torch.float64))[gi]
+                    key, torch.zeros(len(self.param_groups), NUM_FIELDS, dtype=torch.float64, device=rt.device))[gi]
             if stats is not None:
                 for rng in rt.stat_ranges():
                     stats_kernels.pre_update_sums(stats, rt.grad[rng], rt.state["exp_avg"][rng],

@@ -60,7 +60,8 @@ class Context:
         flags += f" --kernel {self.kernel}" if self.kernel != "eager" else ""
         base = f"python -m sharded_optim.experiments {self.name}{flags}"
         if self.world_size > 1:
-            return f"torchrun --nproc_per_node {self.world_size} -m sharded_optim.experiments {self.name}{flags}"
+            return (f"torchrun --standalone --nproc_per_node {self.world_size} -m sharded_optim.experiments "
+                    f"{self.name}{flags}")
         return base
 
 

@@ -91,12 +91,12 @@ def stats_callables(kernel: KernelCandidate, algorithm: str, group: dict):
     gscale = -1.0 if group.get("maximize", False) else 1.0
 
     def pre():
-        stats_kernels.pre_update_sums(out, kernel.g, kernel.state[0], gscale)
+        stats_kernels.pre_update_sums(out, kernel.g, kernel.state[0], gscale, "compiled")
 
     def post():
         hs = rules.host_scalars(algorithm, group, max(kernel.t, 1), initial_lr=group["base_lr"], mu_product=1.0)
         stats_kernels.post_update_sums(out, kernel.variant, hs.values, float(group["lr"]), kernel.p,
-                                       dict(zip(keys, kernel.state)))
+                                       dict(zip(keys, kernel.state)), "compiled")
     return pre, post
 
 

@@ -458,7 +458,7 @@ class ShardedOptimizer(Optimizer):
             if stats is not None:
                 for rng in rt.stat_ranges():
                     stats_kernels.pre_update_sums(stats, rt.grad[rng], rt.state["exp_avg"][rng],
-                                                  -1.0 if group.get("maximize", False) else 1.0)
+                                                  -1.0 if group.get("maximize", False) else 1.0, self.kernel_mode)
             variant = rules.kernel_variant(self.algorithm, group)
             keys = tuple(rt.state)
             steps = rt.steps.tolist()
@@ -483,7 +483,7 @@ class ShardedOptimizer(Optimizer):
                 lr = float(group["lr"])
                 for rng in rt.stat_ranges():
                     stats_kernels.post_update_sums(stats, variant, last_scalars.values, lr, rt.master[rng],
-                                                   {k: rt.state[k][rng] for k in keys})
+                                                   {k: rt.state[k][rng] for k in keys}, self.kernel_mode)
             rt.gather_params(wait=not self.overlap_param_gather)
         return rectification
 

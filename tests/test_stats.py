@@ -70,11 +70,11 @@ def expected_stats(kind: str, params_new: list[torch.Tensor], grads: list[torch.
 CONFIGS = {"adamw": ("adamw", {}), "amsgrad": ("adamw", {"amsgrad": True}), "adamod": ("adamod", {})}
 
 
-def run_and_capture(kind: str, rank: int | None = None, steps: int = 3) -> dict:
+def run_and_capture(kind: str, rank: int | None = None, steps: int = 3, kernel: str = "eager") -> dict:
     algorithm, options = CONFIGS[kind]
     params = make_params()
     opt = so.ShardedOptimizer(params, algorithm=algorithm, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
-                              kernel="eager", stats_interval=1, bucket_mb=0.0002, **options)
+                              kernel=kernel, stats_interval=1, bucket_mb=0.0002, **options)
     reports = []
     opt.add_report_hook(reports.append)
     captured = {}
@@ -106,9 +106,10 @@ def assert_stats_match(got: torch.Tensor, want: dict[str, float]) -> None:
             assert float(got[F[name]]) == pytest.approx(value, rel=1e-5, abs=1e-12), name
 
 
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
 @pytest.mark.parametrize("kind", list(CONFIGS))
-def test_statistics_equal_direct_computation(kind: str) -> None:
-    c = run_and_capture(kind)
+def test_statistics_equal_direct_computation(kind: str, kernel: str) -> None:
+    c = run_and_capture(kind, kernel=kernel)
     want = expected_stats(kind, c["params"], c["grads"], c["m_prev"], c["state"], c["t"])
     assert want["eps_dominated"] > 0 and want["zero_grad"] == 2  # the checks below can fail
     assert_stats_match(c["stats"], want)

@@ -31,6 +31,14 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
+def _intersect(rng: slice, ranges: list[slice]) -> Iterator[slice]:
+    """The parts of ``rng`` inside ``ranges`` (both in local-shard coordinates)."""
+    for r in ranges:
+        lo, hi = max(rng.start, r.start), min(rng.stop, r.stop)
+        if lo < hi:
+            yield slice(lo, hi)
+
+
 def _is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor" or (type(t).__name__ == "Parameter" and
                                               type(getattr(t, "data", None)).__name__ == "DTensor")
@@ -455,35 +463,35 @@ class ShardedOptimizer(Optimizer):
                 key = rt.reduce_group if rt.reduce_group is not None else _LOCAL
                 stats = partials.setdefault(
                     key, torch.zeros(len(self.param_groups), NUM_FIELDS, dtype=torch.float64, device=rt.device))[gi]
-            if stats is not None:
-                for rng in rt.stat_ranges():
-                    stats_kernels.pre_update_sums(stats, rt.grad[rng], rt.state["exp_avg"][rng],
-                                                  -1.0 if group.get("maximize", False) else 1.0, self.kernel_mode)
             variant = rules.kernel_variant(self.algorithm, group)
             keys = tuple(rt.state)
             steps = rt.steps.tolist()
             mus = rt.mu_products.tolist()
-            last_scalars = None
+            if stats is not None:
+                real = rt.stat_ranges()
+                gscale = torch.tensor(-1.0 if group.get("maximize", False) else 1.0, dtype=torch.float64,
+                                      device=rt.device)
+                edges = stats_kernels.edges_for(rt.device)
             for rng, slots in runs:
                 t = steps[slots[0]] + 1
                 hs = rules.host_scalars(self.algorithm, group, t, initial_lr=float(group.get("base_lr", 0.0)),
                                         mu_product=mus[slots[0]])
                 sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
-                dispatch.run(variant, self.kernel_mode, rt.master[rng], rt.grad[rng],
-                             *(rt.state[k][rng] for k in keys), sc)
+                if stats is None:
+                    dispatch.run(variant, self.kernel_mode, rt.master[rng], rt.grad[rng],
+                                 *(rt.state[k][rng] for k in keys), sc)
+                else:  # statistics step: the update and its statistics in one pass, over real elements only
+                    for sub in _intersect(rng, real):
+                        sums = dispatch.run(variant + dispatch.STATS_SUFFIX, self.kernel_mode, rt.master[sub],
+                                            rt.grad[sub], *(rt.state[k][sub] for k in keys), sc, gscale, edges)
+                        stats_kernels.add_fused_sums(stats, sums, float(group["lr"]))
                 index = slice(None) if len(slots) == len(steps) else torch.tensor(slots, dtype=torch.long)
                 rt.steps[index] += 1
                 if hs.mu_product is not None:
                     rt.mu_products[index] = hs.mu_product
                 rectification = hs.rectification
-                last_scalars = hs
             for fn in self._shard_hooks:
                 fn(rt, group)
-            if stats is not None and last_scalars is not None:
-                lr = float(group["lr"])
-                for rng in rt.stat_ranges():
-                    stats_kernels.post_update_sums(stats, variant, last_scalars.values, lr, rt.master[rng],
-                                                   {k: rt.state[k][rng] for k in keys}, self.kernel_mode)
             rt.gather_params(wait=not self.overlap_param_gather)
         return rectification
 

@@ -16,6 +16,9 @@ from typing import Callable
 import torch
 
 from .adam_family import VARIANTS, lookahead_sync
+from .fused_stats import FUSED
+
+STATS_SUFFIX = "+stats"
 
 KERNEL_MODES = ("auto", "compiled", "eager")
 ENV_VAR = "SHARDED_OPTIM_KERNEL"
@@ -35,26 +38,33 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
+def _function(name: str) -> Callable[..., object]:
+    if name.endswith(STATS_SUFFIX):
+        return FUSED[name[: -len(STATS_SUFFIX)]]
+    return VARIANTS[name] if name in VARIANTS else lookahead_sync
+
+
 @functools.cache
-def _compiled(name: str) -> Callable[..., None]:
-    fn = VARIANTS[name] if name in VARIANTS else lookahead_sync
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+def _compiled(name: str) -> Callable[..., object]:
+    return torch.compile(_function(name), dynamic=True, fullgraph=True)
 
 
-def run(name: str, mode: str, *tensors: torch.Tensor) -> None:
-    """Run kernel ``name`` on ``tensors`` (parameter, gradient, states..., scalars) in place."""
-    if tensors[0].numel() == 0:
-        return
-    eager = VARIANTS[name] if name in VARIANTS else lookahead_sync
+def run(name: str, mode: str, *tensors: torch.Tensor) -> object:
+    """Run kernel ``name`` on ``tensors`` (parameter, gradient, states..., scalars) in place.
+
+    ``name + STATS_SUFFIX`` runs the update fused with the statistics pass and returns the sums
+    (:mod:`.fused_stats`)."""
+    if tensors[0].numel() == 0 and not name.endswith(STATS_SUFFIX):
+        return None  # an empty shard (FSDP2 gives some ranks 0 elements); size 0 would also compile apart
+    eager = _function(name)
     if mode == "eager" or name in _broken:
-        eager(*tensors)
-        return
+        return eager(*tensors)
     try:
-        _compiled(name)(*tensors)
+        return _compiled(name)(*tensors)
     except Exception as exc:  # compilation problems surface at the first call
         if mode == "compiled":
             raise
         _broken.add(name)
         warnings.warn(f"sharded_optim: compiling kernel {name!r} failed ({type(exc).__name__}: {exc}); "
                       f"using the eager kernel", RuntimeWarning, stacklevel=2)
-        eager(*tensors)
+        return eager(*tensors)

@@ -1,17 +1,13 @@
-"""The statistics pass: optimizer-health partial sums over one rank's shard.
+"""The statistics math: optimizer-health partial sums over one rank's shard.
 
-Run only on statistics steps (every ``stats_interval`` steps), in two short passes around the fused update:
-:func:`pre_update_sums` reads the gradient and the *previous* first moment (for the momentum/gradient cosine),
-:func:`post_update_sums` re-derives each element's step size from the new state and the same scalar vector the
-kernel used, so no extra state is kept.  Both are pure functions returning float64 sums; compiled (like the update
-kernels) each becomes one fused loop per variant that reads every tensor once and accumulates in float64 without
-materialising temporaries.  The layout of the sums is :mod:`sharded_optim.telemetry.fields`; padding is excluded
-by passing only the real ranges.
+On statistics steps (every ``stats_interval`` steps) the optimizer runs the update fused with these sums
+(:mod:`.fused_stats`): :func:`_pre` reads the gradient and the *previous* first moment (for the momentum/gradient
+cosine), :func:`_post` re-derives each element's step size from the new state and the same scalar vector the
+kernel used, so no extra state is kept.  Both are pure functions returning float64 sums (float64 accumulators,
+elementwise work in the state's dtype).  The layout is :mod:`sharded_optim.telemetry.fields`; the optimizer
+passes real (unpadded) ranges only.
 """
 from __future__ import annotations
-
-import functools
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -85,48 +81,20 @@ def _post(variant: str, p: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, s:
                         _sum64(eta)] + counts)
 
 
-@functools.cache
-def _compiled(name: str) -> Callable[..., Tensor]:
-    return torch.compile(_pre if name == "pre" else _post, dynamic=True)
+_EDGES: dict[torch.device, Tensor] = {}
 
 
-def _run(name: str, mode: str, *args) -> Tensor:
-    fn = _pre if name == "pre" else _post
-    if mode == "eager":
-        return fn(*args)
-    try:
-        return _compiled(name)(*args)
-    except Exception:  # compilation problems: the eager form computes the same sums
-        if mode == "compiled":
-            raise
-        return fn(*args)
+def edges_for(device: torch.device) -> Tensor:
+    """The effective-LR histogram edges as a float64 tensor on ``device`` (cached)."""
+    device = torch.device(device)
+    if device not in _EDGES:
+        _EDGES[device] = torch.tensor(EFF_LR_EDGES, dtype=_F64, device=device)
+    return _EDGES[device]
 
 
-def pre_update_sums(out: Tensor, grad: Tensor, m_prev: Tensor, gscale: float, mode: str = "eager") -> None:
-    """Add the gradient statistics of one real range to ``out`` (float64, ``NUM_FIELDS``)."""
-    sums = _run("pre", mode, grad, m_prev, torch.tensor(gscale, dtype=_F64, device=grad.device))
-    for i, name in enumerate(PRE_FIELDS):
-        out[FIELD_INDEX[name]] += sums[i]
-
-
-def post_update_sums(out: Tensor, variant: str, scalars: list[float], lr: float, p: Tensor,
-                     state: dict[str, Tensor], mode: str = "eager") -> None:
-    """Add the update statistics of one real range to ``out``.
-
-    ``state`` maps torch.optim state names to this range's (already updated) tensors.  The step size per element
-    is ``eta = step / (sqrt(v_hat)*dscale + eps)`` (bounded for AdaMod/AdaBound; ``step/u`` for AdaMax), the
-    applied adaptive update ``delta = eta*m`` (weight decay and NAdam's gradient term excluded).
-    """
-    v = state["exp_inf"] if variant == "adamax_mu" else state["exp_avg_sq"]
-    sc = torch.tensor(scalars, dtype=_F64, device=p.device)
-    edges = torch.tensor(EFF_LR_EDGES, dtype=_F64, device=p.device)
-    sums = _run("post", mode, variant, p, state["exp_avg"], v, state.get("max_exp_avg_sq"), state.get("exp_avg_lr"),
-                sc, edges)
-    for i, name in enumerate(POST_FIELDS):
+def add_fused_sums(out: Tensor, sums: Tensor, lr: float) -> None:
+    """Add the sums a fused update+statistics kernel returned (``PRE_FIELDS`` then ``POST_FIELDS``) to ``out``."""
+    for i, name in enumerate(PRE_FIELDS + POST_FIELDS):
         out[FIELD_INDEX[name]] += sums[i]
     if lr > 0:
-        out[FIELD_INDEX["unit_update_sumsq"]] += sums[1] / (lr * lr)
-
-
-def new_sums(device: torch.device | str = "cpu") -> Tensor:
-    return torch.zeros(NUM_FIELDS, dtype=_F64, device=device)
+        out[FIELD_INDEX["unit_update_sumsq"]] += sums[len(PRE_FIELDS) + 1] / (lr * lr)

@@ -148,7 +148,8 @@ class ShardedOptimizer(Optimizer):
         self.skipped_steps: dict[str, int] = {"nonfinite": 0, "spike": 0}
         self._runtimes: dict[int, list[FlatParamGroup]] = {}   # id(param group) -> its flat runtimes
         self._locate: dict[int, tuple[FlatParamGroup, int]] = {}  # id(param) -> (runtime, slot)
-        self._cached_norms: Tensor | None = None
+        self._cached_norms: Tensor | None = None   # set by clip_grad_norm_, consumed by the next step
+        self._pending_has_grad: dict[int, list[bool]] | None = None  # likewise: gradients already collected
         self._clipped = False
         self._report_hooks: list[Callable[[StepReport], None]] = []
         self._validated: dict[int, tuple] = {}
@@ -400,7 +401,7 @@ class ShardedOptimizer(Optimizer):
                                "so the next forward can wait for the parameters it uses")
         for group in self.param_groups:
             self._check_group(group)
-        has_grad = getattr(self, "_pending_has_grad", None) or self._collect()
+        has_grad = self._pending_has_grad or self._collect()
         self._pending_has_grad = None
         sumsq = self._cached_norms if self._cached_norms is not None else self._group_norms()
         self._cached_norms = None
@@ -694,7 +695,8 @@ class ShardedOptimizer(Optimizer):
 
     @staticmethod
     def _write_slot(rt: FlatParamGroup, slot_index: int, buffer: Tensor, source: Tensor | None) -> None:
-        slot = rt.layout.slots[slot_index]
+        """Write this rank's pieces of parameter ``slot_index`` into ``buffer`` from the flattened full ``source``
+        (zeros when ``source`` is None)."""
         for piece in rt.layout.pieces:
             if piece.slot != slot_index:
                 continue
@@ -703,4 +705,3 @@ class ShardedOptimizer(Optimizer):
                 dst.zero_()
             else:
                 dst.copy_(source[piece.lo: piece.hi])
-        del slot

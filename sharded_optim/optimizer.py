@@ -35,8 +35,8 @@ def _intersect(rng: slice, ranges: list[slice]) -> Iterator[slice]:
     """The parts of ``rng`` inside ``ranges`` (both in local-shard coordinates)."""
     for r in ranges:
         lo, hi = max(rng.start, r.start), min(rng.stop, r.stop)
-        if lo < hi:
-            yield slice(lo, hi)
+        for start in range(lo, hi, stats_kernels.MAX_CALL_NUMEL):  # int32 counts stay exact
+            yield slice(start, min(hi, start + stats_kernels.MAX_CALL_NUMEL))
 
 
 def _is_dtensor(t: Tensor) -> bool:

@@ -38,8 +38,17 @@ def sumsq(x: Tensor) -> Tensor:
     return total
 
 
+MAX_CALL_NUMEL = 2**30  # counts accumulate in int32: callers split larger ranges (exact below 2**31)
+
+
 def _sum64(x: Tensor) -> Tensor:
     return torch.sum(x, dtype=_F64)  # compiled: a float64 accumulator inside the fused loop, no temporary
+
+
+def _count(mask: Tensor) -> Tensor:
+    # int32 accumulators vectorise twice as wide as float64 ones: counting in float64 (or int64) made a
+    # statistics step 1.8x slower on CPU; exact because a call never covers more than MAX_CALL_NUMEL elements
+    return torch.sum(mask, dtype=torch.int32).to(_F64)
 
 
 def _pre(grad: Tensor, m_prev: Tensor, gscale: Tensor) -> Tensor:
@@ -47,7 +56,7 @@ def _pre(grad: Tensor, m_prev: Tensor, gscale: Tensor) -> Tensor:
     m = m_prev
     finite = torch.isfinite(g)
     numel = torch.full((), g.numel(), dtype=_F64, device=g.device)
-    return torch.stack([numel, _sum64(g * g), _sum64(~finite), _sum64(g == 0),
+    return torch.stack([numel, _sum64(g * g), _count(~finite), _count(g == 0),
                         _sum64(m * torch.where(finite, g, 0.0)), _sum64(m * m)])
 
 
@@ -58,25 +67,25 @@ def _post(variant: str, p: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, s:
     sc = sc.to(p.dtype)
     if variant == "adamax_mu":
         denom = v
-        eps_dominated = _sum64(denom <= 2 * sc[EPS])
+        eps_dominated = _count(denom <= 2 * sc[EPS])
     else:
         vhat = vmax if vmax is not None else v
         root = vhat.sqrt() * sc[DSCALE]
-        eps_dominated = _sum64(root < sc[EPS])
+        eps_dominated = _count(root < sc[EPS])
         denom = root + sc[EPS]
-    ams = _sum64(vmax > v) if vmax is not None else zero
+    ams = _count(vmax > v) if vmax is not None else zero
     eta = sc[STEP] / denom
     clipped, clamped = zero, zero
     if variant.startswith("bound"):
         if s is not None:
-            clipped = _sum64(s < eta)
+            clipped = _count(s < eta)
             eta = torch.minimum(eta, s)
         else:
-            clamped = _sum64((eta < sc[LO]) | (eta > sc[HI]))
+            clamped = _count((eta < sc[LO]) | (eta > sc[HI]))
         eta = torch.clamp(eta, sc[LO], sc[HI])
     delta = eta * m
     edges = edges.to(p.dtype)
-    counts = [_sum64(eta <= edges[i]) for i in range(len(EFF_LR_EDGES))]
+    counts = [_count(eta <= edges[i]) for i in range(len(EFF_LR_EDGES))]
     return torch.stack([_sum64(p * p), _sum64(delta * delta), eps_dominated, ams, clipped, clamped,
                         _sum64(eta)] + counts)
 

@@ -150,6 +150,7 @@ class ShardedOptimizer(Optimizer):
         self._locate: dict[int, tuple[FlatParamGroup, int]] = {}  # id(param) -> (runtime, slot)
         self._cached_norms: Tensor | None = None   # set by clip_grad_norm_, consumed by the next step
         self._pending_has_grad: dict[int, list[bool]] | None = None  # likewise: gradients already collected
+        self._local_sumsq_parts: list[Tensor] = []  # per-runtime shard sums of squares of the last norm pass
         self._clipped = False
         self._report_hooks: list[Callable[[StepReport], None]] = []
         self._validated: dict[int, tuple] = {}
@@ -335,12 +336,15 @@ class ShardedOptimizer(Optimizer):
         """Global pre-clip gradient sum of squares per param group (float64), one all-reduce."""
         per_group: dict[Any, list[Tensor | float]] = {}
         devices: dict[Any, torch.device] = {}
+        self._local_sumsq_parts = []  # this rank's shard sums, kept for the report's per-rank shard norm
         for i, group in enumerate(self.param_groups):
             for rt in self._runtimes.get(id(group), []):
                 key = rt.reduce_group if rt.reduce_group is not None else _LOCAL
                 acc = per_group.setdefault(key, [0.0] * len(self.param_groups))
                 devices.setdefault(key, rt.device)
-                acc[i] = acc[i] + rt.local_grad_sumsq()
+                local = rt.local_grad_sumsq()
+                self._local_sumsq_parts.append(local)
+                acc[i] = acc[i] + local
         if len(per_group) == 1 and _LOCAL in per_group:  # one process: no tensor packing needed
             return torch.tensor([float(x) for x in per_group[_LOCAL]], dtype=torch.float64)
         # partial sums stay on the parameters' device: NCCL reduces CUDA tensors only
@@ -498,7 +502,7 @@ class ShardedOptimizer(Optimizer):
 
     def _report(self, reason: str | None, sumsq: Tensor, clipped: bool, stats: Tensor | None,
                 rectification: list[float | None], seconds: float) -> None:
-        local_sumsq = sum(float(rt.local_grad_sumsq()) for _, rt in self._all_runtimes())
+        local_sumsq = sum(float(x) for x in self._local_sumsq_parts)  # computed with the global norm
         # counting non-finite elements costs a pass: only when the shard's norm says there are some
         shard_nonfinite = 0 if math.isfinite(local_sumsq) else \
             sum(int((~torch.isfinite(rt.grad)).sum()) for _, rt in self._all_runtimes())

@@ -38,7 +38,7 @@ class _Pending:
 
     work: Any
     staging: Tensor         # the full bucket being reduced (kept alive until the collective completes)
-    out: Tensor             # where this rank's averaged slice lands (ZeRO-2)
+    out: Tensor | None      # where this rank's averaged slice lands (reduce-scatter only)
     accumulate: bool        # add the result into the shard (a later micro-batch) instead of overwriting it
     bucket: int
 
@@ -66,6 +66,7 @@ class FlatParamGroup:
         self.grad_dtype = grad_reduce_dtype or self.compute_dtype
         self.gather_dtype = gather_dtype or self.dtype
         self.full = flatten_into_views(self.params, self.layout, self.dtype, self.device)
+        self._real_ranges = self._compute_real_ranges()  # the layout is fixed: computed once
         if world == 1 and self.compute_dtype == self.dtype:
             self.master = self.full  # update the parameters in place: no copy at all
         else:
@@ -115,7 +116,7 @@ class FlatParamGroup:
                 return view.view(slot.shape) if piece.hi - piece.lo == slot.numel else view
         return buffer[:0]
 
-    def real_ranges(self) -> list[slice]:
+    def _compute_real_ranges(self) -> list[slice]:
         """Ranges of the local shard that hold parameter elements (bucket padding excluded)."""
         ranges = []
         for bucket in self.layout.buckets:
@@ -155,13 +156,14 @@ class FlatParamGroup:
                 torch.div(p.grad.reshape(-1), self.world,
                           out=staging[slot.offset - bucket.start: slot.offset - bucket.start + slot.numel])
                 p.grad = None  # the full gradient is no longer needed: only the shard is kept (ZeRO-2 memory)
-        local = self.layout.bucket_local_range(bucket)
         accumulate = self._reduced[bucket_index]
-        out = torch.empty(bucket.shard_numel, dtype=self.grad_dtype, device=self.device) if accumulate \
-            else self.grad[local]
+        out = None
         if self._scatters:
+            # a later micro-batch lands in a temporary that wait() adds to the shard; the first writes in place
+            out = torch.empty(bucket.shard_numel, dtype=self.grad_dtype, device=self.device) if accumulate \
+                else self.grad[self.layout.bucket_local_range(bucket)]
             work = reduce_scatter(out, staging, group=self.process_group, async_op=True)
-        else:  # ZeRO-1, or ZeRO-2 on gloo: all-reduce the transient bucket and keep this rank's slice
+        else:  # ZeRO-1, or ZeRO-2 on gloo: all-reduce the transient bucket; wait() keeps this rank's slice
             work = dist.all_reduce(staging, group=self.process_group, async_op=True)
         self._pending.append(_Pending(work, staging, out, accumulate, bucket_index))
         self._reduced[bucket_index] = True
@@ -340,7 +342,8 @@ class FlatParamGroup:
         return sumsq(self.grad)
 
     def stat_ranges(self) -> list[slice]:
-        return self.real_ranges()
+        """Ranges of the local shard that hold parameter elements (bucket padding excluded)."""
+        return self._real_ranges
 
     # --------------------------------------------------------------------------------------------- memory
     def state_bytes(self) -> dict[str, int]:

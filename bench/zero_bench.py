@@ -73,12 +73,11 @@ def _tensor_bytes(obj) -> int:
 
 
 # ------------------------------------------------------------------------------------------- configurations
-class Ours:
-    def __init__(self, stage: int, hidden: int, layers: int):
-        from sharded_optim.optimizer import ShardedOptimizer
-        self.model = make_model(hidden, layers)
-        self.opt = ShardedOptimizer(self.model.parameters(), algorithm="adamw", lr=LR, weight_decay=WD,
-                                    zero_stage=stage, bucket_mb=BUCKET_MB, kernel="compiled")
+class _ModelAndOptimizer:
+    """A plain training step: ``self.model`` forward/backward, then ``self.opt`` step and zero_grad."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
 
     def forward_backward(self, x, y) -> None:
         torch.nn.functional.mse_loss(self.model(x), y).backward()
@@ -87,13 +86,21 @@ class Ours:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
+
+class Ours(_ModelAndOptimizer):
+    def __init__(self, stage: int, hidden: int, layers: int):
+        from sharded_optim.optimizer import ShardedOptimizer
+        self.model = make_model(hidden, layers)
+        self.opt = ShardedOptimizer(self.model.parameters(), algorithm="adamw", lr=LR, weight_decay=WD,
+                                    zero_stage=stage, bucket_mb=BUCKET_MB, kernel="compiled")
+
     def memory(self) -> dict:
         r = self.opt.memory_report()
         return {"state_bytes": r["state_bytes"], "master_bytes": r["by_key"].get("master", 0),
                 "grad_shard_bytes": r["by_key"].get("grad_shard", 0)}
 
 
-class TorchZero:
+class TorchZero(_ModelAndOptimizer):
     """torch.distributed.optim.ZeroRedundancyOptimizer(torch.optim.AdamW, fused=True) over DDP."""
 
     def __init__(self, hidden: int, layers: int):
@@ -102,13 +109,6 @@ class TorchZero:
         self.model = DDP(make_model(hidden, layers), bucket_cap_mb=BUCKET_MB, gradient_as_bucket_view=True)
         self.opt = ZeroRedundancyOptimizer(self.model.parameters(), optimizer_class=torch.optim.AdamW, lr=LR,
                                            weight_decay=WD, fused=True)
-
-    def forward_backward(self, x, y) -> None:
-        torch.nn.functional.mse_loss(self.model(x), y).backward()
-
-    def optimizer_step(self) -> None:
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
 
     def memory(self) -> dict:
         return {"state_bytes": _tensor_bytes(list(self.opt.optim.state.values())), "master_bytes": 0,
@@ -132,7 +132,6 @@ class DeepSpeedZero:
             "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False,
         }
         self.engine, self.opt, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
-        self._loss = None
 
     def forward_backward(self, x, y) -> None:
         loss = torch.nn.functional.mse_loss(self.engine(x), y)

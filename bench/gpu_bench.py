@@ -94,7 +94,7 @@ def stats_step_callable(kernel: KernelCandidate, algorithm: str, group: dict):
 
     def step_with_stats():
         dispatch.run(kernel.variant + dispatch.STATS_SUFFIX, "compiled", kernel.p, kernel.g, *kernel.state, sc,
-                     gscale, edges)
+                     gscale, edges, True)  # finite gradients, as the optimizer's norm pass would report
     return step_with_stats
 
 

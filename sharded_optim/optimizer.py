@@ -422,8 +422,9 @@ class ShardedOptimizer(Optimizer):
                 self._recent_norms.append(total_norm)
             stats_step = self.stats_interval > 0 and self.steps_attempted % self.stats_interval == 0
             partials: dict[Any, Tensor] | None = {} if stats_step else None
+            finite = math.isfinite(total_norm)  # every element finite: the statistics skip non-finite masking
             for gi, group in enumerate(self.param_groups):
-                rectification.append(self._update_group(group, gi, has_grad, partials))
+                rectification.append(self._update_group(group, gi, has_grad, partials, finite))
             if partials is not None:
                 stats = self._reduce_sum(partials, (len(self.param_groups), NUM_FIELDS))
         for _, rt in self._all_runtimes():
@@ -458,7 +459,7 @@ class ShardedOptimizer(Optimizer):
         return None
 
     def _update_group(self, group: dict[str, Any], gi: int, has_grad: dict[int, list[bool]],
-                      partials: dict[Any, Tensor] | None) -> float | None:
+                      partials: dict[Any, Tensor] | None, grads_finite: bool) -> float | None:
         rectification = None
         for rt in self._runtimes.get(id(group), []):
             runs = rt.update_runs(has_grad[id(rt)])
@@ -488,7 +489,8 @@ class ShardedOptimizer(Optimizer):
                 else:  # statistics step: the update and its statistics in one pass, over real elements only
                     for sub in _intersect(rng, real):
                         sums = dispatch.run(variant + dispatch.STATS_SUFFIX, self.kernel_mode, rt.master[sub],
-                                            rt.grad[sub], *(rt.state[k][sub] for k in keys), sc, gscale, edges)
+                                            rt.grad[sub], *(rt.state[k][sub] for k in keys), sc, gscale, edges,
+                                            grads_finite)
                         stats_kernels.add_fused_sums(stats, sums, float(group["lr"]))
                 index = slice(None) if len(slots) == len(steps) else torch.tensor(slots, dtype=torch.long)
                 rt.steps[index] += 1

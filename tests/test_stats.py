@@ -140,3 +140,51 @@ def test_skipped_step_reports_reason_and_no_statistics() -> None:
     opt.step()
     assert reports[-1].skipped_reason == "nonfinite" and reports[-1].stats is None
     assert reports[-1].shard_nonfinite == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_bit_pattern_counts_equal_float_compares(dtype: torch.dtype) -> None:
+    """The histogram and eps counts compare IEEE bit patterns; they must count exactly what the float compares
+    count, including signed zeros, subnormals, infinities, NaN and values equal to the limit."""
+    from sharded_optim.kernels.stats import _count_le, _count_lt, _magnitude_bits
+    info = torch.finfo(dtype)
+    gen = torch.Generator().manual_seed(5)
+    limits = [0.0, info.tiny, 1e-8, 1e-3, 0.5, 1.0, 100.0, info.max]
+    special = [0.0, -0.0, info.tiny, info.tiny / 4, -info.tiny, info.max, -info.max, float("inf"), float("-inf"),
+               float("nan")] + limits + [-x for x in limits]
+    x = torch.cat([torch.tensor(special, dtype=torch.float64),
+                   torch.randn(2000, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-9, 3, (2000,),
+                                                                                          generator=gen)]).to(dtype)
+    bits = _magnitude_bits(x)
+    for limit in limits:
+        lim = torch.tensor(limit, dtype=torch.float64).to(dtype)
+        assert int(_count_le(bits, lim)) == int((x.abs() <= lim).sum()), (dtype, limit)
+        assert int(_count_lt(bits, lim)) == int((x.abs() < lim).sum()), (dtype, limit)
+
+
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+def test_nonfinite_gradients_counted_when_the_step_is_not_skipped(kernel: str) -> None:
+    """With nonfinite_policy="ignore" the update runs on non-finite gradients; the statistics take the masked
+    path: exact non-finite and zero counts, and momentum sums over the finite elements only."""
+    params = make_params()
+    opt = so.ShardedOptimizer(params, lr=LR, betas=BETAS, eps=EPS, kernel=kernel, stats_interval=1,
+                              nonfinite_policy="ignore")
+    reports = []
+    opt.add_report_hook(reports.append)
+    for step in range(2):
+        for p, g in zip(params, grads_for(step)):
+            p.grad = g.clone()
+        if step == 1:
+            m_prev = [opt.state[p]["exp_avg"].clone() for p in params]
+            params[0].grad[1, 0] = float("nan")
+            params[2].grad[0, 3] = float("-inf")
+        opt.step()
+    stats = reports[-1].stats[0]
+    g = torch.cat([p.grad.double().reshape(-1) for p in params])
+    mp = torch.cat([x.double().reshape(-1) for x in m_prev])
+    finite = torch.isfinite(g)
+    assert reports[-1].skipped_reason is None
+    assert int(stats[F["nonfinite_grad"]]) == 2
+    assert int(stats[F["zero_grad"]]) == int((g == 0).sum()) == 2
+    assert float(stats[F["mom_grad_dot"]]) == pytest.approx(float((mp * torch.where(finite, g, 0)).sum()), rel=1e-5)
+    assert float(stats[F["mom_sumsq"]]) == pytest.approx(float((mp * mp).sum()), rel=1e-5)

@@ -40,6 +40,10 @@ def sumsq(x: Tensor) -> Tensor:
 
 MAX_CALL_NUMEL = 2**30  # counts accumulate in int32: callers split larger ranges (exact below 2**31)
 
+# Integer type of each float type's width: counts compare IEEE bit patterns (see _count_le).
+_BITS_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}
+
 
 def _sum64(x: Tensor) -> Tensor:
     return torch.sum(x, dtype=_F64)  # compiled: a float64 accumulator inside the fused loop, no temporary
@@ -51,13 +55,45 @@ def _count(mask: Tensor) -> Tensor:
     return torch.sum(mask, dtype=torch.int32).to(_F64)
 
 
-def _pre(grad: Tensor, m_prev: Tensor, gscale: Tensor) -> Tensor:
+def _magnitude_bits(x: Tensor) -> Tensor:
+    """IEEE bits of ``|x|`` as signed integers: ordered exactly like ``|x|``, with NaN above +inf."""
+    int_type = _BITS_OF[x.dtype]
+    return x.view(int_type) & torch.iinfo(int_type).max
+
+
+def _count_below(bits: Tensor, bound: Tensor) -> Tensor:
+    """How many elements have ``bits < bound`` (integers from :func:`_magnitude_bits`, ``bound`` 0-d).
+
+    ``bits - bound`` is negative exactly then, and an arithmetic shift by width-1 turns it into -1 or 0: two
+    integer operations per element where a float compare plus mask conversion took twice as long.  The
+    effective-LR histogram does twelve of these per element (1.47 ms -> 0.77 ms for 2.1M fp32, one core)."""
+    shift = torch.iinfo(bits.dtype).bits - 1
+    return -torch.sum((bits - bound) >> shift, dtype=torch.int32).to(_F64)
+
+
+def _count_le(bits: Tensor, limit: Tensor) -> Tensor:
+    """``_count(|x| <= limit)`` for ``limit >= 0`` (0-d, ``x``'s float type) from ``bits = _magnitude_bits(x)``;
+    NaN never counts, as with the float compare."""
+    return _count_below(bits, _magnitude_bits(limit) + 1)
+
+
+def _count_lt(bits: Tensor, limit: Tensor) -> Tensor:
+    """``_count(|x| < limit)``, as :func:`_count_le`."""
+    return _count_below(bits, _magnitude_bits(limit))
+
+
+def _pre(grad: Tensor, m_prev: Tensor, gscale: Tensor, finite: bool) -> Tensor:
+    """Gradient and previous-momentum sums.  ``finite=True`` (the caller's norm pass found every gradient
+    element finite) drops the non-finite count and masking, which cost a third of this pass."""
     g = grad.to(m_prev.dtype) * gscale.to(m_prev.dtype)
     m = m_prev
-    finite = torch.isfinite(g)
     numel = torch.full((), g.numel(), dtype=_F64, device=g.device)
-    return torch.stack([numel, _sum64(g * g), _count(~finite), _count(g == 0),
-                        _sum64(m * torch.where(finite, g, 0.0)), _sum64(m * m)])
+    zero = _count_le(_magnitude_bits(g), torch.zeros((), dtype=g.dtype, device=g.device))
+    if finite:
+        return torch.stack([numel, _sum64(g * g), torch.zeros((), dtype=_F64, device=g.device), zero,
+                            _sum64(m * g), _sum64(m * m)])
+    ok = torch.isfinite(g)
+    return torch.stack([numel, _sum64(g * g), _count(~ok), zero, _sum64(m * torch.where(ok, g, 0.0)), _sum64(m * m)])
 
 
 def _post(variant: str, p: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, s: Tensor | None, sc: Tensor,
@@ -67,11 +103,11 @@ def _post(variant: str, p: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, s:
     sc = sc.to(p.dtype)
     if variant == "adamax_mu":
         denom = v
-        eps_dominated = _count(denom <= 2 * sc[EPS])
+        eps_dominated = _count_le(_magnitude_bits(denom), 2 * sc[EPS])
     else:
         vhat = vmax if vmax is not None else v
         root = vhat.sqrt() * sc[DSCALE]
-        eps_dominated = _count(root < sc[EPS])
+        eps_dominated = _count_lt(_magnitude_bits(root), sc[EPS])  # root >= 0
         denom = root + sc[EPS]
     ams = _count(vmax > v) if vmax is not None else zero
     eta = sc[STEP] / denom
@@ -84,8 +120,9 @@ def _post(variant: str, p: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, s:
             clamped = _count((eta < sc[LO]) | (eta > sc[HI]))
         eta = torch.clamp(eta, sc[LO], sc[HI])
     delta = eta * m
+    eta_bits = _magnitude_bits(eta)  # eta >= 0: |eta| <= edge is eta <= edge
     edges = edges.to(p.dtype)
-    counts = [_count(eta <= edges[i]) for i in range(len(EFF_LR_EDGES))]
+    counts = [_count_le(eta_bits, edges[i]) for i in range(len(EFF_LR_EDGES))]
     return torch.stack([_sum64(p * p), _sum64(delta * delta), eps_dominated, ams, clipped, clamped,
                         _sum64(eta)] + counts)
 
@@ -101,9 +138,17 @@ def edges_for(device: torch.device) -> Tensor:
     return _EDGES[device]
 
 
+_SUM_INDEX: dict[torch.device, Tensor] = {}
+
+
 def add_fused_sums(out: Tensor, sums: Tensor, lr: float) -> None:
-    """Add the sums a fused update+statistics kernel returned (``PRE_FIELDS`` then ``POST_FIELDS``) to ``out``."""
-    for i, name in enumerate(PRE_FIELDS + POST_FIELDS):
-        out[FIELD_INDEX[name]] += sums[i]
+    """Add the sums a fused update+statistics kernel returned (``PRE_FIELDS`` then ``POST_FIELDS``) to ``out``.
+
+    One ``index_add_`` instead of a Python loop of 25 scalar additions (0.2 ms per call on CPU)."""
+    index = _SUM_INDEX.get(out.device)
+    if index is None:
+        index = torch.tensor([FIELD_INDEX[name] for name in PRE_FIELDS + POST_FIELDS], device=out.device)
+        _SUM_INDEX[out.device] = index
+    out.index_add_(0, index, sums)
     if lr > 0:
         out[FIELD_INDEX["unit_update_sumsq"]] += sums[len(PRE_FIELDS) + 1] / (lr * lr)

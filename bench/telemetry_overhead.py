@@ -5,10 +5,13 @@ One run of ``--world`` gloo ranks trains one MLP with one ShardedOptimizer; the 
 ``--rounds`` rounds of ``--steps`` steps (off, interval 1, default interval, off, ...), so drift of the
 machine hits every mode alike.  Telemetry on means the real thing: ``telemetry.start()`` (HTTP server,
 report hook, statistics every N steps) and a scraper thread fetching ``/metrics`` once a second, as
-Prometheus would.  Reported: median time of a whole training step (forward, backward, ``optimizer.step()``)
-and of ``optimizer.step()`` alone, per mode, and their ratios to "off".
+Prometheus would.  Reported: mean time of a whole training step (forward, backward, ``optimizer.step()``)
+and of ``optimizer.step()`` alone, per mode, and their ratios to "off": per round (the modes run back to back,
+in an order rotated each round) mean/mean, then the median and quartiles of those ratios over rounds.
 
     python bench/telemetry_overhead.py            # writes bench/results/telemetry_overhead.{json,md,png}
+    python bench/telemetry_overhead.py --workload gpt --layers 4 --hidden 256 --batch 8 --seq-len 128
+                                                  # writes bench/results/telemetry_overhead_gpt.*
 """
 from __future__ import annotations
 
@@ -23,14 +26,18 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from sharded_optim import ShardedOptimizer, telemetry  # noqa: E402
+from sharded_optim.config import ModelConfig  # noqa: E402
+from sharded_optim.model import build_model, num_parameters  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -54,17 +61,37 @@ class _Scraper:
         self._thread.join()
 
 
+def _workload(args: argparse.Namespace, gen: torch.Generator) -> tuple[torch.nn.Module, Callable[[], Tensor]]:
+    """The model and a closure computing the loss of a fresh random batch.
+
+    ``mlp`` (the default) is deliberately optimizer-heavy: optimizer.step() is about half of a training step, so
+    the statistics' cost shows at its largest.  ``gpt`` is the project's transformer with ``--batch`` sequences
+    of ``--seq-len`` tokens, where forward and backward dominate as they do in real training."""
+    if args.workload == "gpt":
+        cfg = ModelConfig(seq_len=args.seq_len, d_model=args.hidden, n_layers=args.layers, n_heads=4)
+        model = build_model(cfg)
+
+        def gpt_loss() -> Tensor:
+            idx = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=gen)
+            return model(idx[:, :-1], idx[:, 1:])[1]
+        return model, gpt_loss
+    layers: list[torch.nn.Module] = []
+    for _ in range(args.layers):
+        layers += [torch.nn.Linear(args.hidden, args.hidden), torch.nn.GELU()]
+    mlp = torch.nn.Sequential(*layers)
+
+    def mlp_loss() -> Tensor:
+        return mlp(torch.randn(args.batch, args.hidden, generator=gen)).pow(2).mean()
+    return mlp, mlp_loss
+
+
 def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=rank, world_size=args.world)
     torch.manual_seed(0)
-    layers: list[torch.nn.Module] = []
-    for _ in range(args.layers):
-        layers += [torch.nn.Linear(args.hidden, args.hidden), torch.nn.GELU()]
-    model = torch.nn.Sequential(*layers)
+    model, loss_of_batch = _workload(args, torch.Generator().manual_seed(rank))
     opt = ShardedOptimizer(model.parameters(), algorithm="adamw", lr=1e-4, kernel=args.kernel)
-    gen = torch.Generator().manual_seed(rank)
     # mode -> statistics interval with telemetry on (None: off).  "exporter_only" isolates the report hook,
     # HTTP server and scrapes from the statistics pass.
     modes: dict[str, int | None] = {"off": None, "exporter_only": 0, "interval_1": 1,
@@ -82,9 +109,8 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
             opt.stats_interval = 0
         dist.barrier()
         for _ in range(steps):
-            x = torch.randn(args.batch, args.hidden, generator=gen)
             t0 = time.perf_counter()
-            model(x).pow(2).mean().backward()
+            loss_of_batch().backward()
             t1 = time.perf_counter()
             opt.step()
             t2 = time.perf_counter()
@@ -99,48 +125,78 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
 
     for mode in modes:  # warm-up: compile every kernel variant (with and without statistics)
         run(mode, args.warmup, record=False)
-    for _ in range(args.rounds):
-        for mode in modes:
+    order = list(modes)
+    for r in range(args.rounds):  # rotate the order so that no mode always follows the same one
+        for mode in order[r % len(order):] + order[:r % len(order)]:
             run(mode, args.steps, record=True)
     if rank == 0:
-        Path(out).write_text(json.dumps({"step": step_t, "optimizer_step": opt_t}))
+        Path(out).write_text(json.dumps({"step": step_t, "optimizer_step": opt_t,
+                                         "parameters": num_parameters(model)}))
     dist.destroy_process_group()
 
 
-def _summarise(raw: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> dict[str, object]:
-    params = args.layers * (args.hidden * args.hidden + args.hidden)
+def _summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, object]:
+    params = raw["parameters"]
     out: dict[str, object] = {
         "config": {**vars(args), "parameters": params, "torch": torch.__version__,
                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "backend": "gloo (CPU)"},
         "modes": {},
     }
     for mode in raw["step"]:
-        med = statistics.median(raw["step"][mode])
-        opt_med = statistics.median(raw["optimizer_step"][mode])
-        out["modes"][mode] = {"step_ms_median": med * 1e3, "optimizer_step_ms_median": opt_med * 1e3,
+        med = statistics.fmean(raw["step"][mode])
+        opt_med = statistics.fmean(raw["optimizer_step"][mode])
+        out["modes"][mode] = {"step_ms_mean": med * 1e3, "optimizer_step_ms_mean": opt_med * 1e3,
                               "samples": len(raw["step"][mode])}
-    base = out["modes"]["off"]
-    for stats in out["modes"].values():
-        stats["step_ratio"] = stats["step_ms_median"] / base["step_ms_median"]
-        stats["optimizer_step_ratio"] = stats["optimizer_step_ms_median"] / base["optimizer_step_ms_median"]
+    # Paired ratios: each round ran every mode back to back, so a round's ratio to "off" cancels drift of the
+    # machine that is slower than a round; the headline is the median over rounds, with the quartiles.  Within a
+    # round the *mean* step time: at interval 10 one step in ten carries the statistics, and a median would
+    # leave that step out.
+    for key, name in (("step", "step_ratio"), ("optimizer_step", "optimizer_step_ratio")):
+        for mode, stats in out["modes"].items():
+            ratios = [statistics.fmean(_round(raw[key][mode], r, args.steps)) /
+                      statistics.fmean(_round(raw[key]["off"], r, args.steps)) for r in range(args.rounds)]
+            stats[name] = statistics.median(ratios)
+            stats[name + "_quartiles"] = _quartiles(ratios)
     return out
 
 
-def _write(summary: dict[str, object], raw: dict[str, dict[str, list[float]]]) -> None:
+def _round(samples: list[float], r: int, steps: int) -> list[float]:
+    return samples[r * steps:(r + 1) * steps]
+
+
+def _quartiles(xs: list[float]) -> list[float]:
+    if len(xs) < 2:
+        return [xs[0], xs[0]]
+    q = statistics.quantiles(xs, n=4)
+    return [q[0], q[2]]
+
+
+def _stem(args: argparse.Namespace) -> str:
+    return "telemetry_overhead" if args.workload == "mlp" else f"telemetry_overhead_{args.workload}"
+
+
+def _write(summary: dict[str, object], raw: dict[str, Any], stem: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "telemetry_overhead.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     cfg = summary["config"]
+    model = (f"MLP {cfg['layers']}x{cfg['hidden']}, batch {cfg['batch']}" if cfg["workload"] == "mlp" else
+             f"GPT {cfg['layers']} layers x d_model {cfg['hidden']}, batch {cfg['batch']} x {cfg['seq_len']} tokens")
     lines = ["# Telemetry overhead", "",
-             f"`python bench/telemetry_overhead.py` — {cfg['world']} gloo ranks, MLP {cfg['layers']}x"
-             f"{cfg['hidden']} ({cfg['parameters'] / 1e6:.1f}M parameters), batch {cfg['batch']}, adamw, "
-             f"kernel {cfg['kernel']}, {cfg['rounds']} interleaved rounds x {cfg['steps']} steps per mode, "
+             f"`python bench/telemetry_overhead.py{'' if cfg['workload'] == 'mlp' else ' ' + _flags(cfg)}` — "
+             f"{cfg['world']} gloo ranks, {model} ({cfg['parameters'] / 1e6:.1f}M parameters), adamw, "
+             f"kernel {cfg['kernel']}, {cfg['rounds']} rounds x {cfg['steps']} steps per mode (modes back to back in "
+             f"each round, order rotated), "
              f"{cfg['machine']}, torch {cfg['torch']}, 1-min load average before/after "
-             f"{cfg['loadavg_1min_before_after']}. Medians over steps of rank 0.", "",
-             "| mode | training step (ms) | ratio | optimizer.step (ms) | ratio |", "|---|---|---|---|---|"]
+             f"{cfg['loadavg_1min_before_after']}. Times: means over all steps of rank 0. Ratios: median over rounds "
+             f"of (mode mean / off mean in the same round), with the interquartile range over rounds.", "",
+             "| mode | training step (ms) | step ratio | IQR | optimizer.step (ms) | ratio | IQR |",
+             "|---|---|---|---|---|---|---|"]
     for mode, s in summary["modes"].items():
-        lines.append(f"| {mode} | {s['step_ms_median']:.2f} | {s['step_ratio']:.3f} | "
-                     f"{s['optimizer_step_ms_median']:.2f} | {s['optimizer_step_ratio']:.3f} |")
-    (RESULTS / "telemetry_overhead.md").write_text("\n".join(lines) + "\n")
+        sq, oq = s["step_ratio_quartiles"], s["optimizer_step_ratio_quartiles"]
+        lines.append(f"| {mode} | {s['step_ms_mean']:.2f} | {s['step_ratio']:.3f} | {sq[0]:.3f}-{sq[1]:.3f} | "
+                     f"{s['optimizer_step_ms_mean']:.2f} | {s['optimizer_step_ratio']:.3f} | "
+                     f"{oq[0]:.3f}-{oq[1]:.3f} |")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
     matplotlib.use("Agg")
@@ -152,9 +208,14 @@ def _write(summary: dict[str, object], raw: dict[str, dict[str, list[float]]]) -
         ax.set_xticks(range(1, len(modes) + 1), modes)
         ax.set_ylabel("ms")
         ax.set_title(title)
-    fig.suptitle("Telemetry overhead (rank 0)")
+    fig.suptitle(f"Telemetry overhead, {summary['config']['workload']} workload (rank 0)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "telemetry_overhead.png", dpi=100)
+    fig.savefig(RESULTS / f"{stem}.png", dpi=100)
+
+
+def _flags(cfg: dict[str, Any]) -> str:
+    return (f"--workload {cfg['workload']} --layers {cfg['layers']} --hidden {cfg['hidden']} --batch {cfg['batch']} "
+            f"--seq-len {cfg['seq_len']}")
 
 
 def main() -> None:
@@ -163,10 +224,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64, help="rows (mlp) or sequences (gpt) per rank")
+    ap.add_argument("--workload", default="mlp", choices=["mlp", "gpt"])
+    ap.add_argument("--seq-len", type=int, default=128, help="gpt: tokens per sequence")
     ap.add_argument("--kernel", default="auto", choices=["auto", "compiled", "eager"])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per mode and round")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per mode and round")
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--default-interval", type=int, default=telemetry.DEFAULT_STATS_INTERVAL)
     args = ap.parse_args()
@@ -182,8 +245,8 @@ def main() -> None:
     summary = _summarise(raw, args)
     # Other work on the machine shifts every mode alike (interleaving) but widens the noise: record it.
     summary["config"]["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    _write(summary, raw)
-    print((RESULTS / "telemetry_overhead.md").read_text())
+    _write(summary, raw, _stem(args))
+    print((RESULTS / f"{_stem(args)}.md").read_text())
 
 
 if __name__ == "__main__":

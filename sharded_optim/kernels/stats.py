@@ -9,6 +9,8 @@ passes real (unpadded) ranges only.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -127,28 +129,26 @@ def _post(variant: str, p: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, s:
                         _sum64(eta)] + counts)
 
 
-_EDGES: dict[torch.device, Tensor] = {}
-
-
 def edges_for(device: torch.device) -> Tensor:
     """The effective-LR histogram edges as a float64 tensor on ``device`` (cached)."""
-    device = torch.device(device)
-    if device not in _EDGES:
-        _EDGES[device] = torch.tensor(EFF_LR_EDGES, dtype=_F64, device=device)
-    return _EDGES[device]
+    return _edges_on(torch.device(device))
 
 
-_SUM_INDEX: dict[torch.device, Tensor] = {}
+@functools.cache
+def _edges_on(device: torch.device) -> Tensor:
+    return torch.tensor(EFF_LR_EDGES, dtype=_F64, device=device)
+
+
+@functools.cache
+def _sum_index(device: torch.device) -> Tensor:
+    """Where each of a fused kernel's sums goes in the statistics vector."""
+    return torch.tensor([FIELD_INDEX[name] for name in PRE_FIELDS + POST_FIELDS], device=device)
 
 
 def add_fused_sums(out: Tensor, sums: Tensor, lr: float) -> None:
     """Add the sums a fused update+statistics kernel returned (``PRE_FIELDS`` then ``POST_FIELDS``) to ``out``.
 
     One ``index_add_`` instead of a Python loop of 25 scalar additions (0.2 ms per call on CPU)."""
-    index = _SUM_INDEX.get(out.device)
-    if index is None:
-        index = torch.tensor([FIELD_INDEX[name] for name in PRE_FIELDS + POST_FIELDS], device=out.device)
-        _SUM_INDEX[out.device] = index
-    out.index_add_(0, index, sums)
+    out.index_add_(0, _sum_index(out.device), sums)
     if lr > 0:
         out[FIELD_INDEX["unit_update_sumsq"]] += sums[len(PRE_FIELDS) + 1] / (lr * lr)

@@ -143,9 +143,9 @@ def _summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, objec
         "modes": {},
     }
     for mode in raw["step"]:
-        med = statistics.fmean(raw["step"][mode])
-        opt_med = statistics.fmean(raw["optimizer_step"][mode])
-        out["modes"][mode] = {"step_ms_mean": med * 1e3, "optimizer_step_ms_mean": opt_med * 1e3,
+        out["modes"][mode] = {"step_ms_mean": statistics.fmean(raw["step"][mode]) * 1e3,
+                              "step_ms_median": statistics.median(raw["step"][mode]) * 1e3,
+                              "optimizer_step_ms_mean": statistics.fmean(raw["optimizer_step"][mode]) * 1e3,
                               "samples": len(raw["step"][mode])}
     # Paired ratios: each round ran every mode back to back, so a round's ratio to "off" cancels drift of the
     # machine that is slower than a round; the headline is the median over rounds, with the quartiles.  Within a
@@ -157,6 +157,9 @@ def _summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, objec
                       statistics.fmean(_round(raw[key]["off"], r, args.steps)) for r in range(args.rounds)]
             stats[name] = statistics.median(ratios)
             stats[name + "_quartiles"] = _quartiles(ratios)
+    # Every step's time, for re-analysis (per mode, in run order: round after round).
+    out["samples_ms"] = {key: {mode: [round(x * 1e3, 3) for x in xs] for mode, xs in raw[key].items()}
+                         for key in ("step", "optimizer_step")}
     return out
 
 
@@ -189,11 +192,12 @@ def _write(summary: dict[str, object], raw: dict[str, Any], stem: str) -> None:
              f"{cfg['machine']}, torch {cfg['torch']}, 1-min load average before/after "
              f"{cfg['loadavg_1min_before_after']}. Times: means over all steps of rank 0. Ratios: median over rounds "
              f"of (mode mean / off mean in the same round), with the interquartile range over rounds.", "",
-             "| mode | training step (ms) | step ratio | IQR | optimizer.step (ms) | ratio | IQR |",
-             "|---|---|---|---|---|---|---|"]
+             "| mode | training step (ms) | median step (ms) | step ratio | IQR | optimizer.step (ms) | ratio | IQR |",
+             "|---|---|---|---|---|---|---|---|"]
     for mode, s in summary["modes"].items():
         sq, oq = s["step_ratio_quartiles"], s["optimizer_step_ratio_quartiles"]
-        lines.append(f"| {mode} | {s['step_ms_mean']:.2f} | {s['step_ratio']:.3f} | {sq[0]:.3f}-{sq[1]:.3f} | "
+        lines.append(f"| {mode} | {s['step_ms_mean']:.2f} | {s['step_ms_median']:.2f} | {s['step_ratio']:.3f} | "
+                     f"{sq[0]:.3f}-{sq[1]:.3f} | "
                      f"{s['optimizer_step_ms_mean']:.2f} | {s['optimizer_step_ratio']:.3f} | "
                      f"{oq[0]:.3f}-{oq[1]:.3f} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")

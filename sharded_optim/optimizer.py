@@ -151,6 +151,11 @@ class ShardedOptimizer(Optimizer):
         self._cached_norms: Tensor | None = None   # set by clip_grad_norm_, consumed by the next step
         self._pending_has_grad: dict[int, list[bool]] | None = None  # likewise: gradients already collected
         self._local_sumsq_parts: list[Tensor] = []  # per-runtime shard sums of squares of the last norm pass
+        # Statistics ride on the next gradient-norm all-reduce instead of taking one of their own (see
+        # _group_norms): the local partial sums of the last statistics step wait here, the global ones that came
+        # back wait in _delivered_stats for the next report.  Each is (step the statistics describe, sums).
+        self._pending_stats: tuple[int, dict[Any, Tensor]] | None = None
+        self._delivered_stats: tuple[int, Tensor] | None = None
         self._clipped = False
         self._report_hooks: list[Callable[[StepReport], None]] = []
         self._validated: dict[int, tuple] = {}
@@ -333,7 +338,12 @@ class ShardedOptimizer(Optimizer):
         return {id(rt): rt.collect_grads() for _, rt in self._all_runtimes()}
 
     def _group_norms(self) -> Tensor:
-        """Global pre-clip gradient sum of squares per param group (float64), one all-reduce."""
+        """Global pre-clip gradient sum of squares per param group (float64), one all-reduce.
+
+        The local statistics sums of the previous statistics step, if any, are packed into the same all-reduce:
+        a second collective per statistics step measured 0.5 ms median and up to 4 ms at the 90th percentile on
+        gloo, more than the statistics themselves.  The global sums are kept for the next report.
+        """
         per_group: dict[Any, list[Tensor | float]] = {}
         devices: dict[Any, torch.device] = {}
         self._local_sumsq_parts = []  # this rank's shard sums, kept for the report's per-rank shard norm
@@ -345,12 +355,43 @@ class ShardedOptimizer(Optimizer):
                 local = rt.local_grad_sumsq()
                 self._local_sumsq_parts.append(local)
                 acc[i] = acc[i] + local
-        if len(per_group) == 1 and _LOCAL in per_group:  # one process: no tensor packing needed
+        pending, self._pending_stats = self._pending_stats, None
+        n = len(self.param_groups)
+        if pending is not None and any(v.shape[0] != n for v in pending[1].values()):
+            pending = None  # a param group was added since: those sums no longer line up with the groups
+        if pending is None and len(per_group) == 1 and _LOCAL in per_group:  # one process: no packing needed
             return torch.tensor([float(x) for x in per_group[_LOCAL]], dtype=torch.float64)
         # partial sums stay on the parameters' device: NCCL reduces CUDA tensors only
         packed = {k: torch.stack([torch.as_tensor(x, dtype=torch.float64, device=devices[k]) for x in v])
                   for k, v in per_group.items()}
-        return self._reduce_sum(packed, (len(self.param_groups),))
+        if pending is None:
+            return self._reduce_sum(packed, (n,))
+        stats_step, partials = pending
+        for key, sums in partials.items():
+            norms = packed.get(key, torch.zeros(n, dtype=torch.float64, device=sums.device))
+            packed[key] = torch.cat([norms, sums.reshape(-1)])
+        for key, norms in packed.items():
+            if key not in partials:  # every key must send the same length
+                packed[key] = torch.cat([norms, norms.new_zeros(n * NUM_FIELDS)])
+        total = self._reduce_sum(packed, (n + n * NUM_FIELDS,))
+        self._delivered_stats = (stats_step, total[n:].view(n, NUM_FIELDS))
+        return total[:n]
+
+    def flush_stats(self) -> tuple[int, Tensor] | None:
+        """Make the statistics of the last statistics step global now, instead of with the next step.
+
+        Statistics normally travel with the next step's gradient-norm all-reduce, so the report of step
+        ``t + 1`` carries those of step ``t`` (``StepReport.stats_step``).  Call this once training is over
+        to get the last ones: ``(step, sums)`` with sums of shape ``(num_groups, NUM_FIELDS)``, or ``None``
+        if none are waiting.  A collective when sharded: call it on every rank, as :meth:`step`.
+        """
+        pending, self._pending_stats = self._pending_stats, None
+        if pending is None:
+            delivered, self._delivered_stats = self._delivered_stats, None
+            return delivered
+        self._delivered_stats = None
+        stats_step, partials = pending
+        return stats_step, self._reduce_sum(partials, (len(self.param_groups), NUM_FIELDS))
 
     @staticmethod
     def _reduce_sum(partials: dict[Any, Tensor], shape: tuple[int, ...]) -> Tensor:
@@ -415,7 +456,6 @@ class ShardedOptimizer(Optimizer):
         reason = self._skip_reason(total_norm)
         if reason is not None:
             self.skipped_steps[reason] += 1
-        stats = None
         rectification: list[float | None] = []
         if reason is None:
             if math.isfinite(total_norm):
@@ -425,12 +465,16 @@ class ShardedOptimizer(Optimizer):
             finite = math.isfinite(total_norm)  # every element finite: the statistics skip non-finite masking
             for gi, group in enumerate(self.param_groups):
                 rectification.append(self._update_group(group, gi, has_grad, partials, finite))
-            if partials is not None:
-                stats = self._reduce_sum(partials, (len(self.param_groups), NUM_FIELDS))
+            if partials is not None and all(key is _LOCAL for key in partials):  # no collective needed
+                self._delivered_stats = (self.steps_attempted,
+                                         self._reduce_sum(partials, (len(self.param_groups), NUM_FIELDS)))
+            elif partials is not None:  # global with the next gradient-norm all-reduce (or flush_stats)
+                self._pending_stats = (self.steps_attempted, partials)
         for _, rt in self._all_runtimes():
             rt.end_step()
         if self._report_hooks:
-            self._report(reason, sumsq, clipped, stats, rectification, time.perf_counter() - start)
+            delivered, self._delivered_stats = self._delivered_stats, None
+            self._report(reason, sumsq, clipped, delivered, rectification, time.perf_counter() - start)
         return loss
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -502,7 +546,7 @@ class ShardedOptimizer(Optimizer):
             rt.gather_params(wait=not self.overlap_param_gather)
         return rectification
 
-    def _report(self, reason: str | None, sumsq: Tensor, clipped: bool, stats: Tensor | None,
+    def _report(self, reason: str | None, sumsq: Tensor, clipped: bool, stats: tuple[int, Tensor] | None,
                 rectification: list[float | None], seconds: float) -> None:
         local_sumsq = sum(float(x) for x in self._local_sumsq_parts)  # computed with the global norm
         # counting non-finite elements costs a pass: only when the shard's norm says there are some
@@ -515,7 +559,8 @@ class ShardedOptimizer(Optimizer):
             group_names=[str(g.get("name", f"group{i}")) for i, g in enumerate(self.param_groups)],
             lrs=[float(g["lr"]) for g in self.param_groups], grad_norm=math.sqrt(float(sumsq.sum())),
             group_grad_norms=[math.sqrt(float(x)) for x in sumsq], clipped=clipped, algorithm=self.algorithm,
-            stats=stats, radam_rectification=rectification, rank=self.rank,
+            stats=None if stats is None else stats[1], stats_step=None if stats is None else stats[0],
+            radam_rectification=rectification, rank=self.rank,
             shard_grad_norm=math.sqrt(local_sumsq) if math.isfinite(local_sumsq) else float("nan"),
             shard_nonfinite=shard_nonfinite, state_bytes=self._state_bytes, step_seconds=seconds)
         for fn in list(self._report_hooks):

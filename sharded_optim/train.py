@@ -286,6 +286,8 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
             if (ck.interval and step % ck.interval == 0) or (ck.at_end and step == last_step):
                 save_checkpoint(cfg, model, optimizer, step, extra=dict(history))
                 window_start = time.perf_counter()
+        if telemetry is not None:
+            telemetry.flush()  # the last statistics step (sharded, statistics travel with the next step)
     finally:
         progress.close()
         if metrics_file:

@@ -91,7 +91,15 @@ def run_and_capture(kind: str, rank: int | None = None, steps: int = 3, kernel: 
         sd = opt.state_dict()
         captured = {"params": [p.detach().clone() for p in params], "grads": full_grads, "m_prev": m_prev,
                     "state": [sd["state"][i] for i in range(len(params))], "t": step + 1}
-    captured["stats"] = reports[-1].stats[0]
+    # one process: each report carries its own step's statistics; sharded, the next step's report does and
+    # flush_stats() hands over the last ones
+    flushed = opt.flush_stats()
+    stats_step, stats = flushed if flushed is not None else (reports[-1].stats_step, reports[-1].stats)
+    assert stats_step == steps
+    captured["stats"] = stats[0]
+    captured["stats_steps"] = [r.stats_step for r in reports]
+    # the statistics of the step before the last, from a report (sharded: made global by the norm all-reduce)
+    captured["prev_stats"] = next(r.stats[0] for r in reports if r.stats_step == steps - 1)
     return captured
 
 
@@ -116,17 +124,29 @@ def test_statistics_equal_direct_computation(kind: str, kernel: str) -> None:
 
 
 def two_rank_worker(rank: int, world: int) -> dict:
-    return {kind: run_and_capture(kind, rank)["stats"].numpy() for kind in CONFIGS}
+    out = {}
+    for kind in CONFIGS:
+        c = run_and_capture(kind, rank)
+        out[kind] = c["stats"].numpy()
+        out[kind + "_prev"] = c["prev_stats"].numpy()
+        out["stats_steps"] = c["stats_steps"]
+    return out
 
 
 def test_two_ranks_report_the_single_process_statistics() -> None:
     results = run_ranks(two_rank_worker, 2)
+    # sharded, a step's statistics are made global inside the next step's norm all-reduce: the report of step
+    # t carries step t-1, and the last step's come from flush_stats() (checked inside run_and_capture)
+    assert all(res["stats_steps"] == [None, 1, 2] for res in results)
+    assert run_and_capture("adamw")["stats_steps"] == [1, 2, 3]  # one process: no collective, no delay
     for kind in CONFIGS:
-        single = run_and_capture(kind)["stats"].numpy()
+        single = run_and_capture(kind)
         for res in results:
             # rank 0 carries 2*g and rank 1 zeros: the averaged gradient is g exactly (x*2/2), so the global
             # sums differ from one process only in float64 summation order
-            np.testing.assert_allclose(res[kind], single, rtol=1e-9, atol=1e-12, err_msg=kind)
+            np.testing.assert_allclose(res[kind], single["stats"].numpy(), rtol=1e-9, atol=1e-12, err_msg=kind)
+            np.testing.assert_allclose(res[kind + "_prev"], single["prev_stats"].numpy(), rtol=1e-9, atol=1e-12,
+                                       err_msg=kind + " (delivered with the next step)")
 
 
 def test_skipped_step_reports_reason_and_no_statistics() -> None:
@@ -188,3 +208,35 @@ def test_nonfinite_gradients_counted_when_the_step_is_not_skipped(kernel: str) -
     assert int(stats[F["zero_grad"]]) == int((g == 0).sum()) == 2
     assert float(stats[F["mom_grad_dot"]]) == pytest.approx(float((mp * torch.where(finite, g, 0)).sum()), rel=1e-5)
     assert float(stats[F["mom_sumsq"]]) == pytest.approx(float((mp * mp).sum()), rel=1e-5)
+
+
+def flush_worker(rank: int, world: int) -> dict:
+    from sharded_optim import telemetry
+    params = make_params()
+    opt = so.ShardedOptimizer(params, lr=LR, kernel="eager", bucket_mb=0.0002)
+    tel = telemetry.start(opt, base_port=0, run_id="flush", stats_interval=1)
+    gauge = lambda: tel.metrics.registry.get_sample_value("sharded_optim_param_norm",  # noqa: E731
+                                                          {"param_group": "group0"})
+    norms = []
+    for step in range(2):
+        for p, g in zip(params, grads_for(step, rank)):
+            p.grad = g.clone()
+        opt.step()
+        norms.append(float(torch.cat([p.detach().double().reshape(-1) for p in params]).norm()))
+    before = gauge()
+    tel.flush()
+    after = gauge()
+    tel.flush()  # nothing left: a second flush changes nothing
+    again = gauge()
+    tel.stop()
+    return {"norms": norms, "before": before, "after": after, "again": again}
+
+
+def test_telemetry_flush_publishes_the_last_statistics_step() -> None:
+    """Sharded, step t's statistics arrive with step t+1; Telemetry.flush() (collective) publishes the last."""
+    res = run_ranks(flush_worker, 2)
+    r0 = res[0]
+    assert r0["before"] == pytest.approx(r0["norms"][0], rel=1e-6)  # step 1's, delivered by step 2
+    assert r0["after"] == pytest.approx(r0["norms"][1], rel=1e-6) and r0["after"] != r0["before"]
+    assert r0["again"] == r0["after"]
+    assert res[1]["before"] is None and res[1]["after"] is None  # global series come from rank 0 only

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Iterable, Iterator
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeHistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -182,14 +183,23 @@ class OptimizerMetrics:
                 r_t = report.radam_rectification[i]
                 rect.set(0.0 if r_t is None else r_t)
         if report.stats is not None:
-            stats = finalize(report.stats, names)
-            for name, st in stats.items():
-                *_, nonfinite, gauges = self._children[name]
-                if st.nonfinite_count > 0:
-                    nonfinite.inc(st.nonfinite_count)
-                for key, gauge in gauges.items():
-                    gauge.set(getattr(st, key))
-            self.effective_lr.update(stats)
+            self._publish_stats(report.stats)
+
+    def observe_stats(self, stats: torch.Tensor) -> None:
+        """Publish a ``(G, NUM_FIELDS)`` statistics tensor outside a step report (``Telemetry.flush``), for the
+        param groups of the last report."""
+        if self.export_global and self._groups:
+            self._publish_stats(stats)
+
+    def _publish_stats(self, sums: torch.Tensor) -> None:
+        stats = finalize(sums, self._groups)
+        for name, st in stats.items():
+            *_, nonfinite, gauges = self._children[name]
+            if st.nonfinite_count > 0:
+                nonfinite.inc(st.nonfinite_count)
+            for key, gauge in gauges.items():
+                gauge.set(getattr(st, key))
+        self.effective_lr.update(stats)
 
 
 def _check(report: StepReport) -> None:

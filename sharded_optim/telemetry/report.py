@@ -11,9 +11,11 @@ class StepReport:
     """One optimizer step, as seen by this rank.
 
     Global quantities (``grad_norm``, ``stats``) are identical on every rank; the exporter publishes them
-    from one rank only.  ``stats`` is present only on statistics steps (every ``stats_interval`` steps):
-    a float64 tensor of shape ``(num_groups, NUM_FIELDS)`` holding the *global* sums laid out as in
-    :mod:`sharded_optim.telemetry.fields`.
+    from one rank only.  ``stats`` is a float64 tensor of shape ``(num_groups, NUM_FIELDS)`` holding the
+    *global* sums laid out as in :mod:`sharded_optim.telemetry.fields`, of optimizer step ``stats_step``.
+    Statistics are computed every ``stats_interval`` steps; sharded, they become global inside the next step's
+    gradient-norm all-reduce, so the report of step ``t + 1`` carries those of step ``t`` (one process: the
+    same step's report).  ``ShardedOptimizer.flush_stats()`` fetches the last ones at the end of training.
     """
 
     step: int                                   # optimizer steps attempted so far (taken + skipped)
@@ -24,7 +26,8 @@ class StepReport:
     group_grad_norms: list[float]               # global pre-clip gradient norm per group
     clipped: bool                               # gradient clipping scaled the gradients on this step
     algorithm: str
-    stats: torch.Tensor | None = None           # (G, NUM_FIELDS) float64 global sums, on stats steps only
+    stats: torch.Tensor | None = None           # (G, NUM_FIELDS) float64 global sums of step stats_step
+    stats_step: int | None = None               # the optimizer step ``stats`` describe (None: no stats)
     radam_rectification: list[float | None] = field(default_factory=list)  # r_t per group (None: SGD phase / n.a.)
     # per-rank series
     rank: int = 0

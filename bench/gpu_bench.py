@@ -84,8 +84,9 @@ def copy_bandwidth(numel: int, device: torch.device, clock: Clock, reps: int) ->
 
 
 def stats_step_callable(kernel: KernelCandidate, algorithm: str, group: dict):
-    """A statistics step on the kernel's shard, exactly what ShardedOptimizer runs when stats_interval hits: the
-    update fused with the statistics sums (``variant + STATS_SUFFIX``), one call."""
+    """A statistics step on the kernel's shard, exactly the kernels ShardedOptimizer runs when stats_interval hits:
+    the update with the sums of the state before it (``variant + PRE_SUFFIX``), then the sums of the updated state
+    (``variant + POST_SUFFIX``; in the optimizer it overlaps the parameter all-gather, here it runs alone)."""
     from sharded_optim.kernels import dispatch
     hs = rules.host_scalars(algorithm, group, max(kernel.t, 1), initial_lr=group["base_lr"], mu_product=1.0)
     sc = torch.tensor(hs.values, dtype=kernel.p.dtype, device=kernel.p.device)
@@ -93,8 +94,9 @@ def stats_step_callable(kernel: KernelCandidate, algorithm: str, group: dict):
     edges = stats_kernels.edges_for(kernel.p.device)
 
     def step_with_stats():
-        dispatch.run(kernel.variant + dispatch.STATS_SUFFIX, "compiled", kernel.p, kernel.g, *kernel.state, sc,
-                     gscale, edges, True)  # finite gradients, as the optimizer's norm pass would report
+        dispatch.run(kernel.variant + dispatch.PRE_SUFFIX, "compiled", kernel.p, kernel.g, *kernel.state, sc,
+                     gscale, True)  # finite gradients, as the optimizer's norm pass would report
+        dispatch.run(kernel.variant + dispatch.POST_SUFFIX, "compiled", kernel.p, *kernel.state, sc, edges)
     return step_with_stats
 
 

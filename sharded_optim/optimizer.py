@@ -521,7 +521,7 @@ class ShardedOptimizer(Optimizer):
                 real = rt.stat_ranges()
                 gscale = torch.tensor(-1.0 if group.get("maximize", False) else 1.0, dtype=torch.float64,
                                       device=rt.device)
-                edges = stats_kernels.edges_for(rt.device)
+            post: list[tuple[slice, Tensor]] = []  # statistics step: (range, scalars) still to read back
             for rng, slots in runs:
                 t = steps[slots[0]] + 1
                 hs = rules.host_scalars(self.algorithm, group, t, initial_lr=float(group.get("base_lr", 0.0)),
@@ -530,21 +530,40 @@ class ShardedOptimizer(Optimizer):
                 if stats is None:
                     dispatch.run(variant, self.kernel_mode, rt.master[rng], rt.grad[rng],
                                  *(rt.state[k][rng] for k in keys), sc)
-                else:  # statistics step: the update and its statistics in one pass, over real elements only
+                else:  # statistics step: the update with the sums of the state before it, real elements only
                     for sub in _intersect(rng, real):
-                        sums = dispatch.run(variant + dispatch.STATS_SUFFIX, self.kernel_mode, rt.master[sub],
-                                            rt.grad[sub], *(rt.state[k][sub] for k in keys), sc, gscale, edges,
+                        sums = dispatch.run(variant + dispatch.PRE_SUFFIX, self.kernel_mode, rt.master[sub],
+                                            rt.grad[sub], *(rt.state[k][sub] for k in keys), sc, gscale,
                                             grads_finite)
-                        stats_kernels.add_fused_sums(stats, sums, float(group["lr"]))
+                        stats_kernels.add_pre_sums(stats, sums)
+                        post.append((sub, sc))
                 index = slice(None) if len(slots) == len(steps) else torch.tensor(slots, dtype=torch.long)
                 rt.steps[index] += 1
                 if hs.mu_product is not None:
                     rt.mu_products[index] = hs.mu_product
                 rectification = hs.rectification
-            for fn in self._shard_hooks:
-                fn(rt, group)
-            rt.gather_params(wait=not self.overlap_param_gather)
+            if self._shard_hooks:  # Lookahead may rewrite the parameters: read them back before it does
+                self._post_stats(rt, variant, keys, post, stats, float(group["lr"]))
+                post = []
+                for fn in self._shard_hooks:
+                    fn(rt, group)
+            rt.gather_params(wait=False)
+            # the updated state is only read from here on: these sums run while the all-gather is in flight
+            self._post_stats(rt, variant, keys, post, stats, float(group["lr"]))
+            if not self.overlap_param_gather:
+                rt.wait_params()
         return rectification
+
+    def _post_stats(self, rt: FlatParamGroup, variant: str, keys: tuple[str, ...], post: list[tuple[slice, Tensor]],
+                    stats: Tensor | None, lr: float) -> None:
+        """Statistics of the updated state over the ranges the update covered (reads only)."""
+        if not post or stats is None:
+            return
+        edges = stats_kernels.edges_for(rt.device)
+        for sub, sc in post:
+            sums = dispatch.run(variant + dispatch.POST_SUFFIX, self.kernel_mode, rt.master[sub],
+                                *(rt.state[k][sub] for k in keys), sc, edges)
+            stats_kernels.add_post_sums(stats, sums, lr)
 
     def _report(self, reason: str | None, sumsq: Tensor, clipped: bool, stats: tuple[int, Tensor] | None,
                 rectification: list[float | None], seconds: float) -> None:

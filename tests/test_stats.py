@@ -240,3 +240,25 @@ def test_telemetry_flush_publishes_the_last_statistics_step() -> None:
     assert r0["after"] == pytest.approx(r0["norms"][1], rel=1e-6) and r0["after"] != r0["before"]
     assert r0["again"] == r0["after"]
     assert res[1]["before"] is None and res[1]["after"] is None  # global series come from rank 0 only
+
+
+def test_statistics_describe_the_inner_update_under_lookahead() -> None:
+    """On a Lookahead synchronisation step the statistics are read before the sync rewrites the fast weights:
+    the parameter norm is that of the inner update, equal to the same optimizer's without Lookahead."""
+    def run(lookahead: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        params = make_params()
+        inner = so.ShardedOptimizer(params, lr=LR, kernel="eager", stats_interval=1)
+        opt = so.Lookahead(inner, k=2, alpha=0.5) if lookahead else inner
+        reports = []
+        inner.add_report_hook(reports.append)
+        for step in range(2):  # step 2 synchronises
+            for p, g in zip(params, grads_for(step)):
+                p.grad = g.clone()
+            opt.step()
+        return reports[-1].stats[0], [p.detach().clone() for p in params]
+
+    with_la, params_la = run(True)
+    plain, params_plain = run(False)
+    assert not all(torch.equal(a, b) for a, b in zip(params_la, params_plain))  # the sync did move them
+    for name in ("param_sumsq", "update_sumsq", "eff_lr_sum", "grad_sumsq"):
+        assert float(with_la[F[name]]) == pytest.approx(float(plain[F[name]]), rel=1e-12), name

@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 
 from .adam_family import VARIANTS, lookahead_sync
-from .fused_stats import FUSED
+from .fused_stats import POST, PRE
 
-STATS_SUFFIX = "+stats"
+PRE_SUFFIX = "+pre"    # statistics step, first call: the update plus the sums of the state before it
+POST_SUFFIX = "+post"  # statistics step, second call: the sums of the updated state (reads only)
 
 KERNEL_MODES = ("auto", "compiled", "eager")
 ENV_VAR = "SHARDED_OPTIM_KERNEL"
@@ -39,8 +40,10 @@ def resolve_mode(mode: str) -> str:
 
 
 def _function(name: str) -> Callable[..., object]:
-    if name.endswith(STATS_SUFFIX):
-        return FUSED[name[: -len(STATS_SUFFIX)]]
+    if name.endswith(PRE_SUFFIX):
+        return PRE[name[: -len(PRE_SUFFIX)]]
+    if name.endswith(POST_SUFFIX):
+        return POST[name[: -len(POST_SUFFIX)]]
     return VARIANTS[name] if name in VARIANTS else lookahead_sync
 
 
@@ -52,9 +55,9 @@ def _compiled(name: str) -> Callable[..., object]:
 def run(name: str, mode: str, *tensors: torch.Tensor) -> object:
     """Run kernel ``name`` on ``tensors`` (parameter, gradient, states..., scalars) in place.
 
-    ``name + STATS_SUFFIX`` runs the update fused with the statistics pass and returns the sums
-    (:mod:`.fused_stats`)."""
-    if tensors[0].numel() == 0 and not name.endswith(STATS_SUFFIX):
+    ``name + PRE_SUFFIX`` runs the update and returns the statistics sums of the state before it, ``name +
+    POST_SUFFIX`` returns those of the updated state (:mod:`.fused_stats`)."""
+    if tensors[0].numel() == 0 and not name.endswith((PRE_SUFFIX, POST_SUFFIX)):
         return None  # an empty shard (FSDP2 gives some ranks 0 elements); size 0 would also compile apart
     eager = _function(name)
     if mode == "eager" or name in _broken:

@@ -4,7 +4,7 @@ Every optimizer-health statistic is a sum, a count or a maximum over elements, s
 shard to one small float64 vector per parameter group; a single ``all_reduce(SUM)`` then makes all of them
 global (see MONITORING.md section 1.5).  Counts are float64, exact up to 2**53 elements.
 
-The vector is filled by the fused update+statistics kernels (:mod:`sharded_optim.kernels.fused_stats`, sums from
+The vector is filled by the statistics-step kernels (:mod:`sharded_optim.kernels.fused_stats`, sums from
 :mod:`sharded_optim.kernels.stats`) and turned into gauges by :mod:`sharded_optim.telemetry.exporter`.  Index with
 ``FIELD_INDEX[name]``.
 """

@@ -227,6 +227,7 @@ def _validate(path: Path, model: torch.nn.Module, opt: Any, la: Any, params: lis
 def _apply(model: torch.nn.Module, opt: Any, la: Any, params: list[_Param], plan: dict[str, Any]) -> None:
     """Copy the validated, fully read values into the live objects (no collectives, nothing left to fail)."""
     meta, staging, scratch = plan["meta"], plan["staging"], plan["scratch"]
+    opt._finish_deferred_stats()  # statistics still to be read from the state about to be replaced
     for k, v in model.state_dict().items():
         if f"model.{k}" in staging:
             v.copy_(staging[f"model.{k}"])

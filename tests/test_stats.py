@@ -262,3 +262,30 @@ def test_statistics_describe_the_inner_update_under_lookahead() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(params_la, params_plain))  # the sync did move them
     for name in ("param_sumsq", "update_sumsq", "eff_lr_sum", "grad_sumsq"):
         assert float(with_la[F[name]]) == pytest.approx(float(plain[F[name]]), rel=1e-12), name
+
+
+def load_between_worker(rank: int, world: int) -> dict:
+    out = {}
+    for load in (False, True):
+        params = make_params()
+        opt = so.ShardedOptimizer(params, lr=LR, kernel="eager", stats_interval=1, bucket_mb=0.0002)
+        saved = None
+        for step in range(2):
+            for p, g in zip(params, grads_for(step, rank)):
+                p.grad = g.clone()
+            opt.step()
+            if step == 0:
+                saved = opt.state_dict()
+        if load:  # replaces the state that step 2's statistics still have to be read from
+            opt.load_state_dict(saved)
+        stats_step, stats = opt.flush_stats()
+        out[load] = (stats_step, stats.numpy())
+    return out
+
+
+def test_loading_a_state_between_steps_keeps_the_last_statistics() -> None:
+    """Sharded, the statistics of the updated state are read at the start of the next step (while its gradient
+    reductions are in flight); loading a state before that must not make them describe the loaded state."""
+    for res in run_ranks(load_between_worker, 2):
+        assert res[True][0] == res[False][0] == 2
+        np.testing.assert_array_equal(res[True][1], res[False][1])

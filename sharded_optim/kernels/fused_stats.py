@@ -6,10 +6,11 @@
 update norms, epsilon dominance, the per-algorithm counts and the effective-LR histogram).
 
 Why two calls and not one: the post sums are most of a statistics step's cost on CPU (the twelve histogram counts
-alone are ~1.7 ms per 2.1M fp32 elements), and they only read state the next update will change.  The optimizer
-therefore launches the parameter all-gather between the two calls, so the post sums run while the gather is in
-flight (gloo's worker threads do the transfer; on CUDA the gather is on NCCL's stream).  The update and the pre sums
-still share one call: a reduction over the previous momentum must read it before the update overwrites it.
+alone are ~1.7 ms per 2.1M fp32 elements), and they only read state that nothing changes before the next update.
+Sharded, the optimizer runs them at the start of the next step, while the main thread would otherwise only wait
+for that step's gradient reduce-scatters (gloo's worker threads or NCCL's stream do the transfer).  The update and
+the pre sums still share one call: a reduction over the previous momentum must read it before the update
+overwrites it.
 
 Called on real (unpadded) ranges only, so padding never enters the sums.  Distinct top-level functions, one per
 variant, so each has its own compile cache entry (as in :mod:`.adam_family`).  ``finite`` is a Python bool (the

@@ -2,7 +2,7 @@
 
 On statistics steps (every ``stats_interval`` steps) the optimizer runs the update fused with :func:`_pre`, which
 reads the gradient and the *previous* first moment (for the momentum/gradient cosine), then :func:`_post` in a
-second call while the parameter all-gather is in flight (:mod:`.fused_stats`).  :func:`_post` re-derives each
+second, read-only call (sharded: at the start of the next step, see :mod:`.fused_stats`).  :func:`_post` re-derives each
 element's step size from the new state and the same scalar vector the kernel used, so no extra state is kept.  Both are pure functions returning float64 sums (float64 accumulators,
 elementwise work in the state's dtype).  The layout is :mod:`sharded_optim.telemetry.fields`; the optimizer
 passes real (unpadded) ranges only.

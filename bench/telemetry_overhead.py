@@ -10,7 +10,7 @@ and of ``optimizer.step()`` alone, per mode, and their ratios to "off": per roun
 in an order rotated each round) mean/mean, then the median and quartiles of those ratios over rounds.
 
     python bench/telemetry_overhead.py            # writes bench/results/telemetry_overhead.{json,md,png}
-    python bench/telemetry_overhead.py --workload gpt --layers 4 --hidden 256 --batch 8 --seq-len 128
+    python bench/telemetry_overhead.py --workload gpt --layers 4 --hidden 256 --batch 8 --seq-len 128 --rounds 12
                                                   # writes bench/results/telemetry_overhead_gpt.*
 """
 from __future__ import annotations
@@ -185,7 +185,7 @@ def _write(summary: dict[str, object], raw: dict[str, Any], stem: str) -> None:
     model = (f"MLP {cfg['layers']}x{cfg['hidden']}, batch {cfg['batch']}" if cfg["workload"] == "mlp" else
              f"GPT {cfg['layers']} layers x d_model {cfg['hidden']}, batch {cfg['batch']} x {cfg['seq_len']} tokens")
     lines = ["# Telemetry overhead", "",
-             f"`python bench/telemetry_overhead.py{'' if cfg['workload'] == 'mlp' else ' ' + _flags(cfg)}` — "
+             f"`python bench/telemetry_overhead.py {_flags(cfg)}` — "
              f"{cfg['world']} gloo ranks, {model} ({cfg['parameters'] / 1e6:.1f}M parameters), adamw, "
              f"kernel {cfg['kernel']}, {cfg['rounds']} rounds x {cfg['steps']} steps per mode (modes back to back in "
              f"each round, order rotated), "
@@ -218,8 +218,12 @@ def _write(summary: dict[str, object], raw: dict[str, Any], stem: str) -> None:
 
 
 def _flags(cfg: dict[str, Any]) -> str:
-    return (f"--workload {cfg['workload']} --layers {cfg['layers']} --hidden {cfg['hidden']} --batch {cfg['batch']} "
-            f"--seq-len {cfg['seq_len']}")
+    """The command-line flags that reproduce a run (defaults left out)."""
+    flags = f"--rounds {cfg['rounds']}"
+    if cfg["workload"] != "mlp":
+        flags = (f"--workload {cfg['workload']} --layers {cfg['layers']} --hidden {cfg['hidden']} "
+                 f"--batch {cfg['batch']} --seq-len {cfg['seq_len']} {flags}")
+    return flags
 
 
 def main() -> None:
@@ -233,7 +237,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128, help="gpt: tokens per sequence")
     ap.add_argument("--kernel", default="auto", choices=["auto", "compiled", "eager"])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per mode and round")
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--default-interval", type=int, default=telemetry.DEFAULT_STATS_INTERVAL)
     args = ap.parse_args()

@@ -289,3 +289,28 @@ def test_loading_a_state_between_steps_keeps_the_last_statistics() -> None:
     for res in run_ranks(load_between_worker, 2):
         assert res[True][0] == res[False][0] == 2
         np.testing.assert_array_equal(res[True][1], res[False][1])
+
+
+def checkpoint_between_worker(rank: int, world: int, path: str) -> dict:
+    from sharded_optim import checkpoint
+    out = {}
+    for load in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        opt = so.ShardedOptimizer(model.parameters(), lr=0.05, kernel="eager", stats_interval=1)
+        gen = torch.Generator().manual_seed(rank)
+        for step in range(2):
+            model(torch.randn(5, 4, generator=gen)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 0 and load:
+                checkpoint.save(path, model, opt, step=1)
+        if load:  # replaces the state that step 2's statistics still have to be read from
+            checkpoint.load(path, model, opt)
+        out[load] = opt.flush_stats()[1].numpy()
+    return out
+
+
+def test_loading_a_checkpoint_between_steps_keeps_the_last_statistics(tmp_path) -> None:
+    for res in run_ranks(checkpoint_between_worker, 2, str(tmp_path / "ckpt")):
+        np.testing.assert_array_equal(res[True], res[False])

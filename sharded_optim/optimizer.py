@@ -7,6 +7,7 @@ communication in :mod:`sharded_optim.zero`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections import deque
@@ -158,8 +159,7 @@ class ShardedOptimizer(Optimizer):
         self._delivered_stats: tuple[int, Tensor] | None = None
         # sums of the updated state still to read back (sharded statistics steps): they run at the start of the
         # next step, while that step's gradient reduce-scatters are in flight (see _finish_deferred_stats)
-        self._deferred_post: list[tuple[FlatParamGroup, str, tuple[str, ...], list[tuple[slice, Tensor]], Tensor,
-                                        float]] = []
+        self._deferred_post: list[Callable[[], None]] = []
         self._clipped = False
         self._report_hooks: list[Callable[[StepReport], None]] = []
         self._validated: dict[int, tuple] = {}
@@ -352,8 +352,8 @@ class ShardedOptimizer(Optimizer):
         reduce-scatters: a 2-rank gloo run spends about 18 ms per step there.
         """
         deferred, self._deferred_post = self._deferred_post, []
-        for rt, variant, keys, post, stats, lr in deferred:
-            self._post_stats(rt, variant, keys, post, stats, lr)
+        for read_back in deferred:
+            read_back()
 
     def _group_norms(self) -> Tensor:
         """Global pre-clip gradient sum of squares per param group (float64), one all-reduce.
@@ -561,22 +561,22 @@ class ShardedOptimizer(Optimizer):
                 if hs.mu_product is not None:
                     rt.mu_products[index] = hs.mu_product
                 rectification = hs.rectification
-            if post and self._shard_hooks:  # Lookahead may rewrite the parameters: read them back before it does
-                self._post_stats(rt, variant, keys, post, stats, float(group["lr"]))
-            elif post and rt.reduce_group is not None:  # needed at the next norm all-reduce only: defer
-                self._deferred_post.append((rt, variant, keys, post, stats, float(group["lr"])))
+            if post:
+                read_back = functools.partial(self._post_stats, rt, variant, keys, post, stats, float(group["lr"]))
+                # now if Lookahead is about to rewrite the parameters or one process reports this very step;
+                # otherwise they are needed at the next norm all-reduce only: defer (_finish_deferred_stats)
+                if self._shard_hooks or rt.reduce_group is None:
+                    read_back()
+                else:
+                    self._deferred_post.append(read_back)
             for fn in self._shard_hooks:
                 fn(rt, group)
             rt.gather_params(wait=not self.overlap_param_gather)
-            if post and not self._shard_hooks and rt.reduce_group is None:  # one process: reported this step
-                self._post_stats(rt, variant, keys, post, stats, float(group["lr"]))
         return rectification
 
     def _post_stats(self, rt: FlatParamGroup, variant: str, keys: tuple[str, ...], post: list[tuple[slice, Tensor]],
-                    stats: Tensor | None, lr: float) -> None:
+                    stats: Tensor, lr: float) -> None:
         """Statistics of the updated state over the ranges the update covered (reads only)."""
-        if not post or stats is None:
-            return
         edges = stats_kernels.edges_for(rt.device)
         for sub, sc in post:
             sums = dispatch.run(variant + dispatch.POST_SUFFIX, self.kernel_mode, rt.master[sub],

@@ -2,9 +2,10 @@
 
 On statistics steps (every ``stats_interval`` steps) the optimizer runs the update fused with :func:`_pre`, which
 reads the gradient and the *previous* first moment (for the momentum/gradient cosine), then :func:`_post` in a
-second, read-only call (sharded: at the start of the next step, see :mod:`.fused_stats`).  :func:`_post` re-derives each
-element's step size from the new state and the same scalar vector the kernel used, so no extra state is kept.  Both are pure functions returning float64 sums (float64 accumulators,
-elementwise work in the state's dtype).  The layout is :mod:`sharded_optim.telemetry.fields`; the optimizer
+second, read-only call (sharded: at the start of the next step, see :mod:`.fused_stats`).  :func:`_post`
+re-derives each element's step size from the new state and the same scalar vector the kernel used, so no extra
+state is kept.  Both are pure functions returning float64 sums (float64 accumulators, elementwise work in the
+state's dtype).  The layout is :mod:`sharded_optim.telemetry.fields`; the optimizer
 passes real (unpadded) ranges only.
 """
 from __future__ import annotations
@@ -140,25 +141,20 @@ def _edges_on(device: torch.device) -> Tensor:
 
 
 @functools.cache
-def _pre_index(device: torch.device) -> Tensor:
-    """Where each of a kernel's sums goes in the statistics vector."""
-    return torch.tensor([FIELD_INDEX[name] for name in PRE_FIELDS], device=device)
-
-
-@functools.cache
-def _post_index(device: torch.device) -> Tensor:
-    return torch.tensor([FIELD_INDEX[name] for name in POST_FIELDS], device=device)
+def _field_index(names: tuple[str, ...], device: torch.device) -> Tensor:
+    """Where each of a kernel's sums (``names``, in order) goes in the statistics vector."""
+    return torch.tensor([FIELD_INDEX[name] for name in names], device=device)
 
 
 def add_pre_sums(out: Tensor, sums: Tensor) -> None:
     """Add the ``PRE_FIELDS`` sums of a ``<variant>_pre`` call to the statistics row ``out``.
 
     One ``index_add_`` instead of a Python loop of scalar additions (0.2 ms per call on CPU)."""
-    out.index_add_(0, _pre_index(out.device), sums)
+    out.index_add_(0, _field_index(PRE_FIELDS, out.device), sums)
 
 
 def add_post_sums(out: Tensor, sums: Tensor, lr: float) -> None:
     """Add the ``POST_FIELDS`` sums of a ``<variant>_post`` call to ``out``, and the update RMS before the LR."""
-    out.index_add_(0, _post_index(out.device), sums)
+    out.index_add_(0, _field_index(POST_FIELDS, out.device), sums)
     if lr > 0:
         out[FIELD_INDEX["unit_update_sumsq"]] += sums[POST_FIELDS.index("update_sumsq")] / (lr * lr)

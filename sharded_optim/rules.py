@@ -77,6 +77,10 @@ def _require_unit_interval(name: str, value: Any) -> float:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+# Coupled L2 adds wd*p to the gradient before v <- b2*v + (1-b2)*g^2: above sqrt(FLOAT32_MAX) (1.8e19) the square
+# overflows for every parameter element of magnitude >= 1, and v is inf from then on (the update of such an element
+# is frozen at 0 for good).  Such a coefficient is always a mistake: refuse it, as torch would not.
+L2_WEIGHT_DECAY_MAX = math.sqrt(FLOAT32_MAX)
 
 
 def _require_nonnegative(name: str, value: Any) -> float:
@@ -113,6 +117,10 @@ def validate_group(algorithm: str, group: Mapping[str, Any]) -> dict[str, Any]:
     out["eps"] = _require_nonnegative("eps", group["eps"])
     out["weight_decay"] = _require_nonnegative("weight_decay", group["weight_decay"])
     out["decoupled_weight_decay"] = _require_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
+    if not out["decoupled_weight_decay"] and out["weight_decay"] > L2_WEIGHT_DECAY_MAX:
+        raise ValueError(f"weight_decay must be <= {L2_WEIGHT_DECAY_MAX:.4g} with coupled L2 (decoupled_weight_decay="
+                         f"False): wd*p enters v as a square, which overflows float32 for any |p| >= 1; got "
+                         f"{group['weight_decay']!r}")
     for name in spec.options:
         if name == "decoupled_weight_decay":
             continue

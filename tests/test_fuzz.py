@@ -115,6 +115,30 @@ def test_overflowing_hyperparameters_are_refused_or_finite():
             f"{algorithm} {kwargs}: accepted, then produced non-finite values")
 
 
+def test_coupled_l2_weight_decay_that_overflows_v_is_refused_before_a_step():
+    """Coupled L2 squares wd*p into v: 1e30 overflows float32 (found by the param_groups fuzzer above).  The edit
+    is refused naming weight_decay, and the refused step leaves parameters and state as they were; decoupled
+    decay does not square it and stays accepted."""
+    model = _model()
+    opt = ShardedOptimizer(model.parameters(), algorithm="adam", kernel="eager")
+    _step_and_check(model, opt)
+    before = [p.detach().clone() for p in model.parameters()], opt.state_dict()["state"][0]
+    opt.param_groups[0]["weight_decay"] = 1e30
+    model(torch.randn(4, 3)).square().mean().backward()
+    try:
+        opt.step()
+    except ValueError as exc:
+        assert "weight_decay" in str(exc) and "coupled L2" in str(exc), exc
+    else:
+        raise AssertionError("weight_decay=1e30 with coupled L2 was accepted")
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before[0]))
+    assert all(torch.equal(v, before[1][k]) for k, v in opt.state_dict()["state"][0].items())
+    opt.param_groups[0]["weight_decay"] = 1e18  # below the bound: accepted, state finite for |p| < 1
+    opt.step()
+    assert _finite(opt)
+    ShardedOptimizer(_model().parameters(), algorithm="adamw", weight_decay=1e30, kernel="eager")  # decoupled
+
+
 # ------------------------------------------------------------------------------------------- config loader
 from sharded_optim import config  # noqa: E402  (the config loader is part of the package)
 SECTIONS = ("model", "data", "optimizer", "schedule", "training", "telemetry", "checkpoint")

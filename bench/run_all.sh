@@ -20,5 +20,5 @@ if [[ "$what" == all || "$what" == zero ]]; then
 fi
 if [[ "$what" == all || "$what" == telemetry ]]; then
   python bench/telemetry_overhead.py
-  python bench/telemetry_overhead.py --workload gpt --layers 4 --hidden 256 --batch 8 --seq-len 128 --rounds 12
+  python bench/telemetry_overhead.py --workload gpt --layers 4 --hidden 256 --batch 8 --seq-len 128 --rounds 24
 fi

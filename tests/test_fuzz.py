@@ -4,6 +4,7 @@ field) may come out; a successful step with finite gradients never leaves non-fi
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import yaml
@@ -14,7 +15,11 @@ from sharded_optim import ALGORITHMS, ShardedOptimizer
 from sharded_optim.rules import OPTION_DEFAULTS
 
 EXAMPLES = 60
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# In CI the examples are derived from each test's name (derandomize): a landing must not depend on which inputs a
+# random seed happened to draw (the coupled-L2 overflow below was a ~3%-per-run draw).  Local runs stay random, and
+# hypothesis replays any failure they find from its example database.
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                    derandomize=os.environ.get("CI") == "true")
 
 # numbers a float32 optimizer can take without overflowing (validation is about meaning, not dtype range)
 sane = st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 1e-12, 1e-3, 0.5, 0.999, 10.0]))

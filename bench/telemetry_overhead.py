@@ -156,17 +156,17 @@ def _summarise(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, objec
     timed = args.steps - 1
     for mode in raw["step"]:
         stats: dict[str, Any] = {"samples": len(raw["step"][mode])}
-        for key, name in (("step", "step"), ("optimizer_step", "optimizer_step")):
+        for key in ("step", "optimizer_step"):
             xs = raw[key][mode]
-            stats[f"{name}_ms_mean"] = statistics.fmean(xs) * 1e3
-            stats[f"{name}_ms_median"] = statistics.median(xs) * 1e3
+            stats[f"{key}_ms_mean"] = statistics.fmean(xs) * 1e3
+            stats[f"{key}_ms_median"] = statistics.median(xs) * 1e3
             # Ratio of means over every timed step (what a whole training run would take longer), with a paired
             # bootstrap over rounds: a per-round ratio of 10-step means has a spread of about +-13% on this
             # machine, so a median of those ratios moved by +-3% between runs.
             per_round = [[sum(raw[key][m][r * timed:(r + 1) * timed]) for r in range(args.rounds)]
                          for m in (mode, "off")]
-            stats[f"{name}_ratio"] = sum(per_round[0]) / sum(per_round[1])
-            stats[f"{name}_ratio_ci95"] = _bootstrap_ci(per_round[0], per_round[1])
+            stats[f"{key}_ratio"] = sum(per_round[0]) / sum(per_round[1])
+            stats[f"{key}_ratio_ci95"] = _bootstrap_ci(per_round[0], per_round[1])
         out["modes"][mode] = stats
     # Every timed step's time, for re-analysis (per mode, in run order: round after round).
     out["samples_ms"] = {key: {mode: [round(x * 1e3, 3) for x in xs] for mode, xs in raw[key].items()}

@@ -477,11 +477,11 @@ class ShardedOptimizer(Optimizer):
             self.skipped_steps[reason] += 1
         rectification: list[float | None] = []
         if reason is None:
-            if math.isfinite(total_norm):
+            finite = math.isfinite(total_norm)  # every element finite: the statistics skip non-finite masking
+            if finite:
                 self._recent_norms.append(total_norm)
             stats_step = self.stats_interval > 0 and self.steps_attempted % self.stats_interval == 0
             partials: dict[Any, Tensor] | None = {} if stats_step else None
-            finite = math.isfinite(total_norm)  # every element finite: the statistics skip non-finite masking
             for gi, group in enumerate(self.param_groups):
                 rectification.append(self._update_group(group, gi, has_grad, partials, finite))
             if partials is not None and all(key is _LOCAL for key in partials):  # no collective needed

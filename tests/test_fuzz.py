@@ -127,7 +127,8 @@ def test_coupled_l2_weight_decay_that_overflows_v_is_refused_before_a_step():
     model = _model()
     opt = ShardedOptimizer(model.parameters(), algorithm="adam", kernel="eager")
     _step_and_check(model, opt)
-    before = [p.detach().clone() for p in model.parameters()], opt.state_dict()["state"][0]
+    before = ([p.detach().clone() for p in model.parameters()],
+              {k: v.clone() for k, v in opt.state_dict()["state"][0].items()})
     opt.param_groups[0]["weight_decay"] = 1e30
     model(torch.randn(4, 3)).square().mean().backward()
     try:

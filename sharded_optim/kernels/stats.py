@@ -93,10 +93,11 @@ def _pre(grad: Tensor, m_prev: Tensor, gscale: Tensor, finite: bool) -> Tensor:
     numel = torch.full((), g.numel(), dtype=_F64, device=g.device)
     zero = _count_le(_magnitude_bits(g), torch.zeros((), dtype=g.dtype, device=g.device))
     if finite:
-        return torch.stack([numel, _sum64(g * g), torch.zeros((), dtype=_F64, device=g.device), zero,
-                            _sum64(m * g), _sum64(m * m)])
-    ok = torch.isfinite(g)
-    return torch.stack([numel, _sum64(g * g), _count(~ok), zero, _sum64(m * torch.where(ok, g, 0.0)), _sum64(m * m)])
+        nonfinite, g_finite = torch.zeros((), dtype=_F64, device=g.device), g
+    else:
+        ok = torch.isfinite(g)
+        nonfinite, g_finite = _count(~ok), torch.where(ok, g, 0.0)
+    return torch.stack([numel, _sum64(g * g), nonfinite, zero, _sum64(m * g_finite), _sum64(m * m)])
 
 
 def _post(variant: str, p: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, s: Tensor | None, sc: Tensor,

@@ -27,6 +27,7 @@ from .zero import FlatParamGroup, all_gather
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _LOCAL = object()  # key for partial sums that need no reduction
+_GRAD_SUMSQ = stats_kernels.PRE_FIELDS.index("grad_sumsq")
 MASTER_KEY = "master_param"  # fp32 master copy of bf16/fp16 parameters, in state_dict()
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -152,6 +153,9 @@ class ShardedOptimizer(Optimizer):
         self._cached_norms: Tensor | None = None   # set by clip_grad_norm_, consumed by the next step
         self._pending_has_grad: dict[int, list[bool]] | None = None  # likewise: gradients already collected
         self._local_sumsq_parts: list[Tensor] = []  # per-runtime shard sums of squares of the last norm pass
+        # id(runtime) -> PRE_FIELDS sums of the gradient and the state before the update, when the last norm pass
+        # was that of a statistics step (it then decides that the next step computes statistics); else None
+        self._pre_sums: dict[int, Tensor] | None = None
         # Statistics ride on the next gradient-norm all-reduce instead of taking one of their own (see
         # _group_norms): the local partial sums of the last statistics step wait here, the global ones that came
         # back wait in _delivered_stats for the next report.  Each is (step the statistics describe, sums).
@@ -355,22 +359,33 @@ class ShardedOptimizer(Optimizer):
         for read_back in deferred:
             read_back()
 
-    def _group_norms(self) -> Tensor:
+    def _group_norms(self, has_grad: dict[int, list[bool]]) -> Tensor:
         """Global pre-clip gradient sum of squares per param group (float64), one all-reduce.
 
         The local statistics sums of the previous statistics step, if any, are packed into the same all-reduce:
         a second collective per statistics step measured 0.5 ms median and up to 4 ms at the 90th percentile on
         gloo, more than the statistics themselves.  The global sums are kept for the next report.
+
+        Before a statistics step the local pass is :func:`~sharded_optim.kernels.stats.pre_sums` over the ranges
+        the update will cover (kept in ``_pre_sums``): their ``grad_sumsq`` is the shard's sum of squares, since
+        the rest of the shard (bucket padding, parameters without a gradient) holds zeros.
         """
         per_group: dict[Any, list[Tensor | float]] = {}
         devices: dict[Any, torch.device] = {}
         self._local_sumsq_parts = []  # this rank's shard sums, kept for the report's per-rank shard norm
+        stats_next = self.stats_interval > 0 and (self.steps_attempted + 1) % self.stats_interval == 0
+        self._pre_sums = {} if stats_next else None
         for i, group in enumerate(self.param_groups):
             for rt in self._runtimes.get(id(group), []):
                 key = rt.reduce_group if rt.reduce_group is not None else _LOCAL
                 acc = per_group.setdefault(key, [0.0] * len(self.param_groups))
                 devices.setdefault(key, rt.device)
-                local = rt.local_grad_sumsq()
+                if self._pre_sums is None:
+                    local = rt.local_grad_sumsq()
+                else:  # statistics step: the norm comes out of the statistics pass over the gradient
+                    pre = self._pre_pass(group, rt, has_grad[id(rt)], finite=True)
+                    self._pre_sums[id(rt)] = pre
+                    local = pre[_GRAD_SUMSQ]
                 self._local_sumsq_parts.append(local)
                 acc[i] = acc[i] + local
         pending, self._pending_stats = self._pending_stats, None
@@ -439,7 +454,7 @@ class ShardedOptimizer(Optimizer):
             raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
         self._ensure_runtimes()
         self._pending_has_grad = self._collect()
-        sumsq = self._group_norms()
+        sumsq = self._group_norms(self._pending_has_grad)
         self._cached_norms = sumsq
         total = math.sqrt(float(sumsq.sum()))
         coef = max_norm / (total + 1e-6)
@@ -467,7 +482,7 @@ class ShardedOptimizer(Optimizer):
             self._check_group(group)
         has_grad = self._pending_has_grad or self._collect()
         self._pending_has_grad = None
-        sumsq = self._cached_norms if self._cached_norms is not None else self._group_norms()
+        sumsq = self._cached_norms if self._cached_norms is not None else self._group_norms(has_grad)
         self._cached_norms = None
         clipped, self._clipped = self._clipped, False
         total_norm = math.sqrt(float(sumsq.sum()))
@@ -480,8 +495,7 @@ class ShardedOptimizer(Optimizer):
             finite = math.isfinite(total_norm)  # every element finite: the statistics skip non-finite masking
             if finite:
                 self._recent_norms.append(total_norm)
-            stats_step = self.stats_interval > 0 and self.steps_attempted % self.stats_interval == 0
-            partials: dict[Any, Tensor] | None = {} if stats_step else None
+            partials: dict[Any, Tensor] | None = {} if self._pre_sums is not None else None  # a statistics step
             for gi, group in enumerate(self.param_groups):
                 rectification.append(self._update_group(group, gi, has_grad, partials, finite))
             if partials is not None and all(key is _LOCAL for key in partials):  # no collective needed
@@ -489,6 +503,7 @@ class ShardedOptimizer(Optimizer):
                                          self._reduce_sum(partials, (len(self.param_groups), NUM_FIELDS)))
             elif partials is not None:  # global with the next gradient-norm all-reduce (or flush_stats)
                 self._pending_stats = (self.steps_attempted, partials)
+        self._pre_sums = None
         for _, rt in self._all_runtimes():
             rt.end_step()
         if self._report_hooks:
@@ -538,24 +553,21 @@ class ShardedOptimizer(Optimizer):
             mus = rt.mu_products.tolist()
             if stats is not None:
                 real = rt.stat_ranges()
-                gscale = torch.tensor(-1.0 if group.get("maximize", False) else 1.0, dtype=torch.float64,
-                                      device=rt.device)
+                # the norm pass assumed finite gradients; with non-finite ones (nonfinite_policy="ignore") the
+                # sums are taken again, masked: the gradient and the state are still those it read
+                pre = self._pre_sums.pop(id(rt)) if grads_finite else self._pre_pass(group, rt, has_grad[id(rt)],
+                                                                                        finite=False)
+                stats_kernels.add_pre_sums(stats, pre)
             post: list[tuple[slice, Tensor]] = []  # statistics step: (range, scalars) still to read back
             for rng, slots in runs:
                 t = steps[slots[0]] + 1
                 hs = rules.host_scalars(self.algorithm, group, t, initial_lr=float(group.get("base_lr", 0.0)),
                                         mu_product=mus[slots[0]])
                 sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
-                if stats is None:
-                    dispatch.run(variant, self.kernel_mode, rt.master[rng], rt.grad[rng],
-                                 *(rt.state[k][rng] for k in keys), sc)
-                else:  # statistics step: the update with the sums of the state before it, real elements only
-                    for sub in _intersect(rng, real):
-                        sums = dispatch.run(variant + dispatch.PRE_SUFFIX, self.kernel_mode, rt.master[sub],
-                                            rt.grad[sub], *(rt.state[k][sub] for k in keys), sc, gscale,
-                                            grads_finite)
-                        stats_kernels.add_pre_sums(stats, sums)
-                        post.append((sub, sc))
+                dispatch.run(variant, self.kernel_mode, rt.master[rng], rt.grad[rng],
+                             *(rt.state[k][rng] for k in keys), sc)
+                if stats is not None:  # statistics step: the updated state is read back over real elements
+                    post.extend((sub, sc) for sub in _intersect(rng, real))
                 index = slice(None) if len(slots) == len(steps) else torch.tensor(slots, dtype=torch.long)
                 rt.steps[index] += 1
                 if hs.mu_product is not None:
@@ -573,6 +585,18 @@ class ShardedOptimizer(Optimizer):
                 fn(rt, group)
             rt.gather_params(wait=not self.overlap_param_gather)
         return rectification
+
+    def _pre_pass(self, group: dict[str, Any], rt: FlatParamGroup, has_grad: list[bool], finite: bool) -> Tensor:
+        """``PRE_FIELDS`` sums of the gradient and the first moment before the update, over the real elements of
+        the ranges the update will cover (:func:`~sharded_optim.kernels.stats.pre_sums`), in float64."""
+        gscale = torch.tensor(-1.0 if group.get("maximize", False) else 1.0, dtype=torch.float64, device=rt.device)
+        m = rt.state[next(iter(rt.state))]  # every variant's first state tensor is the first moment
+        real = rt.stat_ranges()
+        total = torch.zeros(len(stats_kernels.PRE_FIELDS), dtype=torch.float64, device=rt.device)
+        for rng, _ in rt.update_runs(has_grad):
+            for sub in _intersect(rng, real):
+                total += dispatch.run(dispatch.PRE_SUMS, self.kernel_mode, rt.grad[sub], m[sub], gscale, finite)
+        return total
 
     def _post_stats(self, rt: FlatParamGroup, variant: str, keys: tuple[str, ...], post: list[tuple[slice, Tensor]],
                     stats: Tensor, lr: float) -> None:
@@ -610,6 +634,7 @@ class ShardedOptimizer(Optimizer):
             rt.end_step()
         self._pending_has_grad = None
         self._cached_norms = None
+        self._pre_sums = None
         self._clipped = False
         super().zero_grad(set_to_none=set_to_none)
 

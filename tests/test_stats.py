@@ -98,6 +98,11 @@ def run_and_capture(kind: str, rank: int | None = None, steps: int = 3, kernel: 
     assert stats_step == steps
     captured["stats"] = stats[0]
     captured["stats_steps"] = [r.stats_step for r in reports]
+    # a statistics step's norm pass is the statistics pass itself (kernels.stats.pre_sums): its norms must be
+    # those of the whole gradient, padding and all
+    captured["norms"] = [(r.grad_norm, r.shard_grad_norm) for r in reports]
+    captured["direct_norms"] = [float(torch.cat([x.double().reshape(-1) for x in grads_for(step)]).norm())
+                                for step in range(steps)]
     # the statistics of the step before the last, from a report (sharded: made global by the norm all-reduce)
     captured["prev_stats"] = next(r.stats[0] for r in reports if r.stats_step == steps - 1)
     return captured
@@ -121,6 +126,7 @@ def test_statistics_equal_direct_computation(kind: str, kernel: str) -> None:
     want = expected_stats(kind, c["params"], c["grads"], c["m_prev"], c["state"], c["t"])
     assert want["eps_dominated"] > 0 and want["zero_grad"] == 2  # the checks below can fail
     assert_stats_match(c["stats"], want)
+    assert [n for n, _ in c["norms"]] == pytest.approx(c["direct_norms"], rel=1e-6)
 
 
 def two_rank_worker(rank: int, world: int) -> dict:
@@ -130,6 +136,8 @@ def two_rank_worker(rank: int, world: int) -> dict:
         out[kind] = c["stats"].numpy()
         out[kind + "_prev"] = c["prev_stats"].numpy()
         out["stats_steps"] = c["stats_steps"]
+        out[kind + "_norms"] = c["norms"]
+        out["direct_norms"] = c["direct_norms"]
     return out
 
 
@@ -147,6 +155,42 @@ def test_two_ranks_report_the_single_process_statistics() -> None:
             np.testing.assert_allclose(res[kind], single["stats"].numpy(), rtol=1e-9, atol=1e-12, err_msg=kind)
             np.testing.assert_allclose(res[kind + "_prev"], single["prev_stats"].numpy(), rtol=1e-9, atol=1e-12,
                                        err_msg=kind + " (delivered with the next step)")
+            # the global norm of the statistics pass is the whole gradient's, and the two ranks' shard norms
+            # (small buckets: both ranks hold padding) add up to it
+            assert [n for n, _ in res[kind + "_norms"]] == pytest.approx(res["direct_norms"], rel=1e-6)
+        shard = np.array([[s for _, s in res[kind + "_norms"]] for res in results])
+        np.testing.assert_allclose(np.sqrt((shard ** 2).sum(0)), results[0]["direct_norms"], rtol=1e-6,
+                                   err_msg=kind)
+
+
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])
+def test_statistics_norm_pass_matches_the_plain_one_and_sees_the_gradient_before_clipping(kernel: str) -> None:
+    """On a statistics step the gradient norm comes from the statistics pass over the ranges the update covers.
+    It must equal a plain step's norm when a parameter has no gradient (its elements are left out of the pass),
+    and the statistics describe the gradient before ``clip_grad_norm_`` scales it (the cosine does not change)."""
+    def run(stats_interval: int) -> tuple[list, list[torch.Tensor]]:
+        params = make_params()
+        opt = so.ShardedOptimizer(params, lr=LR, kernel=kernel, stats_interval=stats_interval)
+        reports = []
+        opt.add_report_hook(reports.append)
+        for step in range(3):
+            for p, g in zip(params, grads_for(step)):
+                p.grad = g.clone()
+            params[1].grad = None if step == 1 else params[1].grad  # no gradient: skipped by the update
+            opt.clip_grad_norm_(0.5)  # every step clips: the norms are ~7
+            opt.step()
+        return reports, [p.detach().clone() for p in params]
+
+    with_stats, params_stats = run(1)
+    plain, params_plain = run(0)
+    assert all(r.clipped for r in plain)
+    for step, (a, b) in enumerate(zip(with_stats, plain)):
+        assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-6), step
+        assert float(a.stats[0][F["grad_sumsq"]]) == pytest.approx(b.grad_norm ** 2, rel=1e-6), step
+    for a, b in zip(params_stats, params_plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    step1 = with_stats[1].stats[0]  # parameter 1 had no gradient: not in the statistics either
+    assert int(step1[F["numel"]]) == sum(math.prod(s) for s in SHAPES) - math.prod(SHAPES[1])
 
 
 def test_skipped_step_reports_reason_and_no_statistics() -> None:

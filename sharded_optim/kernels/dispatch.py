@@ -16,10 +16,11 @@ from typing import Callable
 import torch
 
 from .adam_family import VARIANTS, lookahead_sync
-from .fused_stats import POST, PRE
+from .fused_stats import POST
+from .stats import pre_sums
 
-PRE_SUFFIX = "+pre"    # statistics step, first call: the update plus the sums of the state before it
-POST_SUFFIX = "+post"  # statistics step, second call: the sums of the updated state (reads only)
+PRE_SUMS = "pre_sums"  # statistics step, norm pass: sums of the gradient and the state before the update
+POST_SUFFIX = "+post"  # statistics step, after the update: the sums of the updated state (reads only)
 
 KERNEL_MODES = ("auto", "compiled", "eager")
 ENV_VAR = "SHARDED_OPTIM_KERNEL"
@@ -40,8 +41,8 @@ def resolve_mode(mode: str) -> str:
 
 
 def _function(name: str) -> Callable[..., object]:
-    if name.endswith(PRE_SUFFIX):
-        return PRE[name[: -len(PRE_SUFFIX)]]
+    if name == PRE_SUMS:
+        return pre_sums
     if name.endswith(POST_SUFFIX):
         return POST[name[: -len(POST_SUFFIX)]]
     return VARIANTS[name] if name in VARIANTS else lookahead_sync
@@ -55,9 +56,10 @@ def _compiled(name: str) -> Callable[..., object]:
 def run(name: str, mode: str, *tensors: torch.Tensor) -> object:
     """Run kernel ``name`` on ``tensors`` (parameter, gradient, states..., scalars) in place.
 
-    ``name + PRE_SUFFIX`` runs the update and returns the statistics sums of the state before it, ``name +
-    POST_SUFFIX`` returns those of the updated state (:mod:`.fused_stats`)."""
-    if tensors[0].numel() == 0 and not name.endswith((PRE_SUFFIX, POST_SUFFIX)):
+    ``PRE_SUMS`` (gradient, first moment, sign, finite flag) returns the statistics sums of the gradient and
+    the state before the update (:func:`.stats.pre_sums`), ``name + POST_SUFFIX`` those of the updated state
+    (:mod:`.fused_stats`); the other kernels return nothing."""
+    if tensors[0].numel() == 0 and name != PRE_SUMS and not name.endswith(POST_SUFFIX):
         return None  # an empty shard (FSDP2 gives some ranks 0 elements); size 0 would also compile apart
     eager = _function(name)
     if mode == "eager" or name in _broken:

@@ -4,9 +4,9 @@ On statistics steps (every ``stats_interval`` steps) the optimizer's gradient-no
 reads the gradient and the *previous* first moment (for the momentum/gradient cosine) before the update; after the
 plain update, :func:`_post` reads the new state in a second, read-only call (sharded: at the start of the next
 step, see :mod:`.fused_stats`).  :func:`_post` re-derives each element's step size from the new state and the same
-scalar vector the update used, so no extra state is kept.  Both are pure functions returning float64 sums (float64 accumulators, elementwise work in the
-state's dtype).  The layout is :mod:`sharded_optim.telemetry.fields`; the optimizer
-passes real (unpadded) ranges only.
+scalar vector the update used, so no extra state is kept.  Both are pure functions returning float64 sums
+(float64 accumulators, elementwise work in the state's dtype).  The layout is
+:mod:`sharded_optim.telemetry.fields`; the optimizer passes real (unpadded) ranges only.
 """
 from __future__ import annotations
 

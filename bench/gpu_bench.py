@@ -15,7 +15,8 @@ interleaved, timed with CUDA events (medians):
 Achieved bandwidth = ALGORITHMS.md section 0 bytes per element (28 or 36) x numel / time.  Telemetry overhead at
 ``stats_interval=1``: a statistics step's kernels (the gradient-norm pass that also sums the gradient and the
 first moment, the plain update, then the read-only pass over the updated state: what ``ShardedOptimizer`` runs on
-a statistics step) timed back to back against a plain step's (the gradient-norm pass, the update), and ``ShardedOptimizer.step()`` with ``stats_interval=1`` against
+a statistics step) timed back to back against a plain step's (the gradient-norm pass, the update), and
+``ShardedOptimizer.step()`` with ``stats_interval=1`` against
 ``stats_interval=0``.
 
     python bench/gpu_bench.py                                   # on the GPU machine
@@ -196,10 +197,10 @@ def markdown(payload: dict) -> str:
                      f"{r['stats_step_over_update']:.2f}", cls,
                      "ok" if r["check_after_step_1"]["ok"] else "MISMATCH"])
     out.append(md_table(header, rows))
-    out.append(f"\nkernel/twin target (issue 2): >= {TWIN_TARGET}.  'stats step' = a statistics step's kernels (the norm "
-               "pass with the statistics sums, the update, the read-back of the updated state) over a plain step's (the "
-               "norm pass, the update); 'step(stats=1)/step(stats=0)' = `ShardedOptimizer.step()` with statistics every "
-               "step vs never.\n")
+    out.append(f"\nkernel/twin target (issue 2): >= {TWIN_TARGET}.  'stats step' = a statistics step's kernels "
+               "(the norm pass with the statistics sums, the update, the read-back of the updated state) over a plain "
+               "step's (the norm pass, the update); 'step(stats=1)/step(stats=0)' = `ShardedOptimizer.step()` with "
+               "statistics every step vs never.\n")
     return "\n".join(out)
 
 

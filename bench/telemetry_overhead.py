@@ -196,21 +196,30 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
             run(mode, args.pairs, record=True)
         if rank == 0 and (r + 1) % max(1, args.rounds // 10) == 0:
             print(f"round {r + 1}/{args.rounds}, {time.perf_counter() - t_start:.0f} s", flush=True)
-    scrape_ms = _idle_scrape_ms(test.opt, rank) if rank == 0 else []
+    scrape_ms = _idle_scrape_ms(test, rank)
     if rank == 0:
         Path(out).write_text(json.dumps({"pairs": pairs, "report_s": report_t, "idle_scrape_ms": scrape_ms,
                                          "parameters": num_parameters(test.model)}))
     dist.destroy_process_group()
 
 
-def _idle_scrape_ms(opt: ShardedOptimizer, rank: int, n: int = 50) -> list[float]:
-    """Round trips of scrapes of a populated registry with no training running (rank 0: it exports the global
-    series, so its page is the largest).  Server plus client plus loopback: an upper bound on the server's work."""
-    tel = telemetry.start(opt, base_port=0, run_id="bench", stats_interval=1)
+def _idle_scrape_ms(test: _Trainer, rank: int, n: int = 50) -> list[float]:
+    """Round trips of scrapes of rank 0's page (the largest: it exports the global series) with no training running,
+    after two statistics steps have filled every series.  Server plus client plus loopback: an upper bound on the
+    server's work per scrape.  Every rank calls this (the steps are collectives); only rank 0 scrapes."""
+    tel = telemetry.start(test.opt, base_port=0, run_id="bench", stats_interval=1)
     try:
-        url = f"http://127.0.0.1:{tel.port}/metrics"
-        _scrape(url)
-        return [_scrape(url) * 1e3 for _ in range(n)]
+        for _ in range(2):
+            test.step()
+        tel.flush()
+        dist.barrier()
+        times: list[float] = []
+        if rank == 0:
+            url = f"http://127.0.0.1:{tel.port}/metrics"
+            _scrape(url)
+            times = [_scrape(url) * 1e3 for _ in range(n)]
+        dist.barrier()
+        return times
     finally:
         tel.stop()
 

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from .rules import ALGORITHMS, SPECS
+from .telemetry import DEFAULT_STATS_INTERVAL
 
 # Options of ShardedOptimizer that only some algorithms accept (rules.SPECS[alg].options says which).
 ALGORITHM_OPTIONS = ("decoupled_weight_decay", "amsgrad", "bias_correction", "maximize", "beta3", "final_lr",
@@ -156,7 +157,7 @@ class TelemetryConfig:
     enabled: bool = _plain(False)
     base_port: int = _num(9400, 0, 65535, doc="rank r serves metrics on base_port + local_rank; 0: ephemeral")
     addr: str = _plain("127.0.0.1", "address the metrics servers bind (0.0.0.0 for a cluster)")
-    stats_interval: int = _num(10, 0, None, doc="optimizer statistics every N steps; 0: never")
+    stats_interval: int = _num(DEFAULT_STATS_INTERVAL, 0, None, doc="optimizer statistics every N steps; 0: never")
 
 
 @dataclass

@@ -358,3 +358,21 @@ def checkpoint_between_worker(rank: int, world: int, path: str) -> dict:
 def test_loading_a_checkpoint_between_steps_keeps_the_last_statistics(tmp_path) -> None:
     for res in run_ranks(checkpoint_between_worker, 2, str(tmp_path / "ckpt")):
         np.testing.assert_array_equal(res[True], res[False])
+
+
+def test_report_norms_equal_the_direct_norms_of_each_param_group() -> None:
+    """A report's ``grad_norm`` and ``group_grad_norms`` are the pre-clip norms of the whole gradient and of each
+    param group's gradient, as computed directly in float64 (the report reads them from one host copy)."""
+    params = make_params()
+    opt = so.ShardedOptimizer([{"params": params[:2]}, {"params": params[2:], "lr": LR / 2}], lr=LR, kernel="eager")
+    reports: list = []
+    opt.add_report_hook(reports.append)
+    for step in range(2):
+        grads = grads_for(step)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        direct = [math.sqrt(sum(float(g.double().square().sum()) for g in gs)) for gs in (grads[:2], grads[2:])]
+        assert reports[-1].group_grad_norms == pytest.approx(direct, rel=1e-6), step
+        assert reports[-1].grad_norm == pytest.approx(math.hypot(*direct), rel=1e-6), step
+        assert reports[-1].lrs == [LR, LR / 2]

@@ -24,7 +24,8 @@ server's work) and added: ``total = paired step ratio + scrape ms per second / 1
 
 Steady state: sharded statistics finish one step late (the read-back pass and all-reduce of step t run in step
 t + 1), so a block's first pair is an untimed lead-in, and the default-interval statistics steps sit at fixed
-timed positions (2 among 19 timed steps: 5% more than the steady 1 in 10, an overestimate).
+timed positions: 20/N of them among 19 timed steps (N = 20: 1 in 19), 5% more than the steady 1 in N, an
+overestimate.
 
 The default interval's overhead is small against the per-step noise, so it is also composed from parts measured
 more precisely: the test optimizer's per-step report time (``_report``: building the StepReport and running the

@@ -135,8 +135,8 @@ class _Trainer:
         return t2 - t0, t2 - t1
 
 
-def _time_reports(opt: ShardedOptimizer, sink: list[list[float]]) -> None:
-    """Time every ``opt._report`` call (StepReport plus exporter hook) into ``sink[-1]``.
+def _time_reports(opt: ShardedOptimizer, sink: list[float]) -> None:
+    """Append the time of every ``opt._report`` call (StepReport plus exporter hook) to ``sink``.
 
     An instance attribute shadows the method for this optimizer only; the wrapper adds about a microsecond."""
     inner = opt._report
@@ -144,7 +144,7 @@ def _time_reports(opt: ShardedOptimizer, sink: list[list[float]]) -> None:
     def timed(*a: Any, **k: Any) -> None:
         t0 = time.perf_counter()
         inner(*a, **k)
-        sink[-1].append(time.perf_counter() - t0)
+        sink.append(time.perf_counter() - t0)
     opt._report = timed  # type: ignore[method-assign]
 
 
@@ -159,7 +159,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     # per mode: one entry per timed pair, (ref step, test step, ref opt.step, test opt.step) in seconds
     pairs: dict[str, list[tuple[float, float, float, float]]] = {m: [] for m in modes}
     report_t: dict[str, list[float]] = {m: [] for m in modes}
-    sink: list[list[float]] = [[]]
+    sink: list[float] = []  # the report times of the current pair
     _time_reports(test.opt, sink)
 
     def run(mode: str, n_pairs: int, record: bool) -> None:
@@ -172,14 +172,14 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
             test.opt.stats_interval = 0
         dist.barrier()
         for i in range(n_pairs):
-            sink.append([])
+            sink.clear()
             if i % 2 == 0:  # flip the order inside a pair: neither model always runs first
                 (rs, ro), (ts, to) = ref.step(), test.step()
             else:
                 (ts, to), (rs, ro) = test.step(), ref.step()
             if record and i > 0:  # pair 0: the lead-in (see the module docstring)
                 pairs[mode].append((rs, ts, ro, to))
-                report_t[mode].extend(sink[-1])
+                report_t[mode].extend(sink)
         dist.barrier()
         if tel is not None and scraper is not None:
             scraper.stop()

@@ -28,7 +28,7 @@ from .report import StepReport
 from .server import DEFAULT_JOB, MetricsServer, advertised_host, gather_targets, write_targets_file
 
 # Statistics every 20 steps.  A statistics step costs about 2x a plain optimizer step on CPU: every step, that is
-# 6.1-7.7% of a training step on an optimizer-bound model and under 3% on the project's GPT; one step in ten still
+# 6.3-7.7% of a training step on an optimizer-bound model and under 3% on the project's GPT; one step in ten still
 # measured 1.010-1.012x on the optimizer-bound model (bench/telemetry_overhead.py), at the 1% budget.  One in twenty
 # halves the statistics' share while sampling faster than a 15 s scrape for any step below 0.75 s; distribution
 # statistics elsewhere are sampled far less often (wandb.watch: every 1000 steps).  Per-step series (norms,

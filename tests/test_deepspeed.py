@@ -48,7 +48,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("deepspeed")
     _launch([torchrun_bin, "--nproc-per-node", "2", "--master-port", str(_free_port()), SCRIPT, "torchrun",
              str(out), ",".join(sorted(set(REFERENCE.values())))], timeout=240)
-    # the first DeepSpeed start compiles a C++ extension (~30-45 s, cached afterwards)
+    # no C++ extension is built: the job marks DeepSpeed's inference-only shm all-reduce op incompatible
     _launch([deepspeed_bin, "--num_gpus", "2", "--master_port", str(_free_port()), SCRIPT, "deepspeed", str(out),
              ",".join(DS_RUNS)], timeout=420)
     return {f.stem: torch.load(f, weights_only=True) for f in out.glob("*.pt")}

@@ -197,28 +197,54 @@ class HostScalars:
     values: list[float]
     rectification: float | None = None   # RAdam r_t when rectified, else None
     mu_product: float | None = None      # NAdam running product after this step
-    applies_update: bool = True          # False for RAdam's skipped (degenerated_to_sgd=False) steps
 
 
-def host_scalars(algorithm: str, group: Mapping[str, Any], step: int, *, initial_lr: float,
-                 mu_product: float = 1.0) -> HostScalars:
-    """Per-step scalars for step ``step`` (>= 1) of one param group, in float64.
+# Hyperparameters that enter the scalars, in the order of the float64 vector the device path receives
+# (sharded_optim.device_step): all values a scheduler may change are data, never compiled-in constants.
+HYPER_KEYS = ("lr", "beta1", "beta2", "eps", "weight_decay", "beta3", "final_lr", "gamma", "momentum_decay",
+              "initial_lr")
 
-    ``initial_lr`` is the group's learning rate at construction (AdaBound scales its bounds by lr/initial_lr,
-    so LR schedulers move the bounds, as in the authors' code).  ``mu_product`` is NAdam's running product of
-    mu before this step.
-    """
+
+def hyperparameters(group: Mapping[str, Any], initial_lr: float) -> list[float]:
+    """The ``HYPER_KEYS`` values of a param group as host floats (options an algorithm lacks are 0)."""
     lr = float(group["lr"].item() if hasattr(group["lr"], "item") else group["lr"])
     beta1, beta2 = (float(b) for b in group["betas"])
-    eps = float(group["eps"])
-    wd = float(group["weight_decay"])
-    decoupled = bool(group["decoupled_weight_decay"])
-    t = int(step)
-    bias_correction = bool(group.get("bias_correction", True))
+    return [lr, beta1, beta2, float(group["eps"]), float(group["weight_decay"]), float(group.get("beta3", 0.0)),
+            float(group.get("final_lr", 0.0)), float(group.get("gamma", 0.0)),
+            float(group.get("momentum_decay", 0.0)), float(initial_lr)]
+
+
+class _HostMath:
+    """Scalar math on Python floats (float64): the reference form of every formula in :func:`step_scalars`."""
+
+    sqrt = staticmethod(math.sqrt)
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        return a if cond else b
+
+    @staticmethod
+    def pos_sqrt(x: Any) -> Any:  # sqrt of a value only used where it is positive
+        return math.sqrt(max(x, 0.0))
+
+
+def step_scalars(algorithm: str, flags: Mapping[str, Any], h: Any, t: Any, mu_product: Any,
+                 xp: Any = _HostMath) -> tuple[list[Any], Any, Any]:
+    r"""The kernel's scalar vector for step ``t`` (>= 1), written once for the host and the device.
+
+    ``h`` holds the ``HYPER_KEYS`` values, ``t`` the step and ``mu_product`` NAdam's running product before
+    this step; on the host they are Python floats (``xp = _HostMath``), on the device float64 tensors and ``xp``
+    the matching torch functions (:mod:`sharded_optim.device_step`), so a skipped step never needs the host to
+    know the step count.  ``flags`` holds the structural options (booleans that pick formulas, never values).
+    Returns ``(values, rectification, mu_product_after)``; values that are constants stay Python floats.
+    """
+    lr, beta1, beta2, eps, wd, beta3, final_lr, gamma, psi, initial_lr = (h[i] for i in range(len(HYPER_KEYS)))
+    decoupled = bool(flags["decoupled_weight_decay"])
+    bias_correction = bool(flags.get("bias_correction", True))
     bc1 = 1.0 - beta1 ** t if bias_correction else 1.0
     bc2 = 1.0 - beta2 ** t if bias_correction else 1.0
-    s = [0.0] * NUM_SCALARS
-    s[GSCALE] = -1.0 if group.get("maximize", False) else 1.0
+    s: list[Any] = [0.0] * NUM_SCALARS
+    s[GSCALE] = -1.0 if flags.get("maximize", False) else 1.0
     s[L2] = 0.0 if decoupled else wd
     s[DECAY] = lr * wd if decoupled else 0.0
     s[W1] = 1.0 - beta1
@@ -228,61 +254,68 @@ def host_scalars(algorithm: str, group: Mapping[str, Any], step: int, *, initial
     s[LO], s[HI] = 0.0, math.inf
     s[B3], s[W3] = 1.0, 0.0
     s[CG] = 0.0
-    out = HostScalars(s)
+    rectification, mu_after = None, None
 
     if algorithm in ("adam", "adamw"):
         # E1: p -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
         s[STEP] = lr / bc1
-        s[DSCALE] = 1.0 / math.sqrt(bc2)
+        s[DSCALE] = 1.0 / xp.sqrt(bc2)
     elif algorithm == "adamax":
         s[STEP] = lr / bc1
     elif algorithm == "nadam":
-        psi = float(group["momentum_decay"])
         mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
         mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
         prod = mu_product * mu
         # p -= lr*(1-mu)/(1-prod) * g/d + lr*mu_next/(1-prod*mu_next) * m/d,  d = sqrt(v)/sqrt(bc2) + eps
         s[CG] = lr * (1.0 - mu) / (1.0 - prod)
         s[STEP] = lr * mu_next / (1.0 - prod * mu_next)
-        s[DSCALE] = 1.0 / math.sqrt(1.0 - beta2 ** t)
-        out.mu_product = prod
+        s[DSCALE] = 1.0 / xp.sqrt(1.0 - beta2 ** t)
+        mu_after = prod
     elif algorithm == "radam":
         rho_inf = 2.0 / (1.0 - beta2) - 1.0
         bc2_raw = 1.0 - beta2 ** t
         rho_t = rho_inf - 2.0 * t * beta2 ** t / bc2_raw
         bc1_raw = 1.0 - beta1 ** t
-        if rho_t > 5.0:
-            r_t = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-            # E0: p -= lr * r_t * sqrt(bc2)/bc1 * m / (sqrt(v) + eps)
-            s[STEP] = lr * r_t * math.sqrt(bc2_raw) / bc1_raw
-            s[DSCALE] = 1.0
-            out.rectification = r_t
-        elif group.get("degenerated_to_sgd", True):
-            # SGD with bias-corrected momentum: denominator forced to 1
-            s[STEP] = lr / bc1_raw
-            s[DSCALE] = 0.0
-            s[EPS] = 1.0
+        rectified = rho_t > 5.0
+        r_t = xp.pos_sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        if flags.get("degenerated_to_sgd", True):
+            # before rectification: SGD with bias-corrected momentum, denominator forced to 1
+            fallback_step, fallback_decay = lr / bc1_raw, s[DECAY]
         else:
             # authors' code: neither the update nor the weight decay touches p before rectification
-            s[STEP] = 0.0
-            s[DSCALE] = 0.0
-            s[EPS] = 1.0
-            s[DECAY] = 0.0
-            out.applies_update = False
+            fallback_step, fallback_decay = 0.0, 0.0
+        # E0 once rectified: p -= lr * r_t * sqrt(bc2)/bc1 * m / (sqrt(v) + eps)
+        s[STEP] = xp.where(rectified, lr * r_t * xp.sqrt(bc2_raw) / bc1_raw, fallback_step)
+        s[DSCALE] = xp.where(rectified, 1.0, 0.0)
+        s[EPS] = xp.where(rectified, eps, 1.0)
+        s[DECAY] = xp.where(rectified, s[DECAY], fallback_decay)
+        rectification = xp.where(rectified, r_t, None) if xp is _HostMath else r_t
     elif algorithm in ("adamod", "adabound"):
         # E0 with 1/bc1 folded into eta, as in both authors' codes: eta = (lr*sqrt(bc2)/bc1) / (sqrt(v) + eps)
-        s[STEP] = lr * math.sqrt(bc2) / bc1
+        s[STEP] = lr * xp.sqrt(bc2) / bc1
         s[DSCALE] = 1.0
         if algorithm == "adamod":
-            s[B3] = float(group["beta3"])
-            s[W3] = 1.0 - s[B3]
+            s[B3] = beta3
+            s[W3] = 1.0 - beta3
         else:
-            gamma = float(group["gamma"])
-            fl = float(group["final_lr"]) * lr / initial_lr if initial_lr > 0 else 0.0
+            fl = xp.where(initial_lr > 0, final_lr * lr / xp.where(initial_lr > 0, initial_lr, 1.0), 0.0)
             s[LO] = fl * (1.0 - 1.0 / (gamma * t + 1.0))
             s[HI] = fl * (1.0 + 1.0 / (gamma * t))
             if decoupled:
                 s[DECAY] = wd  # AdaBoundW: p <- p - wd*p, not multiplied by lr (authors' code)
     else:  # pragma: no cover - resolve_options rejects unknown names first
         raise ValueError(f"unknown algorithm {algorithm!r}")
-    return out
+    return s, rectification, mu_after
+
+
+def host_scalars(algorithm: str, group: Mapping[str, Any], step: int, *, initial_lr: float,
+                 mu_product: float = 1.0) -> HostScalars:
+    """Per-step scalars for step ``step`` (>= 1) of one param group, in float64 (:func:`step_scalars`).
+
+    ``initial_lr`` is the group's learning rate at construction (AdaBound scales its bounds by lr/initial_lr,
+    so LR schedulers move the bounds, as in the authors' code).  ``mu_product`` is NAdam's running product of
+    mu before this step.
+    """
+    values, rectification, mu_after = step_scalars(algorithm, group, hyperparameters(group, initial_lr),
+                                                    float(int(step)), mu_product)
+    return HostScalars([float(v) for v in values], rectification, mu_after)

@@ -183,14 +183,16 @@ class DTensorParamGroup:
             has_grad.append(True)
         return has_grad
 
-    def update_runs(self, has_grad: list[bool]) -> list[tuple[slice, list[int]]]:
+    def update_runs(self, has_grad: list[bool], uniform_steps: bool = False) -> list[tuple[slice, list[int]]]:
         """Local ranges for one kernel call each, with their slots; one run over everything in the usual case.
 
         Empty local shards are kept in the runs (an empty range costs nothing) so that their step counters move
         with everyone else's: ``step`` must agree on all ranks for DCP.
         """
-        steps = self.steps.tolist()
-        mus = self.mu_products.tolist()
+        if uniform_steps:  # the device path: counters agree and are not read (that would synchronise)
+            steps, mus = [0] * len(self.layout.slots), [1.0] * len(self.layout.slots)
+        else:
+            steps, mus = self.steps.tolist(), self.mu_products.tolist()
         if all(has_grad) and len(set(steps)) <= 1 and len(set(mus)) <= 1:
             return [(slice(0, self.layout.local_numel), list(range(len(self.layout.slots))))]
         runs: list[tuple[slice, list[int]]] = []

@@ -60,7 +60,7 @@ class Lookahead:
         if self._sync_now:
             slow = self._slow[id(rt)]
             alpha = torch.tensor(self.alpha, dtype=slow.dtype, device=slow.device)
-            dispatch.run("lookahead_sync", self.optimizer.kernel_mode, rt.master, slow, alpha)
+            dispatch.run(dispatch.LOOKAHEAD_SYNC, self.optimizer.kernel_mode, rt.master, slow, alpha)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

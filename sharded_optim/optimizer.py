@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 import math
 import time
 from collections import deque
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import rules
+from . import device_step, rules
 from .kernels import dispatch
 from .kernels import stats as stats_kernels
 from .telemetry.fields import NUM_FIELDS
@@ -52,6 +53,37 @@ def _as_dtype(name: str, value: Any) -> torch.dtype | None:
     if isinstance(value, str) and value in _DTYPES:
         return _DTYPES[value]
     raise ValueError(f"{name} must be a torch.dtype or one of {sorted(_DTYPES)}, got {value!r}")
+
+
+@dataclass
+class _Collected:
+    """Gradients collected into the shards and their global sums of squares per param group (float64; on the
+    host on the host path, on the device on the device path); ``max_norm`` once ``clip_grad_norm_`` asked."""
+
+    has_grad: dict[int, list[bool]]
+    sumsq: Tensor
+    max_norm: float | None = None
+
+    def total_norm(self) -> Tensor:
+        return self.sumsq.sum().sqrt()
+
+
+@dataclass
+class _Decision:
+    """What a step does: skip (host path: ``reason``; device path: the 0-d flag ``keep``) and the clip coefficient
+    (a float or a 0-d device tensor) that scales the gradient inside the update kernel."""
+
+    reason: str | None
+    norm: float | Tensor
+    coef: float | Tensor
+    keep: Tensor | None = None
+    finite: bool = True   # every gradient element finite (statistics skip non-finite masking)
+
+    def host_norm(self) -> float:
+        return float(self.norm)
+
+    def clipped(self) -> bool:
+        return float(self.coef) < 1.0
 
 
 class ShardedOptimizer(Optimizer):
@@ -90,6 +122,11 @@ class ShardedOptimizer(Optimizer):
             when a module first uses it in the next forward (needs :meth:`attach_model`; code that reads the
             parameters outside a forward calls :meth:`wait_params` first).  Default off: the synchronous gather
             is always correct, whoever reads the parameters.
+        capturable: decide every step on the device (:mod:`sharded_optim.device_step`): step counters on the
+            device, no host synchronisation inside ``step()``, so the step can be captured in a CUDA graph
+            (torch's word; for the same reason hyperparameters are read when the step is issued, so a captured
+            graph replays the values it was captured with).  CUDA parameters take this path by default; on CPU it
+            is opt-in (a synchronisation costs nothing there).
         **algorithm_options: ``amsgrad``, ``bias_correction``, ``decoupled_weight_decay``, ``maximize``,
             ``beta3`` (adamod), ``final_lr``/``gamma`` (adabound), ``momentum_decay`` (nadam),
             ``degenerated_to_sgd`` (radam).
@@ -108,7 +145,7 @@ class ShardedOptimizer(Optimizer):
                  param_gather_dtype: torch.dtype | str | None = None, master_weights: bool = True,
                  nonfinite_policy: str = "skip", spike_sigma: float | None = None, spike_window: int = 128,
                  kernel: str = "auto", stats_interval: int = 0, overlap_param_gather: bool = False,
-                 **algorithm_options: Any):
+                 capturable: bool = False, **algorithm_options: Any):
         if not isinstance(algorithm, str):
             raise TypeError(f"algorithm must be a string, one of {', '.join(rules.ALGORITHMS)}; got {algorithm!r}")
         algorithm = algorithm.lower()
@@ -130,6 +167,14 @@ class ShardedOptimizer(Optimizer):
             raise ValueError(f"spike_window must be an integer >= 2, got {spike_window!r}")
         if isinstance(stats_interval, bool) or not isinstance(stats_interval, int) or stats_interval < 0:
             raise ValueError(f"stats_interval must be an integer >= 0, got {stats_interval!r}")
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be True or False, got {capturable!r}")
+        if capturable and (nonfinite_policy == "raise" or spike_sigma is not None):
+            raise ValueError("capturable=True decides every step on the device; nonfinite_policy='raise' and "
+                             "spike_sigma need the gradient norm on the host: use nonfinite_policy='skip' or "
+                             "'ignore' and spike_sigma=None, or capturable=False")
+        self.capturable = capturable
+        self._on_device = capturable   # the device path (device_step); CUDA parameters switch it on too
         self.algorithm = algorithm
         self.zero_stage = zero_stage
         self.kernel_mode = dispatch.resolve_mode(kernel)
@@ -147,11 +192,12 @@ class ShardedOptimizer(Optimizer):
         self._attached = False
         self.process_group, self.world_size, self.rank = self._resolve_group(process_group)
         self.steps_attempted = 0
-        self.skipped_steps: dict[str, int] = {"nonfinite": 0, "spike": 0}
+        self._skipped: dict[str, int] = {"nonfinite": 0, "spike": 0}   # host path; see skipped_steps
+        self._skipped_on_device: Tensor | None = None   # device path: skipped steps not yet read back
         self._runtimes: dict[int, list[FlatParamGroup]] = {}   # id(param group) -> its flat runtimes
         self._locate: dict[int, tuple[FlatParamGroup, int]] = {}  # id(param) -> (runtime, slot)
-        self._cached_norms: Tensor | None = None   # set by clip_grad_norm_, consumed by the next step
-        self._pending_has_grad: dict[int, list[bool]] | None = None  # likewise: gradients already collected
+        self._collected: _Collected | None = None   # set by clip_grad_norm_, consumed by the next step
+        self._hyper = device_step.HyperparameterBuffers()   # device path: each group's hyperparameters on device
         self._local_sumsq_parts: list[Tensor] = []  # per-runtime shard sums of squares of the last norm pass
         # id(runtime) -> PRE_FIELDS sums of the gradient and the state before the update, when the last norm pass
         # was that of a statistics step (it then decides that the next step computes statistics); else None
@@ -164,7 +210,6 @@ class ShardedOptimizer(Optimizer):
         # sums of the updated state still to read back (sharded statistics steps): they run at the start of the
         # next step, while that step's gradient reduce-scatters are in flight (see _finish_deferred_stats)
         self._deferred_post: list[Callable[[], None]] = []
-        self._clipped = False
         self._report_hooks: list[Callable[[StepReport], None]] = []
         self._validated: dict[int, tuple] = {}
         self._state_bytes: int | None = None
@@ -214,6 +259,10 @@ class ShardedOptimizer(Optimizer):
                              "in their own optimizer or param group")
         if self.sharded and params:
             self._check_backend(params[0].device)
+        if "cuda" in devices and self.nonfinite_policy != "raise" and self.spike_sigma is None:
+            if self.state:
+                raise ValueError("a CUDA param group cannot join an optimizer whose state lives on the host path")
+            self._on_device = True  # no host synchronisation inside step() (device_step)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         spec = rules.SPECS[self.algorithm]
         for key in rules.OPTION_DEFAULTS:
@@ -278,8 +327,16 @@ class ShardedOptimizer(Optimizer):
             self._register_runtime(rt, params, keys)
         return runtimes
 
+    def _place_counters(self, rt: Any) -> None:
+        """Device path: the step counters live on the parameters' device, as torch's fused optimizers keep
+        ``state['step']`` (then ``state[p]['step']`` is a device tensor; reading it synchronises)."""
+        if self._on_device:
+            rt.steps = rt.steps.to(rt.device)
+            rt.mu_products = rt.mu_products.to(rt.device)
+
     def _register_runtime(self, rt: Any, params: list[Tensor], keys: tuple[str, ...]) -> None:
         """Expose the runtime's buffers as torch.optim-style ``self.state[p]`` (live views, not copies)."""
+        self._place_counters(rt)
         for slot_index, slot in enumerate(rt.layout.slots):
             p = params[slot.index]
             self._locate[id(p)] = (rt, slot_index)
@@ -392,10 +449,12 @@ class ShardedOptimizer(Optimizer):
         n = len(self.param_groups)
         if pending is not None and any(v.shape[0] != n for v in pending[1].values()):
             pending = None  # a param group was added since: those sums no longer line up with the groups
-        if pending is None and len(per_group) == 1 and _LOCAL in per_group:  # one process: no packing needed
-            return torch.tensor([float(x) for x in per_group[_LOCAL]], dtype=torch.float64)
-        # partial sums stay on the parameters' device: NCCL reduces CUDA tensors only
-        packed = {k: torch.stack([torch.as_tensor(x, dtype=torch.float64, device=devices[k]) for x in v])
+        if pending is None and len(per_group) == 1 and _LOCAL in per_group and not self._on_device:
+            return torch.tensor([float(x) for x in per_group[_LOCAL]], dtype=torch.float64)  # one process
+        # partial sums stay on the parameters' device: NCCL reduces CUDA tensors only (and a float made into a
+        # device tensor by a fill, not a copy from the host, which would synchronise)
+        packed = {k: torch.stack([x if isinstance(x, Tensor) else
+                                  torch.zeros((), dtype=torch.float64, device=devices[k]) for x in v])
                   for k, v in per_group.items()}
         if pending is None:
             return self._reduce_sum(packed, (n,))
@@ -425,20 +484,24 @@ class ShardedOptimizer(Optimizer):
             return delivered
         self._delivered_stats = None
         stats_step, partials = pending
-        return stats_step, self._reduce_sum(partials, (len(self.param_groups), NUM_FIELDS))
+        return stats_step, self._reduce_sum(partials, (len(self.param_groups), NUM_FIELDS)).cpu()
 
-    @staticmethod
-    def _reduce_sum(partials: dict[Any, Tensor], shape: tuple[int, ...]) -> Tensor:
+    def _reduce_sum(self, partials: dict[Any, Tensor], shape: tuple[int, ...]) -> Tensor:
         """Sum per-process-group partial sums: one all_reduce per group over which shards are disjoint.
 
-        The partials live on the device of their parameters; the result comes back to the host (the one host
-        synchronisation of a step: the skip decision and the clip coefficient need the value)."""
-        total = torch.zeros(shape, dtype=torch.float64)
+        The partials live on the device of their parameters.  On the host path the result comes back to the host
+        (the one host synchronisation of a step: the skip decision and the clip coefficient need the value); on
+        the device path (:mod:`.device_step`) it stays on the device of the first partial."""
+        total: Tensor | None = None
         for key, value in partials.items():
             if key is not _LOCAL:
                 dist.all_reduce(value, group=key)
-            total += value.cpu()
-        return total
+            if not self._on_device:
+                value = value.cpu()
+            elif total is not None:
+                value = value.to(total.device, non_blocking=True)
+            total = value.reshape(shape) if total is None else total + value.reshape(shape)
+        return total if total is not None else torch.zeros(shape, dtype=torch.float64)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
@@ -447,27 +510,40 @@ class ShardedOptimizer(Optimizer):
         Matches ``torch.nn.utils.clip_grad_norm_`` on the unsharded model (coefficient ``max_norm/(norm+1e-6)``
         clamped to 1).  Call it between ``backward()`` and ``step()``: under ZeRO-2 the full gradients are freed
         as they are reduced, so ``torch.nn.utils.clip_grad_norm_(model.parameters())`` would see none.
+
+        The gradients are not rescaled here: the coefficient enters the next :meth:`step`'s update kernel as its
+        gradient scale, so clipping costs no pass over the gradients beyond the norm.  On the device path (CUDA,
+        or ``capturable=True``) the returned norm is a device tensor and nothing synchronises unless the caller
+        reads it; on the host path it is a CPU tensor.
         """
         if norm_type != 2.0:
             raise ValueError(f"norm_type must be 2.0 (the global L2 norm), got {norm_type!r}")
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
             raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
         self._ensure_runtimes()
-        self._pending_has_grad = self._collect()
-        sumsq = self._group_norms(self._pending_has_grad)
-        self._cached_norms = sumsq
-        total = math.sqrt(float(sumsq.sum()))
-        coef = max_norm / (total + 1e-6)
-        if coef < 1.0 and math.isfinite(total):
-            for _, rt in self._all_runtimes():
-                rt.grad.mul_(coef)
-            self._clipped = True
-        return torch.tensor(total)
+        collected = self._collected_grads()
+        collected.max_norm = float(max_norm)
+        self._collected = collected
+        return collected.total_norm().float()   # float32, as torch's clip_grad_norm_ returns for float32 grads
+
+    def _collected_grads(self) -> "_Collected":
+        """Stages 1-2 of a step: gradients into the shards, then their global sums of squares per group."""
+        if self._collected is not None:
+            return self._collected  # clip_grad_norm_ ran them already
+        has_grad = self._collect()
+        return _Collected(has_grad, self._group_norms(has_grad))
 
     # ---------------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step (all ranks must call it together when sharded)."""
+        """Perform one optimization step (all ranks must call it together when sharded).
+
+        The pipeline: collect (gradients into the shards) -> norm (global, one all-reduce) -> decide (skip on
+        a non-finite norm, clip coefficient) -> update (one fused kernel per shard run) -> gather (parameter
+        all-gather) -> report.  On the device path (CUDA, or ``capturable=True``) the decision stays on the device
+        and nothing synchronises with the host, except what ``nonfinite_policy="raise"``, ``spike_sigma``,
+        Lookahead and report hooks read (each says so).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -480,24 +556,20 @@ class ShardedOptimizer(Optimizer):
                                "so the next forward can wait for the parameters it uses")
         for group in self.param_groups:
             self._check_group(group)
-        has_grad = self._pending_has_grad or self._collect()
-        self._pending_has_grad = None
-        sumsq = self._cached_norms if self._cached_norms is not None else self._group_norms(has_grad)
-        self._cached_norms = None
-        clipped, self._clipped = self._clipped, False
-        total_norm = math.sqrt(float(sumsq.sum()))
+        collected = self._collected_grads()
+        self._collected = None
         self.steps_attempted += 1
-        reason = self._skip_reason(total_norm)
-        if reason is not None:
-            self.skipped_steps[reason] += 1
+        partials: dict[Any, Tensor] | None = {} if self._pre_sums is not None else None  # a statistics step
+        if self._on_device:
+            decision = self._decide_on_device(collected)
+            if partials is not None:  # statistics step: masking non-finite elements needs to know (synchronises)
+                decision.finite = bool(torch.isfinite(decision.norm))
+        else:
+            decision = self._decide_on_host(collected)
         rectification: list[float | None] = []
-        if reason is None:
-            finite = math.isfinite(total_norm)  # every element finite: the statistics skip non-finite masking
-            if finite:
-                self._recent_norms.append(total_norm)
-            partials: dict[Any, Tensor] | None = {} if self._pre_sums is not None else None  # a statistics step
+        if decision.reason is None:
             for gi, group in enumerate(self.param_groups):
-                rectification.append(self._update_group(group, gi, has_grad, partials, finite))
+                rectification.append(self._update_group(group, gi, collected.has_grad, partials, decision))
             if partials is not None and all(key is _LOCAL for key in partials):  # no collective needed
                 self._delivered_stats = (self.steps_attempted,
                                          self._reduce_sum(partials, (len(self.param_groups), NUM_FIELDS)))
@@ -506,10 +578,42 @@ class ShardedOptimizer(Optimizer):
         self._pre_sums = None
         for _, rt in self._all_runtimes():
             rt.end_step()
-        if self._report_hooks:
+        if self._report_hooks:  # reads the norm and the decision: a synchronisation on the device path
+            total_norm = decision.host_norm()
+            reason = decision.reason if decision.keep is None else (None if bool(decision.keep) else "nonfinite")
+            if self._on_device:
+                rectification = self._device_rectification()
             delivered, self._delivered_stats = self._delivered_stats, None
-            self._report(reason, sumsq, total_norm, clipped, delivered, rectification, time.perf_counter() - start)
+            self._report(reason, collected.sumsq.cpu(), total_norm, decision.clipped(), delivered, rectification,
+                         time.perf_counter() - start)
         return loss
+
+    def _decide_on_host(self, collected: "_Collected") -> "_Decision":
+        """Skip and clip decided from the norm read back to the host (the CPU default)."""
+        total_norm = math.sqrt(float(collected.sumsq.sum()))
+        reason = self._skip_reason(total_norm)
+        if reason is not None:
+            self._skipped[reason] += 1
+        elif math.isfinite(total_norm):
+            self._recent_norms.append(total_norm)
+        coef = 1.0
+        if collected.max_norm is not None and math.isfinite(total_norm):
+            coef = min(1.0, collected.max_norm / (total_norm + 1e-6))
+        return _Decision(reason=reason, norm=total_norm, coef=coef, finite=math.isfinite(total_norm))
+
+    def _decide_on_device(self, collected: "_Collected") -> "_Decision":
+        """Skip and clip decided on the device (:mod:`.device_step`): no host synchronisation."""
+        total = collected.total_norm()
+        keep = torch.isfinite(total) if self.nonfinite_policy == "skip" else torch.ones((), dtype=torch.bool,
+                                                                                         device=total.device)
+        coef = device_step.clip_coefficient(total, collected.max_norm)
+        decision = _Decision(reason=None, norm=total, coef=coef, keep=keep)
+        if self._skipped_on_device is None or self._skipped_on_device.device != total.device:
+            self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=total.device)
+        self._skipped_on_device += (~keep).long()
+        if self._shard_hooks and not bool(keep):  # Lookahead must know (a synchronisation, documented there)
+            decision.reason = "nonfinite"
+        return decision
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Re-validate hyperparameters (users and schedulers edit param_groups between steps)."""
@@ -536,43 +640,57 @@ class ShardedOptimizer(Optimizer):
                 return "spike"
         return None
 
+    @property
+    def skipped_steps(self) -> dict[str, int]:
+        """Steps not applied, by reason.  On the device path reading it synchronises (the count is on the device)."""
+        if self._skipped_on_device is not None:
+            n = int(self._skipped_on_device)
+            if n:
+                self._skipped["nonfinite"] += n
+                self._skipped_on_device.zero_()
+        return self._skipped
+
+    def _device_rectification(self) -> list[float | None]:
+        """RAdam's r_t per group for the report, from the (synchronised) step counters."""
+        out: list[float | None] = []
+        for group in self.param_groups:
+            runtimes = self._runtimes.get(id(group), [])
+            if self.algorithm != "radam" or not runtimes or not len(runtimes[0].steps):
+                out.append(None)
+                continue
+            t = int(runtimes[0].steps.max())
+            out.append(rules.host_scalars(self.algorithm, group, max(t, 1), initial_lr=0.0).rectification)
+        return out
+
     def _update_group(self, group: dict[str, Any], gi: int, has_grad: dict[int, list[bool]],
-                      partials: dict[Any, Tensor] | None, grads_finite: bool) -> float | None:
+                      partials: dict[Any, Tensor] | None, decision: "_Decision") -> float | None:
         rectification = None
+        variant = rules.kernel_variant(self.algorithm, group)
         for rt in self._runtimes.get(id(group), []):
-            runs = rt.update_runs(has_grad[id(rt)])
+            runs = rt.update_runs(has_grad[id(rt)], uniform_steps=self._on_device)
             rt.prepare_update()
             stats = None
             if partials is not None:
                 key = rt.reduce_group if rt.reduce_group is not None else _LOCAL
                 stats = partials.setdefault(
                     key, torch.zeros(len(self.param_groups), NUM_FIELDS, dtype=torch.float64, device=rt.device))[gi]
-            variant = rules.kernel_variant(self.algorithm, group)
             keys = tuple(rt.state)
-            steps = rt.steps.tolist()
-            mus = rt.mu_products.tolist()
             if stats is not None:
                 real = rt.stat_ranges()
                 # the norm pass assumed finite gradients; with non-finite ones (nonfinite_policy="ignore") the
                 # sums are taken again, masked: the gradient and the state are still those it read
-                pre = self._pre_sums.pop(id(rt)) if grads_finite else self._pre_pass(group, rt, has_grad[id(rt)],
-                                                                                        finite=False)
+                pre = self._pre_sums.pop(id(rt)) if decision.finite else self._pre_pass(group, rt, has_grad[id(rt)],
+                                                                                         finite=False)
                 stats_kernels.add_pre_sums(stats, pre)
             post: list[tuple[slice, Tensor]] = []  # statistics step: (range, scalars) still to read back
-            for rng, slots in runs:
-                t = steps[slots[0]] + 1
-                hs = rules.host_scalars(self.algorithm, group, t, initial_lr=float(group.get("base_lr", 0.0)),
-                                        mu_product=mus[slots[0]])
-                sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
-                dispatch.run(variant, self.kernel_mode, rt.master[rng], rt.grad[rng],
-                             *(rt.state[k][rng] for k in keys), sc)
+            if self._on_device:
+                scalar_runs = self._device_runs(group, rt, runs, variant, keys, decision)
+            else:
+                scalar_runs = self._host_runs(group, rt, runs, variant, keys, decision)
+            for rng, sc, rect in scalar_runs:
                 if stats is not None:  # statistics step: the updated state is read back over real elements
                     post.extend((sub, sc) for sub in _intersect(rng, real))
-                index = slice(None) if len(slots) == len(steps) else torch.tensor(slots, dtype=torch.long)
-                rt.steps[index] += 1
-                if hs.mu_product is not None:
-                    rt.mu_products[index] = hs.mu_product
-                rectification = hs.rectification
+                rectification = rect
             if post:
                 read_back = functools.partial(self._post_stats, rt, variant, keys, post, stats, float(group["lr"]))
                 # now if Lookahead is about to rewrite the parameters or one process reports this very step;
@@ -585,6 +703,44 @@ class ShardedOptimizer(Optimizer):
                 fn(rt, group)
             rt.gather_params(wait=not self.overlap_param_gather)
         return rectification
+
+    def _host_runs(self, group: dict[str, Any], rt: FlatParamGroup, runs: list[tuple[slice, list[int]]],
+                   variant: str, keys: tuple[str, ...], decision: "_Decision") -> Iterator[tuple[slice, Tensor, Any]]:
+        """The update with host scalars from host step counters (the clip coefficient in the gradient scale)."""
+        steps = rt.steps.tolist()
+        mus = rt.mu_products.tolist()
+        for rng, slots in runs:
+            t = steps[slots[0]] + 1
+            hs = rules.host_scalars(self.algorithm, group, t, initial_lr=float(group.get("base_lr", 0.0)),
+                                    mu_product=mus[slots[0]])
+            hs.values[rules.GSCALE] *= decision.coef
+            sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
+            dispatch.run(variant, self.kernel_mode, rt.master[rng], rt.grad[rng], *(rt.state[k][rng] for k in keys), sc)
+            index = slice(None) if len(slots) == len(steps) else torch.tensor(slots, dtype=torch.long)
+            rt.steps[index] += 1
+            if hs.mu_product is not None:
+                rt.mu_products[index] = hs.mu_product
+            yield rng, sc, hs.rectification
+
+    def _device_runs(self, group: dict[str, Any], rt: FlatParamGroup, runs: list[tuple[slice, list[int]]],
+                     variant: str, keys: tuple[str, ...], decision: "_Decision") -> Iterator[tuple[slice, Tensor, Any]]:
+        """The gated update with scalars computed on the device from device step counters."""
+        h = self._hyper.get(rules.hyperparameters(group, float(group.get("base_lr", 0.0))), id(group), rt.device)
+        keep = decision.keep
+        advance = keep.long()
+        for rng, slots in runs:
+            first = slots[0]
+            index = slice(first, slots[-1] + 1) if slots == list(range(first, slots[-1] + 1)) else \
+                torch.tensor(slots, dtype=torch.long, device=rt.device)
+            sc, mu_after = device_step.device_scalars(self.algorithm, group, h, rt.steps[first], rt.mu_products[first],
+                                                      decision.coef, rt.compute_dtype,
+                                                      compiled=self.kernel_mode != "eager" and rt.device.type == "cuda")
+            dispatch.run(dispatch.GATED_PREFIX + variant, self.kernel_mode, keep, rt.master[rng], rt.grad[rng],
+                         *(rt.state[k][rng] for k in keys), sc)
+            rt.steps[index] += advance
+            if self.algorithm == "nadam":
+                rt.mu_products[index] = torch.where(keep, mu_after, rt.mu_products[index])
+            yield rng, sc, None
 
     def _pre_pass(self, group: dict[str, Any], rt: FlatParamGroup, has_grad: list[bool], finite: bool) -> Tensor:
         """``PRE_FIELDS`` sums of the gradient and the first moment before the update, over the real elements of
@@ -635,10 +791,8 @@ class ShardedOptimizer(Optimizer):
         for _, rt in self._all_runtimes():
             rt.wait()
             rt.end_step()
-        self._pending_has_grad = None
-        self._cached_norms = None
+        self._collected = None
         self._pre_sums = None
-        self._clipped = False
         super().zero_grad(set_to_none=set_to_none)
 
     # ---------------------------------------------------------------------------------------- introspection
@@ -785,11 +939,12 @@ class ShardedOptimizer(Optimizer):
                 if not (step_value >= 0 and step_value == int(step_value)):
                     raise ValueError(f"state[{saved_id}]['step'] must be an integer >= 0, got {step_value}")
                 plan.append((p, entry))
-        if self.sharded:
+        if self.sharded or self._on_device:  # both keep one step count per run without reading the counters
             for gi, group in enumerate(self.param_groups):
                 steps = {int(float(e["step"])) if e is not None else 0 for p, e in plan if any(p is q for q in group["params"])}
                 if len(steps) > 1:
-                    raise ValueError(f"param group {gi}: a sharded optimizer needs one step count per param group, "
+                    raise ValueError(f"param group {gi}: a sharded or device-path (CUDA, capturable) optimizer needs "
+                                     "one step count per param group, "
                                      f"the state_dict has {sorted(steps)}")
         # validated: apply
         for group, hparams in zip(self.param_groups, new_hparams):

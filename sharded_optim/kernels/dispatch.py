@@ -21,6 +21,8 @@ from .stats import pre_sums
 
 PRE_SUMS = "pre_sums"  # statistics step, norm pass: sums of the gradient and the state before the update
 POST_SUFFIX = "+post"  # statistics step, after the update: the sums of the updated state (reads only)
+GATED_PREFIX = "gated:"  # the update applied only where a device flag says so (sharded_optim.device_step)
+LOOKAHEAD_SYNC = "lookahead_sync"
 
 KERNEL_MODES = ("auto", "compiled", "eager")
 ENV_VAR = "SHARDED_OPTIM_KERNEL"
@@ -45,7 +47,15 @@ def _function(name: str) -> Callable[..., object]:
         return pre_sums
     if name.endswith(POST_SUFFIX):
         return POST[name[: -len(POST_SUFFIX)]]
-    return VARIANTS[name] if name in VARIANTS else lookahead_sync
+    if name.startswith(GATED_PREFIX):
+        from ..device_step import gated
+        return gated(name[len(GATED_PREFIX):])
+    if name == LOOKAHEAD_SYNC:
+        return lookahead_sync
+    if name not in VARIANTS:
+        raise KeyError(f"unknown kernel {name!r}; expected one of {sorted(VARIANTS)}, {LOOKAHEAD_SYNC!r}, "
+                       f"{PRE_SUMS!r}, a variant + {POST_SUFFIX!r} or {GATED_PREFIX!r} + a variant")
+    return VARIANTS[name]
 
 
 @functools.cache
@@ -59,7 +69,8 @@ def run(name: str, mode: str, *tensors: torch.Tensor) -> object:
     ``PRE_SUMS`` (gradient, first moment, sign, finite flag) returns the statistics sums of the gradient and
     the state before the update (:func:`.stats.pre_sums`), ``name + POST_SUFFIX`` those of the updated state
     (:mod:`.fused_stats`); the other kernels return nothing."""
-    if tensors[0].numel() == 0 and name != PRE_SUMS and not name.endswith(POST_SUFFIX):
+    first = tensors[1] if name.startswith(GATED_PREFIX) else tensors[0]   # gated kernels take the flag first
+    if first.numel() == 0 and name != PRE_SUMS and not name.endswith(POST_SUFFIX):
         return None  # an empty shard (FSDP2 gives some ranks 0 elements); size 0 would also compile apart
     eager = _function(name)
     if mode == "eager" or name in _broken:

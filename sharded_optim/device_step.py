@@ -1,0 +1,140 @@
+r"""The step decided on the device: no host synchronisation between ``backward()`` and the next forward.
+
+On the host path (the CPU default) the optimizer reads the global gradient norm back, decides on the host
+whether to skip the step and by how much to clip, and computes the kernel's scalars from host step counters:
+each read is a device synchronisation, and on a GPU each one drains the queue (torch's pageable host-to-device
+copy of the scalar vector synchronises too).  On this path (the CUDA default, and ``capturable=True`` anywhere)
+nothing leaves the device:
+
+* the global norm, the clip coefficient ``min(1, max_norm / (norm + 1e-6))`` and the skip decision
+  ``keep = isfinite(norm)`` are 0-d device tensors;
+* the step counters live on the device (like torch's fused and capturable optimizers) and the kernel's scalar
+  vector is computed there from them, in float64, by the same formulas the host uses
+  (:func:`sharded_optim.rules.step_scalars`); the clip coefficient is folded into the gradient scale;
+* the update kernel runs gated: a skipped step writes every tensor back unchanged (:func:`gated`), and the step
+  counters advance by ``keep``.
+
+Hyperparameters travel as one float64 vector through pinned memory, asynchronously, so schedulers still work.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from . import rules
+
+_F64 = torch.float64
+
+
+class _DeviceMath:
+    """:func:`rules.step_scalars`'s math on float64 tensors."""
+
+    @staticmethod
+    def sqrt(x: Tensor | float) -> Tensor | float:
+        return torch.sqrt(x) if isinstance(x, Tensor) else math.sqrt(x)   # constants stay floats
+
+    where = staticmethod(torch.where)
+
+    @staticmethod
+    def pos_sqrt(x: Tensor) -> Tensor:
+        return torch.sqrt(torch.clamp(x, min=0.0))
+
+
+def _flags(algorithm: str, group: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The structural options of a group (booleans that pick formulas): the compile-cache key."""
+    names = ("decoupled_weight_decay", "bias_correction", "maximize", "degenerated_to_sgd")
+    return tuple((n, bool(group[n])) for n in names if n in group)
+
+
+def _scalars(algorithm: str, flags: tuple[tuple[str, Any], ...], h: Tensor, t_prev: Tensor, mu_prev: Tensor,
+             coef: Tensor) -> tuple[Tensor, Tensor]:
+    """Scalar vector (float64) for the step after ``t_prev``, with the clip coefficient in the gradient scale;
+    and NAdam's running product after it."""
+    values, _rect, mu_after = rules.step_scalars(algorithm, dict(flags), h, t_prev + 1.0, mu_prev, _DeviceMath)
+    sc = torch.stack([v.to(_F64) if isinstance(v, Tensor) else torch.full_like(h[0], v) for v in values])
+    sc = torch.cat([sc[:rules.GSCALE], sc[rules.GSCALE:rules.GSCALE + 1] * coef, sc[rules.GSCALE + 1:]])
+    return sc, (mu_after if mu_after is not None else mu_prev)
+
+
+@functools.cache
+def _compiled_scalars(algorithm: str, flags: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+    # one small kernel instead of ~30 launches of 0-d ops; no value is compiled in (all are tensor inputs)
+    return torch.compile(functools.partial(_scalars, algorithm, flags), dynamic=False, fullgraph=True)
+
+
+def device_scalars(algorithm: str, group: Mapping[str, Any], h: Tensor, t_prev: Tensor, mu_prev: Tensor,
+                   coef: Tensor, dtype: torch.dtype, compiled: bool) -> tuple[Tensor, Tensor]:
+    """The kernel's scalar tensor (in ``dtype``) for one run, computed on ``h``'s device; and the NAdam product."""
+    flags = _flags(algorithm, group)
+    fn = _compiled_scalars(algorithm, flags) if compiled else functools.partial(_scalars, algorithm, flags)
+    sc, mu_after = fn(h, t_prev.to(_F64), mu_prev, coef)
+    return sc.to(dtype), mu_after
+
+
+class HyperparameterBuffers:
+    """Each param group's hyperparameter vector (``rules.HYPER_KEYS``, float64), kept in one device buffer.
+
+    Uploaded only when a value changed (a scheduler's new lr), into the same buffer, through pinned memory and
+    non-blocking: no synchronising copy, and a CUDA graph captured over the step reads the buffer, never a host
+    block that the allocator could hand to someone else (the caching host allocator keeps a pinned block alive
+    until the copy that reads it has run)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, torch.device], tuple[list[float], Tensor]] = {}
+
+    def get(self, values: list[float], group_id: int, device: torch.device) -> Tensor:
+        key = (group_id, torch.device(device))
+        cached = self._buffers.get(key)
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        host = torch.tensor(values, dtype=_F64)
+        if cached is None:
+            buffer = host if key[1].type == "cpu" else torch.empty_like(host, device=device)
+        else:
+            buffer = cached[1]
+        if buffer is not host:
+            buffer.copy_(host if key[1].type == "cpu" else host.pin_memory(), non_blocking=True)
+        self._buffers[key] = (list(values), buffer)
+        return buffer
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float | None) -> Tensor:
+    """``min(1, max_norm / (norm + 1e-6))`` as torch's ``clip_grad_norm_`` computes it; 1 when not clipping.
+
+    A non-finite norm gives a coefficient of 1 (the step is skipped or, with ``nonfinite_policy="ignore"``,
+    taken unclipped, as on the host path)."""
+    one = torch.ones((), dtype=_F64, device=total_norm.device)
+    if max_norm is None:
+        return one
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    return torch.where(torch.isfinite(total_norm), coef, one)
+
+
+def _gate(kernel: Callable[..., None], n_state: int) -> Callable[..., None]:
+    """``kernel`` applied only where ``keep``: every tensor it writes is written back unchanged otherwise.
+
+    The kernel runs on copies and ``where`` picks per element; compiled, the copies are never materialised (the
+    loop reads each tensor once and writes it once, as the ungated kernel does)."""
+    def gated(keep: Tensor, p: Tensor, g: Tensor, *rest: Tensor) -> None:
+        states, sc = rest[:n_state], rest[n_state]
+        new_p = p.clone()
+        new_states = [t.clone() for t in states]
+        kernel(new_p, g, *new_states, sc)
+        p.copy_(torch.where(keep, new_p, p))
+        for t, new in zip(states, new_states):
+            t.copy_(torch.where(keep, new, t))
+    gated.__name__ = gated.__qualname__ = f"gated_{kernel.__name__}"
+    return gated
+
+
+@functools.cache
+def gated(name: str) -> Callable[..., None]:
+    """The gated form of update variant ``name`` (one distinct function per variant: its own compile entry)."""
+    from .kernels.adam_family import VARIANTS
+    kernel = VARIANTS[name]
+    n_state = kernel.__code__.co_argcount - 3   # (p, g, *states, sc)
+    return _gate(kernel, n_state)

@@ -105,8 +105,8 @@ def torch_adamw(**kwargs: Any) -> Callable:
 
 
 def torch_compiled(params: list[torch.Tensor]) -> tuple:
-    # torch's recipe for a compiled optimizer: lr as a tensor so a scheduler does not recompile
-    opt = torch.optim.AdamW(params, lr=torch.tensor(LR), weight_decay=WD, foreach=True)
+    # torch's compiled-optimizer recipe with a constant lr (a tensor lr needs capturable=True with foreach)
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, foreach=True)
     step = torch.compile(opt.step, fullgraph=False)
     clip = lambda m: torch.nn.utils.clip_grad_norm_(params, m, foreach=True)   # noqa: E731
     return opt, clip, step

@@ -220,7 +220,7 @@ def report(device: str, results: dict[str, Any], args: argparse.Namespace) -> No
             continue
         ours_ms = r["seconds"]["ours"]["median"] * 1e3
         rows.append([key, r["tensors"], f"{r['numel'] / 1e6:.2f}M", f"{ours_ms:.3f}"] +
-                    [f"{r['ratio_vs_ours'].get(n, float('nan')):.2f}x" for n in
+                    [f"{r['ratio_vs_ours'][n]:.2f}x" if n in r["ratio_vs_ours"] else "-" for n in
                      ("torch_fused", "torch_foreach", "torch_compiled")])
     text = [f"# Step benchmark ({env.get('cuda') or env.get('cpu')})", "",
             f"`{cmd}`; torch {env['torch']}; median seconds per iteration of zero_grad + backward (one fresh "

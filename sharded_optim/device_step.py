@@ -50,29 +50,47 @@ def _flags(algorithm: str, group: Mapping[str, Any]) -> tuple[tuple[str, Any], .
     return tuple((n, bool(group[n])) for n in names if n in group)
 
 
-def _scalars(algorithm: str, flags: tuple[tuple[str, Any], ...], h: Tensor, t_prev: Tensor, mu_prev: Tensor,
-             coef: Tensor) -> tuple[Tensor, Tensor]:
-    """Scalar vector (float64) for the step after ``t_prev``, with the clip coefficient in the gradient scale;
-    and NAdam's running product after it."""
-    values, _rect, mu_after = rules.step_scalars(algorithm, dict(flags), h, t_prev + 1.0, mu_prev, _DeviceMath)
+def _prepare(algorithm: str, flags: tuple[tuple[str, Any], ...], skip_nonfinite: bool, sumsq: Tensor, h: Tensor,
+             t_prev: Tensor, mu_prev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Everything a step decides, from the groups' gradient sums of squares, in one small kernel when compiled:
+
+    ``keep`` (a non-finite global norm skips the step under ``nonfinite_policy="skip"``), the clip coefficient
+    ``min(1, max_norm / (norm + 1e-6))`` as torch's ``clip_grad_norm_`` computes it (``max_norm`` is the last
+    entry of ``h``, ``inf`` when not clipping; a non-finite norm leaves the gradients unscaled, as on the host
+    path), and the kernel's scalar vector for the step after ``t_prev`` with the coefficient in its gradient scale.
+    Returns ``(scalars in float64, keep, NAdam's running product after the step)``.
+    """
+    total = sumsq.sum().sqrt()
+    finite = torch.isfinite(total)
+    keep = finite if skip_nonfinite else torch.ones_like(finite)
+    coef = torch.where(finite, torch.clamp(h[len(rules.HYPER_KEYS)] / (total + 1e-6), max=1.0), 1.0)
+    values, _rect, mu_after = rules.step_scalars(algorithm, dict(flags), h, t_prev.to(_F64) + 1.0, mu_prev,
+                                                 _DeviceMath)
     sc = torch.stack([v.to(_F64) if isinstance(v, Tensor) else torch.full_like(h[0], v) for v in values])
     sc = torch.cat([sc[:rules.GSCALE], sc[rules.GSCALE:rules.GSCALE + 1] * coef, sc[rules.GSCALE + 1:]])
-    return sc, (mu_after if mu_after is not None else mu_prev)
+    return sc, keep, (mu_after if mu_after is not None else mu_prev)
 
 
 @functools.cache
-def _compiled_scalars(algorithm: str, flags: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
-    # one small kernel instead of ~30 launches of 0-d ops; no value is compiled in (all are tensor inputs)
-    return torch.compile(functools.partial(_scalars, algorithm, flags), dynamic=False, fullgraph=True)
+def _compiled_prepare(algorithm: str, flags: tuple[tuple[str, Any], ...], skip_nonfinite: bool) -> Callable[..., Any]:
+    # one small kernel instead of ~40 launches of 0-d ops; no value is compiled in (all are tensor inputs)
+    return torch.compile(functools.partial(_prepare, algorithm, flags, skip_nonfinite), dynamic=False,
+                         fullgraph=True)
 
 
-def device_scalars(algorithm: str, group: Mapping[str, Any], h: Tensor, t_prev: Tensor, mu_prev: Tensor,
-                   coef: Tensor, dtype: torch.dtype, compiled: bool) -> tuple[Tensor, Tensor]:
-    """The kernel's scalar tensor (in ``dtype``) for one run, computed on ``h``'s device; and the NAdam product."""
+def prepare(algorithm: str, group: Mapping[str, Any], skip_nonfinite: bool, sumsq: Tensor, h: Tensor,
+            t_prev: Tensor, mu_prev: Tensor, dtype: torch.dtype, compiled: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_prepare` for one run: the scalar tensor in ``dtype``, the keep flag, NAdam's product after it."""
     flags = _flags(algorithm, group)
-    fn = _compiled_scalars(algorithm, flags) if compiled else functools.partial(_scalars, algorithm, flags)
-    sc, mu_after = fn(h, t_prev.to(_F64), mu_prev, coef)
-    return sc.to(dtype), mu_after
+    fn = _compiled_prepare(algorithm, flags, skip_nonfinite) if compiled else \
+        functools.partial(_prepare, algorithm, flags, skip_nonfinite)
+    sc, keep, mu_after = fn(sumsq, h, t_prev, mu_prev)
+    return sc.to(dtype), keep, mu_after
+
+
+def total_norm(sumsq: Tensor) -> Tensor:
+    """The global norm from the groups' sums of squares (what ``clip_grad_norm_`` returns)."""
+    return sumsq.sum().sqrt()
 
 
 class HyperparameterBuffers:
@@ -100,18 +118,6 @@ class HyperparameterBuffers:
             buffer.copy_(host if key[1].type == "cpu" else host.pin_memory(), non_blocking=True)
         self._buffers[key] = (list(values), buffer)
         return buffer
-
-
-def clip_coefficient(total_norm: Tensor, max_norm: float | None) -> Tensor:
-    """``min(1, max_norm / (norm + 1e-6))`` as torch's ``clip_grad_norm_`` computes it; 1 when not clipping.
-
-    A non-finite norm gives a coefficient of 1 (the step is skipped or, with ``nonfinite_policy="ignore"``,
-    taken unclipped, as on the host path)."""
-    one = torch.ones((), dtype=_F64, device=total_norm.device)
-    if max_norm is None:
-        return one
-    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    return torch.where(torch.isfinite(total_norm), coef, one)
 
 
 def _gate(kernel: Callable[..., None], n_state: int) -> Callable[..., None]:

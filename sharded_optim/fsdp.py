@@ -161,8 +161,9 @@ class DTensorParamGroup:
         buffer[self._range(slot_index)].copy_(local.reshape(-1))
 
     # ------------------------------------------------------------------------------------ update protocol
-    def collect_grads(self) -> list[bool]:
+    def collect_grads(self, in_place: bool = True) -> list[bool]:
         """Copy the local gradient shards (already reduced by FSDP2) into ``grad``; report which exist."""
+        del in_place   # FSDP2's gradient shards are always copied (see ShardedOptimizer's FSDP notes)
         has_grad = []
         for s, slot in enumerate(self.layout.slots):
             p = self.params[slot.index]
@@ -242,6 +243,14 @@ class DTensorParamGroup:
         """No all-gather buckets of ours (``attach_model`` then registers no forward pre-hook for FSDP2)."""
         del params
         return set()
+
+    def grad_of(self, rng: slice, slots: list[int]) -> Tensor:
+        """The gradient a run's update reads: always the flat ``grad``."""
+        del slots
+        return self.grad[rng]
+
+    def grad_tensors(self) -> list[Tensor]:
+        return [self.grad]
 
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of the local gradient shards in float64 (summed over ``reduce_group`` by the caller)."""

@@ -76,14 +76,20 @@ class _Decision:
     reason: str | None
     norm: float | Tensor
     coef: float | Tensor
-    keep: Tensor | None = None
+    keep: Tensor | None = None   # device path: set by the first runtime's scalar kernel
     finite: bool = True   # every gradient element finite (statistics skip non-finite masking)
+    sumsq: Tensor | None = None   # device path: the groups' sums of squares the kernels decide from
+    max_norm: float | None = None
 
     def host_norm(self) -> float:
         return float(self.norm)
 
     def clipped(self) -> bool:
-        return float(self.coef) < 1.0
+        """Whether clipping scaled the gradients (reads the device norm on the device path)."""
+        if self.max_norm is None:
+            return float(self.coef) < 1.0
+        norm = float(self.norm)
+        return math.isfinite(norm) and self.max_norm / (norm + 1e-6) < 1.0
 
 
 class ShardedOptimizer(Optimizer):
@@ -198,6 +204,7 @@ class ShardedOptimizer(Optimizer):
         self._locate: dict[int, tuple[FlatParamGroup, int]] = {}  # id(param) -> (runtime, slot)
         self._collected: _Collected | None = None   # set by clip_grad_norm_, consumed by the next step
         self._hyper = device_step.HyperparameterBuffers()   # device path: each group's hyperparameters on device
+        self._diverged: set[int] = set()   # device path: runtimes whose step counters no longer all agree
         self._local_sumsq_parts: list[Tensor] = []  # per-runtime shard sums of squares of the last norm pass
         # id(runtime) -> PRE_FIELDS sums of the gradient and the state before the update, when the last norm pass
         # was that of a statistics step (it then decides that the next step computes statistics); else None
@@ -401,7 +408,9 @@ class ShardedOptimizer(Optimizer):
 
     def _collect(self) -> dict[int, list[bool]]:
         self._finish_deferred_stats()  # before waiting: the reduce-scatters launched by backward are in flight
-        return {id(rt): rt.collect_grads() for _, rt in self._all_runtimes()}
+        # a statistics step's sums read the flat gradient buffer: gradients are not read in place then
+        in_place = not (self.stats_interval > 0 and (self.steps_attempted + 1) % self.stats_interval == 0)
+        return {id(rt): rt.collect_grads(in_place) for _, rt in self._all_runtimes()}
 
     def _finish_deferred_stats(self) -> None:
         """Read back the updated state of the last statistics step (statistics of the parameters and the step
@@ -581,6 +590,8 @@ class ShardedOptimizer(Optimizer):
         if self._report_hooks:  # reads the norm and the decision: a synchronisation on the device path
             total_norm = decision.host_norm()
             reason = decision.reason if decision.keep is None else (None if bool(decision.keep) else "nonfinite")
+            if self._on_device and decision.max_norm is None:
+                decision.coef = 1.0
             if self._on_device:
                 rectification = self._device_rectification()
             delivered, self._delivered_stats = self._delivered_stats, None
@@ -602,17 +613,14 @@ class ShardedOptimizer(Optimizer):
         return _Decision(reason=reason, norm=total_norm, coef=coef, finite=math.isfinite(total_norm))
 
     def _decide_on_device(self, collected: "_Collected") -> "_Decision":
-        """Skip and clip decided on the device (:mod:`.device_step`): no host synchronisation."""
-        total = collected.total_norm()
-        keep = torch.isfinite(total) if self.nonfinite_policy == "skip" else torch.ones((), dtype=torch.bool,
-                                                                                         device=total.device)
-        coef = device_step.clip_coefficient(total, collected.max_norm)
-        decision = _Decision(reason=None, norm=total, coef=coef, keep=keep)
-        if self._skipped_on_device is None or self._skipped_on_device.device != total.device:
-            self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=total.device)
-        self._skipped_on_device += (~keep).long()
-        if self._shard_hooks and not bool(keep):  # Lookahead must know (a synchronisation, documented there)
+        """Skip and clip are decided on the device, inside each runtime's scalar kernel (:func:`device_step.prepare`),
+        from ``collected.sumsq``: nothing synchronises here.  Lookahead must know whether the step is taken before
+        it runs (its slow-weight sync is not gated): with shard hooks the flag is read (a synchronisation)."""
+        decision = _Decision(reason=None, norm=collected.total_norm(), coef=1.0, sumsq=collected.sumsq,
+                             max_norm=collected.max_norm)
+        if self._shard_hooks and self.nonfinite_policy == "skip" and not bool(torch.isfinite(decision.norm)):
             decision.reason = "nonfinite"
+            self._skipped["nonfinite"] += 1
         return decision
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -667,7 +675,7 @@ class ShardedOptimizer(Optimizer):
         rectification = None
         variant = rules.kernel_variant(self.algorithm, group)
         for rt in self._runtimes.get(id(group), []):
-            runs = rt.update_runs(has_grad[id(rt)], uniform_steps=self._on_device)
+            runs = rt.update_runs(has_grad[id(rt)], uniform_steps=self._on_device and id(rt) not in self._diverged)
             rt.prepare_update()
             stats = None
             if partials is not None:
@@ -715,7 +723,8 @@ class ShardedOptimizer(Optimizer):
                                     mu_product=mus[slots[0]])
             hs.values[rules.GSCALE] *= decision.coef
             sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
-            dispatch.run(variant, self.kernel_mode, rt.master[rng], rt.grad[rng], *(rt.state[k][rng] for k in keys), sc)
+            dispatch.run(variant, self.kernel_mode, rt.master[rng], rt.grad_of(rng, slots),
+                         *(rt.state[k][rng] for k in keys), sc)
             index = slice(None) if len(slots) == len(steps) else torch.tensor(slots, dtype=torch.long)
             rt.steps[index] += 1
             if hs.mu_product is not None:
@@ -724,23 +733,56 @@ class ShardedOptimizer(Optimizer):
 
     def _device_runs(self, group: dict[str, Any], rt: FlatParamGroup, runs: list[tuple[slice, list[int]]],
                      variant: str, keys: tuple[str, ...], decision: "_Decision") -> Iterator[tuple[slice, Tensor, Any]]:
-        """The gated update with scalars computed on the device from device step counters."""
-        h = self._hyper.get(rules.hyperparameters(group, float(group.get("base_lr", 0.0))), id(group), rt.device)
-        keep = decision.keep
-        advance = keep.long()
+        """The gated update with scalars computed on the device from device step counters.
+
+        Usually one scalar kernel per runtime: its counters agree.  After a step that left some parameters out (no
+        gradient, one rank) they differ, and each run computes its own (still on the device)."""
+        max_norm = math.inf if decision.max_norm is None else decision.max_norm
+        h = self._hyper.get(rules.hyperparameters(group, float(group.get("base_lr", 0.0))) + [max_norm], id(group),
+                            rt.device)
+        compiled = self.kernel_mode != "eager" and rt.device.type == "cuda"
+        diverged = id(rt) in self._diverged
+        shared = None if diverged else device_step.prepare(
+            self.algorithm, group, self.nonfinite_policy == "skip", decision.sumsq, h, rt.steps[0], rt.mu_products[0],
+            rt.compute_dtype, compiled)
+        covered = 0
         for rng, slots in runs:
             first = slots[0]
-            index = slice(first, slots[-1] + 1) if slots == list(range(first, slots[-1] + 1)) else \
-                torch.tensor(slots, dtype=torch.long, device=rt.device)
-            sc, mu_after = device_step.device_scalars(self.algorithm, group, h, rt.steps[first], rt.mu_products[first],
-                                                      decision.coef, rt.compute_dtype,
-                                                      compiled=self.kernel_mode != "eager" and rt.device.type == "cuda")
-            dispatch.run(dispatch.GATED_PREFIX + variant, self.kernel_mode, keep, rt.master[rng], rt.grad[rng],
-                         *(rt.state[k][rng] for k in keys), sc)
-            rt.steps[index] += advance
-            if self.algorithm == "nadam":
-                rt.mu_products[index] = torch.where(keep, mu_after, rt.mu_products[index])
+            sc, keep, mu_after = shared or device_step.prepare(
+                self.algorithm, group, self.nonfinite_policy == "skip", decision.sumsq, h, rt.steps[first],
+                rt.mu_products[first], rt.compute_dtype, compiled)
+            dispatch.run(dispatch.GATED_PREFIX + variant, self.kernel_mode, keep, rt.master[rng],
+                         rt.grad_of(rng, slots), *(rt.state[k][rng] for k in keys), sc)
+            covered += len(slots)
+            if diverged:
+                index = slice(first, slots[-1] + 1) if slots == list(range(first, slots[-1] + 1)) else \
+                    torch.tensor(slots, dtype=torch.long, device=rt.device)
+                rt.steps[index] += keep.long()
+                if self.algorithm == "nadam":
+                    rt.mu_products[index] = torch.where(keep, mu_after, rt.mu_products[index])
             yield rng, sc, None
+        if shared is not None:
+            sc, keep, mu_after = shared
+            if covered == len(rt.layout.slots):   # every counter moves together: one update
+                rt.steps.add_(keep.long())
+                if self.algorithm == "nadam":
+                    rt.mu_products.copy_(torch.where(keep, mu_after, rt.mu_products))
+            else:   # some parameters had no gradient: their counters stay, and from now on counters differ
+                for _rng, slots in runs:
+                    index = torch.tensor(slots, dtype=torch.long)
+                    rt.steps[index.to(rt.device)] += keep.long()
+                    if self.algorithm == "nadam":
+                        rt.mu_products[index.to(rt.device)] = torch.where(keep, mu_after,
+                                                                          rt.mu_products[index.to(rt.device)])
+                self._diverged.add(id(rt))
+        if decision.keep is None:
+            decision.keep = shared[1] if shared is not None else keep
+            self._count_skip(decision.keep)
+
+    def _count_skip(self, keep: Tensor) -> None:
+        if self._skipped_on_device is None or self._skipped_on_device.device != keep.device:
+            self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=keep.device)
+        self._skipped_on_device += (~keep).long()
 
     def _pre_pass(self, group: dict[str, Any], rt: FlatParamGroup, has_grad: list[bool], finite: bool) -> Tensor:
         """``PRE_FIELDS`` sums of the gradient and the first moment before the update, over the real elements of
@@ -771,7 +813,7 @@ class ShardedOptimizer(Optimizer):
         local_sumsq = sum(x.item() for x in self._local_sumsq_parts)  # computed with the global norm
         # counting non-finite elements costs a pass: only when the shard's norm says there are some
         shard_nonfinite = 0 if math.isfinite(local_sumsq) else \
-            sum(int((~torch.isfinite(rt.grad)).sum()) for _, rt in self._all_runtimes())
+            sum(int((~torch.isfinite(g)).sum()) for _, rt in self._all_runtimes() for g in rt.grad_tensors())
         if self._state_bytes is None:
             self._state_bytes = self.memory_report()["state_bytes"]  # constant once the buffers exist
         report = StepReport(

@@ -27,6 +27,13 @@ from .kernels.stats import sumsq
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
+# One rank: a parameter at least this large is updated by a kernel call of its own that reads its gradient where
+# autograd left it, instead of being copied into the flat buffer first (8 bytes/element of the ~28 a step moves).
+# The threshold is where a copy costs more than a launch: ~20 us on CPU (64K fp32 elements copy in ~30 us); on a
+# GPU a compiled kernel call costs ~50 us of host time (measured on an H200 with torch 2.11: 100 runs of a 289-tensor
+# list made the step host-bound), the time 32M elements take to copy at 4 TB/s.
+DIRECT_MIN_NUMEL = {"cpu": 1 << 16, "cuda": 1 << 25}
+
 # torch 2.13 renamed the tensor collectives (the old names warn); older torch has only the old names.
 reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -90,6 +97,13 @@ class FlatParamGroup:
         self.sync_enabled = True
         self._versions = [p._version for p in self.params]
         self._grad_pieces = self._gradient_pieces()  # the layout is fixed: where each gradient lands, computed once
+        # one rank: slots whose gradient the update reads in place (see DIRECT_MIN_NUMEL); their region of ``grad``
+        # is never written and stays zero, so norms over ``grad`` plus these tensors count each element once
+        threshold = DIRECT_MIN_NUMEL.get(self.device.type)
+        self._direct_slots = {s for s, slot in enumerate(self.layout.slots)
+                              if world == 1 and threshold is not None and slot.numel >= threshold}
+        self._direct: dict[int, Tensor] = {}   # this step's in-place gradients, by slot
+        self._stale_direct: set[int] = set()   # in-place slots whose region of ``grad`` a copy wrote since
         # gloo's reduce_scatter and all_gather are 2-3x slower than its all_reduce and broadcast (25 MiB bucket,
         # 2 ranks: reduce_scatter 57.8 ms vs all_reduce 19.8 ms; all_gather 24.1 ms vs one broadcast per rank
         # 10.9 ms), so on gloo the same data movement goes through those; NCCL keeps the real collectives.
@@ -169,8 +183,11 @@ class FlatParamGroup:
         self._pending.append(_Pending(work, staging, out, accumulate, bucket_index))
         self._reduced[bucket_index] = True
 
-    def collect_grads(self) -> list[bool]:
+    def collect_grads(self, in_place: bool = True) -> list[bool]:
         """Make ``self.grad`` hold this rank's averaged gradient shard; return which params had a gradient.
+
+        One rank: large parameters' gradients are not copied but read in place by the update (``in_place=False``
+        copies them too: a statistics step reads ``grad`` only).
 
         With one rank, parameters without a gradient are reported so the optimizer can skip them (torch.optim
         semantics).  With several ranks every parameter is updated, a missing gradient counting as zero (as in
@@ -189,6 +206,14 @@ class FlatParamGroup:
                 if g.is_sparse:
                     raise RuntimeError(f"parameter {slot.index} of its group has a sparse gradient; "
                                        "ShardedOptimizer supports dense gradients only")
+                if in_place and s in self._direct_slots and g.is_contiguous():
+                    self._direct[s] = g.view(-1)   # read by the update where autograd left it: no copy
+                    if s in self._stale_direct:   # copied by a statistics step: zero, or norms count it twice
+                        self._zero_local_pieces(s)
+                        self._stale_direct.discard(s)
+                    continue
+                if s in self._direct_slots:
+                    self._stale_direct.add(s)
                 for dst, lo, hi in self._grad_pieces[s]:
                     if lo is None:  # the whole parameter: the shapes match, no reshape
                         if g.data_ptr() != dst.data_ptr():  # else p.grad already is our buffer: no copy at all
@@ -230,6 +255,17 @@ class FlatParamGroup:
         """Forget this step's reductions: the next backward starts a new accumulation cycle."""
         self._reduced = [False] * len(self.layout.buckets)
         self._ready = [0] * len(self.layout.buckets)
+        self._direct = {}
+
+    def grad_of(self, rng: slice, slots: list[int]) -> Tensor:
+        """The gradient the update of run ``rng`` reads: the parameter's own when read in place, else ``grad``."""
+        if len(slots) == 1 and slots[0] in self._direct:
+            return self._direct[slots[0]]
+        return self.grad[rng]
+
+    def grad_tensors(self) -> list[Tensor]:
+        """Every tensor holding this step's gradient elements (``grad`` and the in-place gradients)."""
+        return [self.grad, *self._direct.values()]
 
     def _gradient_pieces(self) -> list[list[tuple[Tensor, int | None, int | None]]]:
         """Per slot: (destination in ``grad``, lo, hi) for each local piece of its gradient; ``lo is None`` when
@@ -250,7 +286,8 @@ class FlatParamGroup:
         for s, slot in enumerate(self.layout.slots):
             p = self.params[slot.index]
             view = self._grad_pieces[s][0][0]
-            if has_grad[s] and p.grad is not view and p.grad.dtype == view.dtype and not p.grad.requires_grad:
+            if has_grad[s] and s not in self._direct and p.grad is not view and p.grad.dtype == view.dtype \
+                    and not p.grad.requires_grad:
                 p.grad = view
 
     def _zero_local_pieces(self, slot_index: int) -> None:
@@ -316,6 +353,35 @@ class FlatParamGroup:
         and parameters at different step counts (possible after loading a torch.optim state) run separately,
         because the host scalars depend on the step.
         """
+        if self._direct:
+            return self._split_direct(self._runs(has_grad, uniform_steps))
+        return self._runs(has_grad, uniform_steps)
+
+    def _split_direct(self, runs: list[tuple[slice, list[int]]]) -> list[tuple[slice, list[int]]]:
+        """Cut each run around the slots whose gradient is read in place: those run alone (one rank)."""
+        out: list[tuple[slice, list[int]]] = []
+        for rng, slots in runs:
+            pending: list[int] = []
+            for s in slots:
+                slot = self.layout.slots[s]
+                if s in self._direct:
+                    if pending:
+                        out.append((self._span(pending), pending))
+                        pending = []
+                    out.append((slice(slot.offset, slot.offset + slot.numel), [s]))
+                else:
+                    pending.append(s)
+            if pending:
+                out.append((self._span(pending, rng), pending))
+        return out
+
+    def _span(self, slots: list[int], rng: slice | None = None) -> slice:
+        """The local range of consecutive ``slots`` (one rank), up to ``rng``'s end for the run's last piece."""
+        first, last = self.layout.slots[slots[0]], self.layout.slots[slots[-1]]
+        stop = rng.stop if rng is not None else last.offset + last.numel
+        return slice(first.offset, stop)
+
+    def _runs(self, has_grad: list[bool], uniform_steps: bool) -> list[tuple[slice, list[int]]]:
         whole = [(slice(0, self.layout.local_numel), list(range(len(self.layout.slots))))]
         if self.world > 1 or (uniform_steps and all(has_grad)):
             # sharded: every rank advances every parameter's counter (load_state_dict keeps them equal); the
@@ -367,7 +433,10 @@ class FlatParamGroup:
 
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of this rank's gradient shard, in float64 (padding is zero and adds nothing)."""
-        return sumsq(self.grad)
+        total = sumsq(self.grad)
+        for g in self._direct.values():
+            total = total + sumsq(g)
+        return total
 
     def stat_ranges(self) -> list[slice]:
         """Ranges of the local shard that hold parameter elements (bucket padding excluded)."""

@@ -152,3 +152,79 @@ def test_gradient_collection_is_one_multi_tensor_copy_and_none_for_grad_views():
     # set_to_none=False: the parameters' .grad are views of our buffer, backward accumulated in place: no copy
     assert _copies_in_step(model, opt, set_to_none=False) == {"foreach": 0, "single": 0}
     assert all(p.grad.data_ptr() != 0 for p in model.parameters())
+
+
+def _big_model() -> nn.Module:
+    torch.manual_seed(0)   # 300x300 = 90,000 elements: over the CPU threshold for reading a gradient in place
+    return nn.Sequential(nn.Linear(8, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 3))
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_large_gradients_read_in_place_equal_the_copied_path(monkeypatch, capturable):
+    """One rank: a parameter over ``DIRECT_MIN_NUMEL`` is updated from its own ``.grad`` (no copy); the result
+    equals the all-copied path bitwise, with a skipped NaN step and a statistics step in between.  With clipping
+    the norm is summed in other chunks (fp32 norms of 4096-element chunks, combined in float64), so it is compared
+    with the float64 norm instead: ~1e-8 relative measured for such sums, bound 1e-6."""
+    from sharded_optim import zero
+
+    def train(threshold: int, clip: bool) -> tuple[list[torch.Tensor], ShardedOptimizer, list[float]]:
+        monkeypatch.setitem(zero.DIRECT_MIN_NUMEL, "cpu", threshold)
+        model = _big_model()
+        opt = ShardedOptimizer(model.parameters(), algorithm="adamod", lr=1e-2, kernel="eager", stats_interval=3,
+                               capturable=capturable)
+        norm_errors = []
+        for i in range(6):
+            model(torch.randn(4, 8, generator=torch.Generator().manual_seed(i))).square().mean().backward()
+            if i == 4:
+                model[2].weight.grad[0, 0] = float("nan")
+            if clip:
+                exact = torch.stack([p.grad.double().square().sum() for p in model.parameters()]).sum().sqrt()
+                norm = opt.clip_grad_norm_(0.05)
+                if i != 4:
+                    norm_errors.append(float((norm.double() - exact).abs() / exact))
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()], opt, norm_errors
+
+    direct, direct_opt, _ = train(1 << 16, clip=False)
+    copied, _, _ = train(1 << 40, clip=False)
+    assert all(torch.equal(a, b) for a, b in zip(direct, copied))
+    assert direct_opt.skipped_steps["nonfinite"] == 1
+    _, clipped_opt, errors = train(1 << 16, clip=True)
+    assert max(errors) < 1e-6 and clipped_opt.skipped_steps["nonfinite"] == 1
+    rt = next(iter(direct_opt._runtimes.values()))[0]
+    assert [tuple(rt.layout.slots[s].shape) for s in rt._direct_slots] == [(300, 300)]
+
+
+def test_large_gradient_is_not_copied(monkeypatch):
+    model = _big_model()
+    opt = ShardedOptimizer(model.parameters(), kernel="eager")
+    model(torch.randn(4, 8)).square().mean().backward()
+    opt.step()
+    from torch.profiler import ProfilerActivity, profile
+    opt.zero_grad()
+    model(torch.randn(4, 8)).square().mean().backward()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        opt.step()
+    copied = [s for e in prof.events() if e.name == "aten::copy_" for s in e.input_shapes if s == [300, 300]]
+    assert copied == [] and model[2].weight.grad.shape == (300, 300)
+
+
+def test_parameters_without_gradient_keep_their_counters_on_the_device_path():
+    """One rank: a parameter with no gradient is not stepped (torch.optim semantics); its counter then lags the
+    others, and later steps use each parameter's own count: the device path equals the host path bitwise."""
+    def train(capturable: bool) -> tuple[list[torch.Tensor], list[int]]:
+        model = _model()
+        opt = ShardedOptimizer(model.parameters(), algorithm="nadam", capturable=capturable, kernel="eager")
+        for i in range(5):
+            model(torch.randn(5, 8, generator=torch.Generator().manual_seed(i))).square().mean().backward()
+            if i in (1, 2):
+                model[2].bias.grad = None
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()], [int(opt.state[p]["step"]) for p in
+                                                                   model.parameters()]
+    host, host_steps = train(False)
+    dev, dev_steps = train(True)
+    assert host_steps == dev_steps == [5, 5, 5, 3]
+    assert all(torch.equal(a, b) for a, b in zip(host, dev))

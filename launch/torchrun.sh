@@ -3,6 +3,8 @@
 #
 # Usage:   launch/torchrun.sh [train args...]
 #          launch/torchrun.sh --config configs/quickstart.yaml --set training.steps=100 --resume
+#          (--resume continues the run in training.run_dir; --overwrite deletes it and starts again; without
+#          either, a run directory that holds a run is refused before torchrun starts)
 # Env:     NPROC_PER_NODE  ranks on this node (default: number of GPUs, or 2 on a CPU-only machine)
 #          MASTER_PORT     rendezvous port (default: a free port)
 #          OMP_NUM_THREADS threads per rank (default 1)

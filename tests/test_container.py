@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 
-
 from sharded_optim.config import load_config
 from tests.support.jobs import REPO
 

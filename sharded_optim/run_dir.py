@@ -117,7 +117,9 @@ def finished_message(cfg: RunConfig, done: FinishedRun) -> str:
             f"step {done.step} ({last} = {cfg.training.stop_at or cfg.training.steps}); nothing to train.")
     if done.summary is not None:
         text += f" Its summary is {done.summary}."
-    return text + f" To train further, raise {last}; to start again, use --overwrite."
+    further = "raise training.stop_at or unset it" if cfg.training.stop_at else \
+        "raise training.steps (the schedule then spans the new length)"
+    return text + f" To train further, {further}; to start again, use --overwrite."
 
 
 def prepare(cfg: RunConfig, info: Any, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -88,7 +89,6 @@ def test_checkpoint_error_inside_the_run_prints_once(stopped_run):
 
 
 def test_resume_drops_records_past_the_checkpoint_then_a_finished_run_is_left_alone(stopped_run, tmp_path):
-    import shutil
     run_dir = shutil.copytree(stopped_run, tmp_path / "run")
     logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(logged) == 6  # the first attempt logged steps 5-6, past its checkpoint at 4

@@ -43,16 +43,12 @@ def finished(tmp_path_factory) -> Path:
     return run_dir
 
 
-def copy_run(src: Path, dst: Path) -> Path:
-    return shutil.copytree(src, dst)
-
-
 def cfg_for(run_dir: Path, *sets: str):
     return load_config(TINY_CONFIG, [*SHORT, f"training.run_dir={run_dir}", *sets])
 
 
 def test_a_new_run_in_a_directory_holding_one_is_refused(finished, tmp_path, capsys):
-    run_dir = copy_run(finished, tmp_path / "run")
+    run_dir = shutil.copytree(finished, tmp_path / "run")
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
     # a different algorithm would otherwise silently replace the AdamW run's checkpoints
     assert train_cli(run_dir, sets=("optimizer.algorithm=adamod",)) == 2
@@ -73,7 +69,7 @@ def test_an_empty_or_unrelated_directory_is_not_a_run(tmp_path):
 
 
 def test_overwrite_deletes_the_old_run_and_nothing_else(finished, tmp_path):
-    run_dir = copy_run(finished, tmp_path / "run")
+    run_dir = shutil.copytree(finished, tmp_path / "run")
     (run_dir / "notes.txt").write_text("mine")
     (run_dir / "checkpoints" / "README").write_text("mine too")
     old_summary = strict_json(run_dir / "summary.json")
@@ -98,7 +94,7 @@ def test_clear_run_removes_leftovers_of_an_interrupted_save(tmp_path):
 
 
 def test_resume_of_a_finished_run_leaves_it_untouched(finished, tmp_path, capsys):
-    run_dir = copy_run(finished, tmp_path / "run")
+    run_dir = shutil.copytree(finished, tmp_path / "run")
     summary_bytes = (run_dir / "summary.json").read_bytes()
     assert train_cli(run_dir, "--resume") == 0
     out = capsys.readouterr().out
@@ -108,7 +104,7 @@ def test_resume_of_a_finished_run_leaves_it_untouched(finished, tmp_path, capsys
 
 
 def test_resume_of_a_finished_run_without_summary_writes_a_real_one(finished, tmp_path):
-    run_dir = copy_run(finished, tmp_path / "run")
+    run_dir = shutil.copytree(finished, tmp_path / "run")
     old = strict_json(run_dir / "summary.json")
     (run_dir / "summary.json").unlink()  # killed between the last checkpoint and the summary
     assert train_cli(run_dir, "--resume") == 0
@@ -120,7 +116,7 @@ def test_resume_of_a_finished_run_without_summary_writes_a_real_one(finished, tm
 
 
 def test_resume_drops_metrics_past_the_checkpoint(finished, tmp_path):
-    run_dir = copy_run(finished, tmp_path / "run")
+    run_dir = shutil.copytree(finished, tmp_path / "run")
     for name in ("step_00000006", "latest"):  # as if killed after step 6 was logged but before it was saved
         path = run_dir / "checkpoints" / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()

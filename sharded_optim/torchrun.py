@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         rank, failure = exc.get_first_failure()
         code = failure.exitcode
         if code < 0:  # killed by a signal
-            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
             print(f"torchrun: rank {rank} was killed by {name}", file=sys.stderr, flush=True)
             return 128 - code
         others = len(exc.failures) - 1

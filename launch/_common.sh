@@ -1,5 +1,8 @@
 # Shared by the launch/*.sh scripts (sourced, not run).  Sets REPO, puts it on PYTHONPATH (so an
 # uninstalled checkout works), defaults OMP_NUM_THREADS and picks a free MASTER_PORT when none is given.
+# preflight ARGS: check the job's arguments, config and run directory before any rank starts (see
+# sharded_optim/preflight.py): a mistake exits here with one message and status 2; --resume of a finished
+# run exits 0 here.
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python}"
@@ -10,3 +13,10 @@ if [ -z "${MASTER_PORT:-}" ]; then
   MASTER_PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')"
 fi
 export MASTER_PORT
+
+preflight() {
+  local rc=0
+  "$PYTHON" -m sharded_optim.preflight "$@" || rc=$?
+  [ "$rc" = 3 ] && exit 0   # nothing to do: --resume of a finished run
+  [ "$rc" = 0 ] || exit "$rc"
+}

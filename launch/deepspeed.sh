@@ -14,6 +14,7 @@
 # its own JSON configs under configs/.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+preflight "$@"
 ds_args=(--master_port "$MASTER_PORT")
 if [ -n "${HOSTFILE:-}" ]; then
   ds_args+=(--hostfile "$HOSTFILE")

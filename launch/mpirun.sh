@@ -14,6 +14,7 @@
 # PMI_RANK/MPI_LOCALRANKID the same way.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+preflight "$@"
 NP="${NP:-2}"
 mpi_args=(-np "$NP" --oversubscribe --bind-to none -x PYTHONPATH -x OMP_NUM_THREADS)
 [ "$(id -u)" = 0 ] && mpi_args+=(--allow-run-as-root)

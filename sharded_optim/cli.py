@@ -22,6 +22,7 @@ import importlib
 import importlib.metadata
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from .dist import strip_launcher_args
@@ -91,8 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def program_name() -> str:
+    """How the user started this command: ``python -m sharded_optim`` or the ``sharded-optim`` script."""
+    return "python -m sharded_optim" if Path(sys.argv[0]).name == "__main__.py" else "sharded-optim"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.invocation = (program_name(), argv)  # what a command that records its own command line reads
     return int(args._run(args) or 0)
 
 

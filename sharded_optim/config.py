@@ -34,9 +34,10 @@ ALGORITHM_OPTIONS = ("decoupled_weight_decay", "amsgrad", "bias_correction", "ma
 class ConfigError(ValueError):
     """One or more configuration fields are invalid; ``errors`` holds one line per problem."""
 
-    def __init__(self, errors: list[str], source: str | None = None):
+    def __init__(self, errors: list[str], source: str | None = None, *, where: str | None = None):
         self.errors = errors
-        head = f"invalid configuration{f' in {source}' if source else ''}:"
+        head = f"invalid configuration {where}:" if where else \
+            f"invalid configuration{f' in {source}' if source else ''}:"
         super().__init__("\n  ".join([head, *errors]))
 
 
@@ -389,7 +390,27 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError([f"<top level>: got {_describe(raw)}; allowed: a mapping with sections "
                                f"{', '.join(_section_names())}"], source)
     raw = apply_overrides(raw or {}, overrides or [])
-    return from_dict(raw, source)
+    try:
+        return from_dict(raw, source)
+    except ConfigError as exc:
+        raise _blame(exc, source, overrides or []) from None
+
+
+def _blame(exc: ConfigError, source: str | None, overrides: list[str]) -> ConfigError:
+    """Name where each bad value came from: a value set by ``--set`` is the command line's, not the file's."""
+    given = {text.partition("=")[0].strip(): text for text in overrides}
+    lines, from_cli = [], 0
+    for line in exc.errors:
+        key = line.split(":", 1)[0].split("[", 1)[0]
+        if key in given:
+            from_cli += 1
+            line += f" (from the command line: --set {given[key]})"
+        lines.append(line)
+    if not from_cli:
+        return ConfigError(lines, source)
+    where = "on the command line (--set)" if from_cli == len(lines) else \
+        f"in {source or 'the defaults'} and on the command line (--set)"
+    return ConfigError(lines, source, where=where)
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -36,9 +36,13 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from . import data as data_lib
+from . import run_dir as run_dir_lib
 from .config import ConfigError, RunConfig, dump_config, load_config
 from .dist import DistInfo, cleanup, describe_timeout, init_distributed, strip_launcher_args
+from .job_exit import (CONFIG_EXIT, INTERRUPTED_EXIT, StopRequest, TrainingInterrupted, env_rank, expected_errors,
+                       interrupted_message, print_unreported, report_once)
 from .model import build_model, num_parameters, param_groups
+from .train_log import emit, log, progress_bar, strict_json
 
 # --- pieces -------------------------------------------------------------------------------------------
 
@@ -146,38 +150,57 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 # --- the job --------------------------------------------------------------------------------------------
 
-def train(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
-    """Run the configured job on this rank; return the summary (identical on every rank)."""
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run the configured job on this rank; return the summary (identical on every rank).
+
+    ``resume``: continue from the latest checkpoint (a finished run is left as it is and its summary returned).
+    ``overwrite``: delete the previous run in ``training.run_dir`` first; without either, a run directory that
+    holds a run is refused (:class:`~sharded_optim.run_dir.RunDirError`).  Expected errors are printed once, on
+    rank 0 (see :mod:`sharded_optim.job_exit`); SIGINT stops at the end of a step (:class:`TrainingInterrupted`).
+    """
     t_start = time.perf_counter()
     t = cfg.training
     want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError([f"training.device: got 'cuda' but no CUDA device is available; allowed here: "
                            "'cpu' or 'auto'"])
-    info = init_distributed(backend="nccl" if want_cuda else "gloo", timeout_s=t.timeout_s,
-                            num_threads=t.threads or None)
-    try:
-        return _train(cfg, info, resume, want_cuda, t_start)
-    except RuntimeError as exc:
-        why = describe_timeout(exc, info, t.timeout_s)
-        cleanup(barrier=False)
-        if why:
-            raise RuntimeError(why) from exc
-        raise
-    except BaseException:
-        cleanup(barrier=False)
-        raise
-    finally:
-        cleanup()
+    with StopRequest() as stop:
+        info = init_distributed(backend="nccl" if want_cuda else "gloo", timeout_s=t.timeout_s,
+                                num_threads=t.threads or None)
+        try:
+            return _train(cfg, info, resume, overwrite, want_cuda, t_start, stop)
+        except (KeyboardInterrupt, TrainingInterrupted, RuntimeError) as exc:
+            cleanup(barrier=False)
+            if stop.requested or not isinstance(exc, RuntimeError):
+                # a peer that stopped first closes its connections: on an interrupted rank that is not a fault
+                step = exc.step if isinstance(exc, TrainingInterrupted) else None
+                raise TrainingInterrupted(step, latest_checkpoint(cfg)) from None
+            why = describe_timeout(exc, info, t.timeout_s)
+            if why:
+                raise RuntimeError(why) from exc
+            raise
+        except expected_errors() as exc:
+            report_once(exc, info)
+            cleanup(barrier=False)
+            raise
+        except BaseException:
+            cleanup(barrier=False)
+            raise
+        finally:
+            cleanup()
 
 
-def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_start: float) -> dict[str, Any]:
+def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool, want_cuda: bool, t_start: float,
+           stop: StopRequest) -> dict[str, Any]:
     t = cfg.training
     device = torch.device("cuda", info.local_rank) if want_cuda else torch.device("cpu")
     micro_batch = t.batch_size // t.grad_accum  # sequences per micro-batch, over all ranks
     if micro_batch % info.world_size:
         raise ConfigError([f"training.batch_size: got {t.batch_size}; allowed: a multiple of grad_accum x "
                            f"world size ({t.grad_accum} x {info.world_size})"])
+    finished = run_dir_lib.prepare(cfg, info, resume=resume, overwrite=overwrite)
+    if finished is not None:
+        return finished
     run_dir = Path(t.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -203,12 +226,17 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
     if resume:
         path = latest_checkpoint(cfg)
         if path is None:
-            _log(info, f"--resume: no checkpoint under {cfg.checkpoint_dir}; starting from step 0")
+            log(info, f"--resume: no checkpoint under {cfg.checkpoint_dir}; starting from step 0")
         else:
             start_step, extra = load_checkpoint(path, model, optimizer)
             history.update({k: extra[k] for k in history if k in extra})
             fast_forward(scheduler, start_step)
-            _log(info, f"resumed from {path} at step {start_step}")
+            log(info, f"resumed from {path} at step {start_step}")
+    if resume and info.is_main and start_step:
+        dropped = run_dir_lib.truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        if dropped:
+            print(f"metrics.jsonl: dropped {dropped} record(s) past step {start_step} (logged by the attempt "
+                  "that did not reach its next checkpoint)", flush=True)
 
     telemetry = None
     if cfg.telemetry.enabled:
@@ -222,12 +250,12 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
 
     n_params = num_parameters(model)
     tokens_per_step = t.batch_size * cfg.model.seq_len
-    _log(info, f"{info.launcher}: {info.world_size} rank(s), backend {info.backend or 'none'}, device {device}, "
-               f"{torch.get_num_threads()} thread(s)/rank | model {n_params:,} params | "
-               f"{cfg.optimizer.algorithm} zero_stage={cfg.optimizer.zero_stage} | "
-               f"{t.steps} steps x {tokens_per_step:,} tokens")
-    metrics_file = open(run_dir / "metrics.jsonl", "a" if resume else "w") if info.is_main else None
-    progress = _progress_bar(info, t.steps, start_step)
+    log(info, f"{info.launcher}: {info.world_size} rank(s), backend {info.backend or 'none'}, device {device}, "
+              f"{torch.get_num_threads()} thread(s)/rank | model {n_params:,} params | "
+              f"{cfg.optimizer.algorithm} zero_stage={cfg.optimizer.zero_stage} | "
+              f"{t.steps} steps x {tokens_per_step:,} tokens")
+    metrics_file = open(run_dir / "metrics.jsonl", "a" if start_step else "w") if info.is_main else None
+    progress = progress_bar(info, t.steps, start_step)
 
     # The loop.  One optimizer step = grad_accum micro-batches; losses are averaged over ranks only when
     # logged, so steps between logs need no extra collective.
@@ -272,20 +300,24 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
                           "step_s": elapsed / len(window_losses),
                           "tokens_per_s": tokens_per_step * len(window_losses) / elapsed}
                 history["loss_curve"].append([step, loss_mean])
-                _emit(info, progress, metrics_file, record)
+                emit(info, progress, metrics_file, record)
                 window_losses, window_start = [], time.perf_counter()
             progress.update(1)
 
             if (t.eval_interval and step % t.eval_interval == 0) or step == last_step:
                 val_loss = evaluate(model, val_ds, cfg, info, device, autocast)
                 history["val_curve"].append([step, val_loss])
-                _emit(info, progress, metrics_file, {"step": step, "val_loss": val_loss})
+                emit(info, progress, metrics_file, {"step": step, "val_loss": val_loss})
                 window_start = time.perf_counter()  # keep eval time out of the throughput numbers
 
             ck = cfg.checkpoint
             if (ck.interval and step % ck.interval == 0) or (ck.at_end and step == last_step):
                 save_checkpoint(cfg, model, optimizer, step, extra=dict(history))
                 window_start = time.perf_counter()
+            if stop.requested:  # SIGINT: every rank got it; stop between steps, never inside a collective
+                raise TrainingInterrupted(step)
+        if step == start_step:  # resumed at the last step (its summary was lost): evaluate what was trained
+            val_loss = evaluate(model, val_ds, cfg, info, device, autocast)
         if telemetry is not None:
             telemetry.flush()  # the last statistics step (sharded, statistics travel with the next step)
     finally:
@@ -300,10 +332,10 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
     curve = history["loss_curve"]
     summary = {
         "steps": step, "steps_this_run": steps_run, "resumed_from": start_step if resume else None,
-        "initial_train_loss": curve[0][1] if curve else float("nan"),
-        "final_train_loss": curve[-1][1] if curve else float("nan"),
+        "initial_train_loss": curve[0][1] if curve else None,
+        "final_train_loss": curve[-1][1] if curve else None,
         "final_val_loss": val_loss,
-        "tokens_per_s": steps_run * tokens_per_step / step_time if step_time > 0 else float("nan"),
+        "tokens_per_s": steps_run * tokens_per_step / step_time if step_time > 0 else None,
         "train_time_s": train_time, "wall_time_s": time.perf_counter() - t_start,
         "tokens_seen": history["tokens_seen"], "params": n_params, "algorithm": cfg.optimizer.algorithm,
         "zero_stage": cfg.optimizer.zero_stage, "world_size": info.world_size, "launcher": info.launcher,
@@ -313,40 +345,11 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, want_cuda: bool, t_star
     if info.is_main:
         if t.save_final_weights:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / "final_weights.pt")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary = strict_json(summary)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         short = {k: v for k, v in summary.items() if k not in ("loss_curve", "val_curve")}
         print("summary: " + json.dumps(short), flush=True)
     return summary
-
-
-# --- output helpers -------------------------------------------------------------------------------------
-
-def _log(info: DistInfo, text: str) -> None:
-    if info.is_main:
-        print(text, flush=True)
-
-
-def _progress_bar(info: DistInfo, total: int, initial: int):
-    """tqdm on rank 0 (to stderr); disabled on the other ranks."""
-    from tqdm import tqdm
-
-    # Redraws every 0.5 s on a terminal; in a log file (not a TTY) rarely, so logs stay readable.
-    return tqdm(total=total, initial=initial, disable=not info.is_main, dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 60.0, desc="train", unit="step")
-
-
-def _emit(info: DistInfo, progress, metrics_file, record: dict) -> None:
-    if not info.is_main:
-        return
-    metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()
-    if "loss" in record:
-        progress.set_postfix(loss=f"{record['loss']:.4f}", step_ms=f"{1e3 * record['step_s']:.0f}",
-                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        progress.write(f"step {record['step']:>6}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
-                       f"{1e3 * record['step_s']:.0f} ms/step  {record['tokens_per_s']:.0f} tok/s")
-    else:
-        progress.write(f"step {record['step']:>6}  val_loss {record['val_loss']:.4f}")
 
 
 # --- command line ---------------------------------------------------------------------------------------
@@ -360,16 +363,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field, e.g. --set optimizer.lr=3e-4 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the previous run in training.run_dir (its files and checkpoints) first")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Load and validate the config, train; a bad config prints its errors and returns 2."""
+    """Load and validate the config, train.  Expected errors (bad config, unloadable checkpoint, a run directory
+    holding another run) print one message on rank 0 and return 2; SIGINT returns 130 after saying where the
+    last checkpoint is."""
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
-        train(cfg, resume=args.resume)
-    except ConfigError as exc:  # raised identically on every rank, before any collective
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as exc:
+        if env_rank() == 0:
+            print(interrupted_message(exc, cfg.training.run_dir), file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT
+    except expected_errors() as exc:  # raised on every rank
+        print_unreported(exc)
+        return CONFIG_EXIT
     return 0
 
 

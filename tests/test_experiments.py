@@ -24,6 +24,7 @@ from sharded_optim.experiments.common import Context
 from sharded_optim.experiments.one_cycle import schedule_trace
 from sharded_optim.experiments.reddi import simulate
 from sharded_optim.experiments.tasks import train_digits
+from tests.support.jobs import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CTX = Context("test", out_dir=None)
@@ -139,6 +140,8 @@ def test_two_ranks_give_the_single_process_numbers(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((tmp_path / "lr-sensitivity-ci.json").read_text())
     assert payload["environment"]["world_size"] == 2
+    assert payload["command"] == ("torchrun --standalone --nproc_per_node 2 -m sharded_optim.experiments "
+                                  f"lr-sensitivity --ci --out {tmp_path}")
     two = payload["results"]["summary"]
     one = run_experiment("lr-sensitivity", ci=True, out_dir=None)["summary"]
     assert len(one) == len(two) == 2 * 6  # tasks x optimizers, one lr
@@ -148,3 +151,18 @@ def test_two_ranks_give_the_single_process_numbers(tmp_path):
             assert ca == pytest.approx(cb, rel=1e-5, abs=1e-6), (a["task"], a["label"], a["lr"], i)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5, abs=1e-6), (a["label"], a["lr"])
         assert a["val_acc"] == pytest.approx(b["val_acc"], abs=1.5 / 360), (a["label"], a["lr"])  # <= 1 image
+
+
+def test_the_command_says_where_its_files_went_and_records_itself(tmp_path):
+    """`sharded-optim experiment` (the installed script) from some directory: the files go to runs/experiments/
+    under that directory (not into the package's checkout), the output says so, and the .md and .json record
+    the command as it was typed."""
+    cmd = [require_tool("sharded-optim"), "experiment", "reddi", "--ci", "--steps", "300"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "runs" / "experiments"
+    assert sorted(p.name for p in out.iterdir()) == ["reddi-ci.json", "reddi-ci.md", "reddi-ci.png"]
+    assert "results written to runs/experiments/: reddi-ci.json, reddi-ci.md, reddi-ci.png" in proc.stdout
+    typed = "sharded-optim experiment reddi --ci --steps 300"
+    assert f"Command: `{typed}`" in (out / "reddi-ci.md").read_text()
+    assert json.loads((out / "reddi-ci.json").read_text())["command"] == typed

@@ -3,11 +3,14 @@
 ``sharded-optim experiment NAME [--ci] [--steps N] [--kernel eager|compiled] [--out DIR]`` or
 ``python -m sharded_optim.experiments NAME ...``; under ``torchrun --nproc_per_node 2 -m sharded_optim.experiments
 NAME`` every rank trains on its slice of each global batch and the ZeRO optimizer averages the gradients (same
-numerics as one process up to float summation order).  Results: ``bench/results/experiments/NAME.{json,md,png}``.
+numerics as one process up to float summation order).  Results: ``NAME.{json,md,png}`` (``NAME-ci.*`` for ``--ci``)
+in ``--out``, by default ``runs/experiments/`` under the current directory; the committed results are in
+``bench/results/experiments/`` (``--out bench/results/experiments`` regenerates them).
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +28,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the experiment's step count")
     parser.add_argument("--kernel", choices=("eager", "compiled", "auto"), default="eager",
                         help="ShardedOptimizer kernel (eager is faster for these tiny models)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (JSON, markdown, PNG)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"output directory for JSON, markdown, PNG (default: {DEFAULT_OUT}/ in the current "
+                             "directory; the committed results: bench/results/experiments)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per rank (default 1: tiny models gain nothing from more, and a "
                              "busy machine makes multi-threaded OpenMP much slower)")
 
 
 def run_experiment(name: str, *, ci: bool = False, steps: int | None = None, kernel: str = "eager",
-                   out_dir: Path | None = DEFAULT_OUT, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+                   out_dir: Path | None = DEFAULT_OUT, rank: int = 0, world_size: int = 1,
+                   command_line: str | None = None) -> dict[str, Any]:
     """Run one experiment in this process (the caller owns any process group)."""
-    ctx = Context(name=name, rank=rank, world_size=world_size, ci=ci, kernel=kernel, out_dir=out_dir, steps=steps)
+    ctx = Context(name=name, rank=rank, world_size=world_size, ci=ci, kernel=kernel, out_dir=out_dir, steps=steps,
+                  command_line=command_line)
     return get(name).run(ctx)
+
+
+def command_line(program: str, argv: list[str], launcher: str, world_size: int) -> str:
+    """The command as run: ``program`` (how the user called us, e.g. ``sharded-optim experiment``) and its
+    arguments; under torchrun with the launcher in front, as ``torchrun`` would be typed to repeat it."""
+    text = shlex.join(argv)
+    if launcher == "torchrun" and world_size > 1:
+        runner = f"-m {program[len('python -m '):]}" if program.startswith("python -m ") else f"--no-python {program}"
+        return f"torchrun --standalone --nproc_per_node {world_size} {runner} {text}"
+    return f"{program} {text}"
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point: initialise torch.distributed if a launcher started us, run, clean up."""
     from ..dist import cleanup, init_distributed
     info = init_distributed(num_threads=args.threads)
+    program, argv = getattr(args, "invocation", ("python -m sharded_optim.experiments", None))
+    typed = None if argv is None else command_line(program, argv, info.launcher, info.world_size)
     try:
         run_experiment(args.name, ci=args.ci, steps=args.steps, kernel=args.kernel, out_dir=args.out,
-                       rank=info.rank, world_size=info.world_size)
+                       rank=info.rank, world_size=info.world_size, command_line=typed)
     except BaseException:
         cleanup(barrier=False)
         raise

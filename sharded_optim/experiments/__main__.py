@@ -8,4 +8,7 @@ from . import add_arguments, run_from_args
 parser = argparse.ArgumentParser(prog="python -m sharded_optim.experiments", allow_abbrev=False,
                                  description="optimizer comparison experiments")
 add_arguments(parser)
-sys.exit(run_from_args(parser.parse_args(strip_launcher_args(sys.argv[1:]))))
+argv = strip_launcher_args(sys.argv[1:])
+args = parser.parse_args(argv)
+args.invocation = ("python -m sharded_optim.experiments", argv)  # recorded in the results as the command run
+sys.exit(run_from_args(args))

@@ -19,8 +19,10 @@ import torch
 
 from ..optimizer import ShardedOptimizer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "experiments"
+# Relative to the current directory, like training.run_dir: an installed package has no checkout to write into,
+# and in a checkout runs/ is ignored by git, so a --ci run leaves no untracked files among the committed results.
+# The committed results in bench/results/experiments/ are regenerated with --out bench/results/experiments.
+DEFAULT_OUT = Path("runs") / "experiments"
 
 # label -> (algorithm, options): the optimizers the experiments compare, each at its own defaults otherwise.
 OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -45,6 +47,7 @@ class Context:
     out_dir: Path | None = DEFAULT_OUT  # None: write nothing
     steps: int | None = None          # override of the experiment's step count
     extra: dict[str, Any] = field(default_factory=dict)
+    command_line: str | None = None   # the command as the user typed it (recorded in the results); None: derived
 
     @property
     def is_main(self) -> bool:
@@ -55,7 +58,9 @@ class Context:
             print(f"[{self.name}] {message}", flush=True)
 
     def command(self) -> str:
-        """The command line that reproduces this run (no machine paths)."""
+        """The command line that reproduces this run: as typed when known, else rebuilt from the flags."""
+        if self.command_line is not None:
+            return self.command_line
         flags = (" --ci" if self.ci else "") + (f" --steps {self.steps}" if self.steps else "")
         flags += f" --kernel {self.kernel}" if self.kernel != "eager" else ""
         base = f"python -m sharded_optim.experiments {self.name}{flags}"
@@ -139,6 +144,7 @@ def write_outputs(ctx: Context, results: dict[str, Any], markdown: str, figure: 
         import matplotlib.pyplot as plt
         plt.close(figure)
     paths["md"].write_text(header + markdown.rstrip() + "\n")
+    ctx.log(f"results written to {out}/: " + ", ".join(p.name for p in paths.values()))
     return paths
 
 

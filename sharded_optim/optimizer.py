@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import rules
+from . import agreement, rules
 from .kernels import dispatch
 from .kernels import stats as stats_kernels
 from .telemetry.fields import NUM_FIELDS
@@ -174,6 +174,7 @@ class ShardedOptimizer(Optimizer):
         self._building = False
         if self.sharded:
             self._ensure_runtimes()  # the gradient hooks must exist before the first backward
+            agreement.verify(self)  # every rank lays out the same flat buffers, or every rank raises
 
     # ---------------------------------------------------------------------------------------- setup
     @property
@@ -226,6 +227,7 @@ class ShardedOptimizer(Optimizer):
         super().add_param_group(param_group)
         if not self._building and self.sharded:
             self._ensure_runtimes()
+            agreement.verify(self)
 
     def _check_backend(self, device: torch.device) -> None:
         backend = dist.get_backend(self.process_group)

@@ -259,9 +259,9 @@ def _load_one(path: Path, model: torch.nn.Module, optimizer: Any, strict: bool) 
 
 def _read_failure(exc: BaseException) -> str:
     """The cause of a failed ``dcp.load``: a checksum mismatch if there was one, else DCP's message."""
-    failures = getattr(exc, "failures", None)
-    found = [e for e in (failures.values() if isinstance(failures, dict) else [exc])
-             if isinstance(e, IntegrityError)]
+    failures = getattr(exc, "failures", None)  # {rank: (exception, traceback)} or {rank: exception}
+    wrapped = failures.values() if isinstance(failures, dict) else [exc]
+    found = [e for w in wrapped for e in (w if isinstance(w, tuple) else (w,)) if isinstance(e, IntegrityError)]
     if found:
         return str(found[0])
     return f"{type(exc).__name__}: {str(exc)[:2000]}"

@@ -54,6 +54,8 @@ def _plain(value: Any) -> Any:
 
 
 def _samples(p: Tensor) -> list[Tensor]:
+    if hasattr(p, "to_local"):  # a DTensor (FSDP2): each rank holds its own shard, values differ by design
+        return []
     flat = p.detach().reshape(-1)
     n = flat.numel()
     if n == 0:
@@ -81,11 +83,12 @@ def fingerprint(opt: Any) -> list[tuple[str, Any]]:
             params.append((f"{where}['params'][{i}]: values at {SAMPLES} positions", p))
         for key in sorted(k for k in group if k != "params"):
             items.append((f"{where}[{key!r}]", _plain(group[key])))
-    parts = [s for _, p in params for s in _samples(p)]
+    per_param = [_samples(p) for _, p in params]
+    parts = [s for samples in per_param for s in samples]
     values = torch.cat(parts).cpu().tolist() if parts else []  # one device-to-host copy for all samples
     at = 0
-    for label, p in params:
-        n = min(SAMPLES, p.numel())
+    for (label, _p), samples in zip(params, per_param):
+        n = sum(s.numel() for s in samples)
         items.append((label, tuple(values[at: at + n])))
         at += n
     return items

@@ -258,13 +258,14 @@ def _load_one(path: Path, model: torch.nn.Module, optimizer: Any, strict: bool) 
 
 
 def _read_failure(exc: BaseException) -> str:
-    """The cause of a failed ``dcp.load``: a checksum mismatch if there was one, else DCP's message."""
+    """The cause of a failed ``dcp.load`` in one line: a checksum mismatch if there was one, else the first
+    underlying error (DCP's own message carries every rank's traceback)."""
     failures = getattr(exc, "failures", None)  # {rank: (exception, traceback)} or {rank: exception}
     wrapped = failures.values() if isinstance(failures, dict) else [exc]
-    found = [e for w in wrapped for e in (w if isinstance(w, tuple) else (w,)) if isinstance(e, IntegrityError)]
-    if found:
-        return str(found[0])
-    return f"{type(exc).__name__}: {str(exc)[:2000]}"
+    causes = [e for w in wrapped for e in (w if isinstance(w, tuple) else (w,)) if isinstance(e, BaseException)]
+    for cause in sorted(causes, key=lambda e: not isinstance(e, IntegrityError)):
+        return str(cause) if isinstance(cause, IntegrityError) else f"{type(cause).__name__}: {str(cause)[:500]}"
+    return f"{type(exc).__name__}: {str(exc)[:500]}"
 
 
 def _check_finite(path: Path, plan: dict[str, Any], params: list[_Param]) -> None:

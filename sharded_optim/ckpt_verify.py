@@ -23,7 +23,7 @@ from .ckpt_integrity import IntegrityError
 
 def verify(path: str | os.PathLike) -> dict[str, Any]:
     """``{"path", "format_version", "checksums" (bool), "chunks", "bytes", "files", "problems": [str]}``."""
-    from .ckpt_load import _chunks, _files, _read_meta
+    from .ckpt_load import _chunks, _files, _read_meta, finite
 
     path = Path(path)
     out: dict[str, Any] = {"path": str(path), "format_version": None, "checksums": False, "chunks": 0,
@@ -80,7 +80,7 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
         out["bytes"] += len(data)
         # optimizer state, slow weights and model parameters cannot hold NaN/inf; buffers (masks) may
         if index.fqn.startswith(("optim.", "lookahead.")) or index.fqn in model_params:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if not finite(tensor):
                 bad = int((~torch.isfinite(tensor)).sum())
                 problems.append(f"{where}: {bad} non-finite value(s) in state that cannot hold them")
     for key in sorted(set(chunks or {}) - seen):

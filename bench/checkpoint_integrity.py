@@ -9,8 +9,8 @@
   check), and with both turned off;
 * ``crc32c`` and ``zlib.crc32`` alone over a buffer of the checkpoint's size.
 
-Prints the minimum and the median of each and the overheads.  The files go to a temporary directory (page cache: this measures
-the CPU cost of the checks, not the disk).
+Prints the minimum and the median of each and the overheads.  The files go to a temporary directory (page
+cache: this measures the CPU cost of the checks, not the disk).
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ group, and into FSDP2 DTensor state.  A checkpoint directory holds
   and a checksum of ``meta.json`` itself (:mod:`sharded_optim.ckpt_integrity`).
 
 Writes are atomic: everything goes into ``.<name>.partial`` and is renamed to ``<name>`` only after every rank
-finished (the next save removes partial directories a crash left behind), then ``latest`` (a text file naming the newest checkpoint) is replaced atomically and all but the
-newest ``keep_last`` checkpoints are removed.  ``load`` validates everything (format version, algorithm, param
+finished (the next save removes partial directories a crash left behind), then ``latest`` (a text file naming
+the newest checkpoint) is replaced atomically and all but the newest ``keep_last`` checkpoints are removed.  ``load`` validates everything (format version, algorithm, param
 names and shapes, hyperparameters, file integrity) and reads into scratch buffers before writing anything: a
 refused load leaves model, optimizer and RNG bitwise unchanged.  A checkpoint whose bytes do not match their
 checksums, or whose state holds non-finite values, raises :class:`CheckpointCorruptError`; ``load(directory,
@@ -40,7 +40,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import agreement, ckpt_integrity, ckpt_io, rules
+from . import agreement, ckpt_diagnose, ckpt_integrity, ckpt_io, rules
 from .lookahead import Lookahead
 from .optimizer import ShardedOptimizer
 from .zero import FlatParamGroup
@@ -257,7 +257,7 @@ def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any, *, ste
         try:
             with ckpt_io.single_process_quiet():
                 dcp.save(state, storage_writer=writer, no_dist=not _distributed())
-        except (Exception, CheckpointException) as exc:  # DCP's errors lose errno (disk full reads "unexpected pos"): diagnose
+        except (Exception, CheckpointException) as exc:  # DCP loses errno (a full disk: "unexpected pos")
             error = _save_failed(path, tmp, exc, needed)
         _agree(error, f"save {path}")
         try:
@@ -289,14 +289,8 @@ def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any, *, ste
 
 
 def _bytes_to_write(state: dict[str, Any]) -> int:
-    """Bytes of tensor data in the whole checkpoint (every rank's part counted once; a lower bound: DCP adds a
-    small header per chunk)."""
-    total = 0
-    for value in state.values():
-        local = value.to_local() if hasattr(value, "to_local") else value
-        views = getattr(local, "_views", None)
-        for t in (views if views is not None else [local]):
-            total += t.numel() * t.element_size()
+    """Bytes of tensor data in the whole checkpoint, every rank's part counted once."""
+    total = ckpt_diagnose.local_tensor_bytes(state)
     if _distributed():
         t = torch.tensor([total], dtype=torch.int64, device=_comm_device())
         dist.all_reduce(t)
@@ -305,31 +299,7 @@ def _bytes_to_write(state: dict[str, Any]) -> int:
 
 
 def _save_failed(path: Path, tmp: Path, exc: BaseException, needed: int) -> CheckpointError:
-    """The error of a failed save, with its cause: DCP reports a full disk as "[enforce fail ...] unexpected
-    pos", so the cause is taken from the OS error itself or, failing that, from a small probe write next to the
-    data (the same filesystem, the same quota, the same permissions)."""
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else None
-    if reason is None:
-        probe = (tmp if tmp.is_dir() else path.parent) / ".write-probe"
-        try:
-            with open(probe, "wb") as f:
-                f.write(b"\0" * 2**20)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as probe_exc:
-            reason = probe_exc.strerror or str(probe_exc)
-        finally:
-            probe.unlink(missing_ok=True)
-    try:
-        free = f", {shutil.disk_usage(path.parent).free} bytes free"
-    except OSError:
-        free = ""
-    previous = latest(path.parent)
-    intact = f"the previous checkpoint {previous} is intact" if previous is not None else \
-        "no earlier checkpoint exists there"
-    cause = reason or f"{type(exc).__name__}: {str(exc)[:500]}"
-    return CheckpointError(f"cannot save checkpoint {path}: {cause} (about {needed} bytes of tensors to write"
-                           f"{free}); {intact}; the partial directory {tmp.name} is removed")
+    return CheckpointError(ckpt_diagnose.save_failure(path, tmp, exc, needed, latest(path.parent)))
 
 
 def _build_meta(model: torch.nn.Module, opt: ShardedOptimizer, la: Lookahead | None, params: list[_Param],
@@ -446,5 +416,6 @@ def candidates(directory: str | os.PathLike) -> list[Path]:
 
 
 # -------------------------------------------------------------------------------------------------- load
-from .ckpt_load import load, read_checkpoint  # noqa: E402  (the load side lives in its own module)
+from .ckpt_load import load  # noqa: E402  (the load side lives in its own module)
+from .ckpt_verify import read_checkpoint  # noqa: E402
 from .ckpt_torch import export_torch_optim, import_torch_optim  # noqa: E402

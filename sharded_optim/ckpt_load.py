@@ -390,31 +390,3 @@ def _refresh_master(entry: _Param) -> None:
     flat = rt.full[slot.offset: slot.offset + slot.numel]
     for lo, hi, local_lo in entry.sharding.local:
         rt.master[local_lo: local_lo + hi - lo].copy_(flat[lo:hi])
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Read a whole checkpoint on one process (no process group needed): ``(meta, {DCP key: full tensor})``.
-
-    Every byte is checked against its checksum (format version 2) on the way.  The optimizer tensors come back
-    with their logical shapes.  For offline tools (export, inspect).
-    """
-    path = Path(path)
-    meta = _read_meta(path)
-    try:
-        metadata = ckpt_io.read_dcp_metadata(path, _files(meta))
-    except ValueError as exc:
-        raise CheckpointCorruptError(str(exc)) from None
-    tensors = {fqn: torch.empty(tuple(md.size), dtype=md.properties.dtype)
-               for fqn, md in metadata.state_dict_metadata.items()}
-    try:
-        with ckpt_io.single_process_quiet():
-            dcp.load(tensors, storage_reader=ckpt_io.reader(path, _chunks(meta)), no_dist=True)
-    except (Exception, CheckpointException) as exc:
-        raise CheckpointCorruptError(f"checkpoint {path}: reading the tensors failed: {_read_failure(exc)}") \
-            from None
-    for fqn in list(tensors):
-        kind, _, rest = fqn.partition(".")
-        name = rest.rpartition(".")[0]  # parameter names may contain dots, state keys do not
-        if kind in ("optim", "lookahead") and name in meta["params"]:
-            tensors[fqn] = tensors[fqn].view(tuple(meta["params"][name]["shape"]))
-    return meta, tensors

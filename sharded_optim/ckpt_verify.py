@@ -1,4 +1,4 @@
-"""Offline verification of a whole checkpoint (``sharded-optim inspect --verify``), on one process.
+"""Offline tools on one process: read a whole checkpoint (export, inspect), verify one (``inspect --verify``).
 
 Checks, and reports every problem rather than the first: ``meta.json`` against its own checksum; every file the
 checksums name (``.metadata``, the RNG files) against its recorded CRC; every tensor chunk the DCP metadata
@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
 
 from . import ckpt_integrity, ckpt_io
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointCorruptError, CheckpointError
 from .ckpt_integrity import IntegrityError
+from .ckpt_load import _chunks, _files, _read_failure, _read_meta, finite
 
 
 def verify(path: str | os.PathLike) -> dict[str, Any]:
     """``{"path", "format_version", "checksums" (bool), "chunks", "bytes", "files", "problems": [str]}``."""
-    from .ckpt_load import _chunks, _files, _read_meta, finite
-
     path = Path(path)
     out: dict[str, Any] = {"path": str(path), "format_version": None, "checksums": False, "chunks": 0,
                            "bytes": 0, "files": 0, "problems": []}
@@ -87,3 +89,30 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
         problems.append(f"checkpoint {path}: tensor chunk {key} has a checksum but is not in the DCP metadata")
     return out
 
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read a whole checkpoint on one process (no process group needed): ``(meta, {DCP key: full tensor})``.
+
+    Every byte is checked against its checksum (format version 2) on the way.  The optimizer tensors come back
+    with their logical shapes.  For offline tools (export, inspect).
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    try:
+        metadata = ckpt_io.read_dcp_metadata(path, _files(meta))
+    except ValueError as exc:
+        raise CheckpointCorruptError(str(exc)) from None
+    tensors = {fqn: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+               for fqn, md in metadata.state_dict_metadata.items()}
+    try:
+        with ckpt_io.single_process_quiet():
+            dcp.load(tensors, storage_reader=ckpt_io.reader(path, _chunks(meta)), no_dist=True)
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointCorruptError(f"checkpoint {path}: reading the tensors failed: {_read_failure(exc)}") \
+            from None
+    for fqn in list(tensors):
+        kind, _, rest = fqn.partition(".")
+        name = rest.rpartition(".")[0]  # parameter names may contain dots, state keys do not
+        if kind in ("optim", "lookahead") and name in meta["params"]:
+            tensors[fqn] = tensors[fqn].view(tuple(meta["params"][name]["shape"]))
+    return meta, tensors

@@ -10,16 +10,24 @@ group, and into FSDP2 DTensor state.  A checkpoint directory holds
   low-precision parameters as ``master``), Lookahead slow weights as ``lookahead.<param name>.slow_param``;
 * ``meta.json``: format name and version, algorithm, step, ``extra`` (any JSON), per-parameter logical shape,
   dtype, int64 step and NAdam ``mu_product``, hyperparameters of every param group, counters, Lookahead k/alpha;
-* ``rng/rank_<r>.json``: each rank's RNG states (torch, CUDA, python ``random``, numpy).
+* ``rng/rank_<r>.json``: each rank's RNG states (torch, CUDA, python ``random``, numpy);
+* in ``meta.json`` (format version 2) a CRC-32C of every tensor chunk, of ``.metadata`` and of every RNG file,
+  and a checksum of ``meta.json`` itself (:mod:`sharded_optim.ckpt_integrity`).
 
 Writes are atomic: everything goes into ``.<name>.partial`` and is renamed to ``<name>`` only after every rank
-finished (the next save removes partial directories a crash left behind), then ``latest`` (a text file naming the newest checkpoint) is replaced atomically and all but the
-newest ``keep_last`` checkpoints are removed.  ``load`` validates everything (format version, algorithm, param
+finished (the next save removes partial directories a crash left behind), then ``latest`` (a text file naming
+the newest checkpoint) is replaced atomically and all but the newest ``keep_last`` checkpoints are removed.  ``load`` validates everything (format version, algorithm, param
 names and shapes, hyperparameters, file integrity) and reads into scratch buffers before writing anything: a
-refused load leaves model, optimizer and RNG bitwise unchanged.
+refused load leaves model, optimizer and RNG bitwise unchanged.  A checkpoint whose bytes do not match their
+checksums, or whose state holds non-finite values, raises :class:`CheckpointCorruptError`; ``load(directory,
+..., latest=True)`` then falls back to the newest checkpoint that verifies.
+
+A failed save (disk full, quota, permissions) raises :class:`CheckpointError` naming the path, the cause, the
+bytes needed, and that the previous checkpoint is intact; its ``.partial`` directory is removed.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -30,27 +38,36 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
-from . import ckpt_io, rules
+from . import agreement, ckpt_diagnose, ckpt_integrity, ckpt_io, rules
 from .lookahead import Lookahead
 from .optimizer import ShardedOptimizer
 from .zero import FlatParamGroup
 
 FORMAT_NAME = "sharded-optim-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums (integrity, checksum) and model_params in meta.json
 META_FILE = "meta.json"
 RNG_DIR = "rng"
 LATEST_FILE = "latest"
 MASTER_KEY = "master"
 SLOW_KEY = "slow_param"
 
-__all__ = ["CheckpointError", "FORMAT_VERSION", "export_torch_optim", "import_torch_optim", "latest", "load",
+__all__ = ["CheckpointCorruptError", "CheckpointError", "FORMAT_VERSION", "candidates", "export_torch_optim",
+           "import_torch_optim", "latest", "load",
            "read_checkpoint", "save"]
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this model/optimizer (nothing was modified)."""
+    """A checkpoint that cannot be loaded into this model/optimizer (nothing was modified), or a save that
+    failed (the previous checkpoint is intact)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint that fails verification: damaged, truncated or missing files, bytes that do not match their
+    checksums, non-finite values where none can be.  ``load(..., latest=True)`` falls back past these (and only
+    these: a checkpoint that does not fit the model is the caller's error, and an older one would not fit
+    either)."""
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
@@ -77,12 +94,20 @@ def _comm_device() -> torch.device:
 
 
 def _agree(error: BaseException | None, what: str) -> None:
-    """Raise on every rank if any rank failed (so that all ranks apply a load, or none does)."""
+    """Raise on every rank if any rank failed (so that all ranks apply a load, or none does).
+
+    The ranks exchange their errors (one small all-gather), so a rank that did not fail raises the failing
+    rank's message, and of the same class: every rank then takes the same decision (fall back, or stop).
+    """
     if _distributed():
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=_comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag.item()) and error is None:
-            raise CheckpointError(f"{what}: refused on another rank (see its error); nothing was modified")
+        mine = None if error is None else (isinstance(error, CheckpointCorruptError), str(error))
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        failed = [(r, e) for r, e in enumerate(everyone) if e is not None]
+        if failed and error is None:
+            r, (corrupt, message) = failed[0]
+            raise (CheckpointCorruptError if corrupt else CheckpointError)(f"{what}: failed on rank {r}: "
+                                                                            f"{message}")
     if error is not None:
         raise error
 
@@ -208,36 +233,73 @@ def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any, *, ste
     if path.name in ("", ".", "..") or path.name.startswith("."):
         raise ValueError(f"path must name a checkpoint directory (not hidden), got {str(path)!r}")
     params = _params(model, opt)
+    agreement.verify(opt)  # a checkpoint of ranks that disagree would record one rank's view as everyone's
     meta = _build_meta(model, opt, la, params, step, extra)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state.update(_tensor_map(opt, la, params, lambda entry, key, live: live))
     rank = _rank()
     tmp = path.parent / f".{path.name}.partial"
+    needed = _bytes_to_write(state)
     error: BaseException | None = None
     if rank == 0:
         try:
             for stale in path.parent.glob(".*.partial"):  # left by a crash during an earlier save
                 shutil.rmtree(stale, ignore_errors=True)
             (tmp / RNG_DIR).mkdir(parents=True)
+            free = shutil.disk_usage(tmp).free
+            if free < needed:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" ({free} bytes free)")
         except OSError as exc:
-            error = OSError(f"cannot create checkpoint directory {tmp}: {exc}")
-    _agree(error, f"save {path}")
-    dcp.save(state, storage_writer=FileSystemWriter(str(tmp)), no_dist=not _distributed())
-    error = None
+            error = _save_failed(path, tmp, exc, needed)
     try:
-        ckpt_io.write_json(tmp / RNG_DIR / f"rank_{rank:05d}.json", ckpt_io.capture_rng())
+        _agree(error, f"save {path}")
+        writer = ckpt_integrity.ChecksumWriter(str(tmp))
+        try:
+            with ckpt_io.single_process_quiet():
+                dcp.save(state, storage_writer=writer, no_dist=not _distributed())
+        except (Exception, CheckpointException) as exc:  # DCP loses errno (a full disk: "unexpected pos")
+            error = _save_failed(path, tmp, exc, needed)
+        _agree(error, f"save {path}")
+        try:
+            ckpt_io.write_json(tmp / RNG_DIR / f"rank_{rank:05d}.json", ckpt_io.capture_rng())
+        except OSError as exc:
+            error = _save_failed(path, tmp, exc, needed)
+        _agree(error, f"save {path}")  # every rank finished writing before the checksums and the rename
         if rank == 0:
-            ckpt_io.write_json(tmp / META_FILE, meta)  # last: a directory without meta.json is incomplete
-    except OSError as exc:
-        error = exc
-    _agree(error, f"save {path}")  # every rank finished writing before the rename
+            try:
+                meta["integrity"] = {"hash": ckpt_integrity.HASH, "chunks": writer.checksums, "files": {
+                    name: ckpt_integrity.file_entry(tmp / name) for name in
+                    [".metadata", *sorted(f"{RNG_DIR}/{f.name}" for f in (tmp / RNG_DIR).iterdir())]}}
+                # last: a directory without meta.json is incomplete
+                ckpt_io.write_json(tmp / META_FILE, ckpt_integrity.seal(meta))
+                _commit(tmp, path)
+            except OSError as exc:
+                error = _save_failed(path, tmp, exc, needed)
+        _agree(error, f"save {path}")
+    except CheckpointError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # every rank has left the collective: nobody writes there
+        raise
     if rank == 0:
-        _commit(tmp, path)
         _point_latest(path.parent, path.name)
         if keep_last is not None:
             _prune(path.parent, keep_last, keep=path.name)
     _barrier()  # on return the checkpoint is visible to every rank
     return path
+
+
+def _bytes_to_write(state: dict[str, Any]) -> int:
+    """Bytes of tensor data in the whole checkpoint, every rank's part counted once."""
+    total = ckpt_diagnose.local_tensor_bytes(state)
+    if _distributed():
+        t = torch.tensor([total], dtype=torch.int64, device=_comm_device())
+        dist.all_reduce(t)
+        total = int(t.item())
+    return total
+
+
+def _save_failed(path: Path, tmp: Path, exc: BaseException, needed: int) -> CheckpointError:
+    return CheckpointError(ckpt_diagnose.save_failure(path, tmp, exc, needed, latest(path.parent)))
 
 
 def _build_meta(model: torch.nn.Module, opt: ShardedOptimizer, la: Lookahead | None, params: list[_Param],
@@ -262,6 +324,9 @@ def _build_meta(model: torch.nn.Module, opt: ShardedOptimizer, la: Lookahead | N
         "extra": extra, "world_size": dist.get_world_size() if _distributed() else 1,
         "zero_stage": opt.zero_stage, "param_groups": groups, "params": info,
         "model_keys": {k: list(v.shape) for k, v in model.state_dict().items()},
+        # which model entries are parameters (never legitimately non-finite; buffers such as masks may be)
+        "model_params": sorted({n for n, _ in model.named_parameters(remove_duplicate=False)}
+                               & set(model.state_dict())),
         "counters": {"steps_attempted": opt.steps_attempted, "skipped_steps": dict(opt.skipped_steps),
                      "recent_norms": list(opt._recent_norms)},
         "lookahead": None if la is None else {"k": la.k, "alpha": la.alpha, "inner_steps": la.inner_steps},
@@ -332,6 +397,25 @@ def latest(directory: str | os.PathLike) -> Path | None:
     return root / found[-1][1] if found else None
 
 
+def candidates(directory: str | os.PathLike) -> list[Path]:
+    """Checkpoints under ``directory`` to try when resuming, newest first: the one ``latest`` names, then every
+    other directory holding a ``meta.json`` by descending step (those whose ``meta.json`` cannot be read last,
+    so that loading them reports why)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    first = latest(root)
+    readable = [root / name for _step, name in reversed(_complete(root))]
+    unreadable = sorted((c for c in root.iterdir() if not c.name.startswith(".") and (c / META_FILE).is_file()
+                         and c not in readable), reverse=True)
+    out: list[Path] = []
+    for c in [first, *readable, *unreadable]:
+        if c is not None and c not in out:
+            out.append(c)
+    return out
+
+
 # -------------------------------------------------------------------------------------------------- load
-from .ckpt_load import load, read_checkpoint  # noqa: E402  (the load side lives in its own module)
+from .ckpt_load import load  # noqa: E402  (the load side lives in its own module)
+from .ckpt_verify import read_checkpoint  # noqa: E402
 from .ckpt_torch import export_torch_optim, import_torch_optim  # noqa: E402

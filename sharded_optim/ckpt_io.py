@@ -13,25 +13,36 @@ that only resolves DCP's metadata classes and a few builtins; the data files are
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import pickle
 import random
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
-from torch.distributed._shard.metadata import ShardMetadata
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
-from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties,
+                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+from . import ckpt_integrity
 
 Box = tuple[tuple[int, ...], tuple[int, ...], int]  # (global offsets, sizes, first flat element)
+
+
+@contextlib.contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """DCP warns "torch.distributed is disabled ... assuming the intent is to save/load in a single process"
+    whenever it runs without a process group; that is exactly our intent there (one process, ``no_dist``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def storage_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
@@ -95,34 +106,95 @@ class SlotSharding:
                           for s, lo, hi in rank_pieces(rt.layout, r) if s == slot_index]
 
     def sharded(self, buffer: Tensor) -> Tensor:
-        """``buffer`` (a rank-local flat buffer) seen as this parameter's tensor, for DCP."""
+        """``buffer`` (a rank-local flat buffer) seen as this parameter's tensor, for DCP.
+
+        Several ranks: a DTensor of the logical shape whose local tensor is a :class:`RangeBoxes` (these boxes
+        at these global offsets).  The placement only names the mesh: DCP takes the chunks from the boxes, and
+        every write and read goes through views of ``buffer``.
+        """
         if self.numel == 0:
             return torch.zeros(self.shape, dtype=buffer.dtype, device=buffer.device)  # nothing to shard
         if self.world == 1 or self.group is None:
             lo, _, local_lo = self.local[0]
             return buffer[local_lo: local_lo + self.numel].view(self.shape)
-        # the placement device only matters for this rank's shards (DCP reads and writes through them)
-        dev = f"cuda:{buffer.device.index}" if buffer.device.type == "cuda" else buffer.device.type
-        metas, shards = [], []
-        for r, lo, hi in self.all_ranks:
-            g = dist.get_global_rank(self.group, r) if self.group is not dist.group.WORLD else r
-            for offs, sizes, _start in range_boxes(self.shape, lo, hi):
-                metas.append(ShardMetadata(list(offs), list(sizes), f"rank:{g}/{dev}"))
-        me = dist.get_rank()
+        views, offsets = [], []
         for lo, hi, local_lo in self.local:
             for offs, sizes, start in range_boxes(self.shape, lo, hi):
                 first = local_lo + start - lo
-                view = buffer[first: first + math.prod(sizes)].view(sizes)
-                shards.append(Shard(view, ShardMetadata(list(offs), list(sizes), f"rank:{me}/{dev}")))
-        props = TensorProperties(dtype=buffer.dtype, layout=torch.strided, requires_grad=False,
-                                 memory_format=torch.contiguous_format, pin_memory=False)
-        meta = ShardedTensorMetadata(metas, torch.Size(self.shape), props)
-        return ShardedTensor._init_from_local_shards_and_global_metadata(shards, meta, process_group=self.group)
+                views.append(buffer[first: first + math.prod(sizes)].view(sizes))
+                offsets.append(offs)
+        return _dtensor_of_boxes(views, offsets, self.shape, self.group, buffer)
 
     def write(self, dst: Tensor, src: Tensor) -> None:
         """Copy this parameter's elements from one rank-local flat buffer to another (padding untouched)."""
         for lo, hi, local_lo in self.local:
             dst[local_lo: local_lo + hi - lo].copy_(src[local_lo: local_lo + hi - lo])
+
+
+_MESHES: dict[tuple[int, str], Any] = {}
+
+
+class RangeBoxes(Tensor):
+    """The rank-local part of a checkpointed DTensor: views of a flat buffer at global offsets.
+
+    DTensor hands DCP's three checkpoint hooks (``__create_write_items__``, ``__create_chunk_list__``,
+    ``__get_tensor_shard__``) to its local tensor when the local tensor has them; this wrapper has them, so a
+    DTensor of the parameter's logical shape describes our arbitrary contiguous ranges (which no DTensor
+    placement can express) in the form torch recommends instead of the deprecated ShardedTensor.  It holds no
+    storage of its own: DCP writes from, and reads into, the views.
+    """
+
+    _views: list[Tensor]
+    _offsets: list[torch.Size]
+    _like: Tensor
+
+    @staticmethod
+    def __new__(cls, views: list[Tensor], offsets: list[tuple[int, ...]], shape: tuple[int, ...],
+                like: Tensor) -> "RangeBoxes":
+        out = Tensor._make_wrapper_subclass(cls, torch.Size(shape), dtype=like.dtype, device=like.device)
+        out._views, out._offsets = views, [torch.Size(o) for o in offsets]
+        out._like = like
+        return out
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        # DTensor.from_local takes ``view_as(self)`` of its input; nothing else is ever run on the wrapper
+        if func in (torch.ops.aten.view.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default):
+            src = args[0]
+            return RangeBoxes(src._views, src._offsets, tuple(src.shape), src._like)  # a new alias, same views
+        raise NotImplementedError(f"{func} is not supported on checkpoint range boxes")
+
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
+        return [WriteItem(index=MetadataIndex(fqn, off), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets=off, sizes=v.size()),
+                                                      properties=TensorProperties.create_from_tensor(v),
+                                                      size=obj.size()))
+                for v, off in zip(self._views, self._offsets)]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=off, sizes=v.size()) for v, off in zip(self._views, self._offsets)]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> Tensor:
+        for v, off in zip(self._views, self._offsets):
+            if off == index.offset:
+                return v
+        raise ValueError(f"no local box at offset {index.offset} of {index.fqn!r}")
+
+
+def _dtensor_of_boxes(views: list[Tensor], offsets: list[tuple[int, ...]], shape: tuple[int, ...], group: Any,
+                      like: Tensor) -> Tensor:
+    """A DTensor of global ``shape`` whose rank-local part is ``views`` at global ``offsets`` (none: this rank
+    neither writes nor reads anything of the tensor)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    key = (id(group), like.device.type)
+    mesh = _MESHES.get(key)
+    if mesh is None:  # a mesh over an existing group: no new communicators, no collectives
+        mesh = _MESHES[key] = DeviceMesh.from_group(group, like.device.type)
+    strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return DTensor.from_local(RangeBoxes(views, offsets, shape, like), mesh, [Shard(0)], run_check=False,
+                              shape=torch.Size(shape), stride=strides)
 
 
 # --------------------------------------------------------------------------------------------- safe reading
@@ -149,7 +221,10 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeReader(FileSystemReader):
-    """A ``FileSystemReader`` whose metadata is read with :class:`_MetadataUnpickler`."""
+    """A ``FileSystemReader`` whose metadata is read with :class:`_MetadataUnpickler`, after its bytes were
+    checked against :attr:`metadata_checksum` (``[crc, nbytes]``) when there is one."""
+
+    metadata_checksum: list[int] | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / ".metadata"
@@ -158,6 +233,9 @@ class SafeReader(FileSystemReader):
         except OSError as exc:
             raise ValueError(f"checkpoint {self.path}: cannot read DCP metadata {path.name} ({exc.strerror})") \
                 from None
+        if self.metadata_checksum is not None:  # before unpickling a single byte of it
+            ckpt_integrity.check_bytes(raw, self.metadata_checksum, f"checkpoint {self.path}: DCP metadata "
+                                                                   ".metadata")
         try:
             metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
         except pickle.UnpicklingError as exc:
@@ -175,9 +253,27 @@ class SafeReader(FileSystemReader):
         return metadata
 
 
-def read_dcp_metadata(path: Path) -> Metadata:
-    """The DCP metadata of a checkpoint, read safely; refuse entries that are not tensors."""
-    metadata = SafeReader(str(path)).read_metadata()
+VerifyingReader = ckpt_integrity.verifying_reader(SafeReader)
+
+
+def reader(path: Path, chunks: dict[str, Any] | None, files: dict[str, Any] | None = None) -> SafeReader:
+    """The reader for ``dcp.load``: safe unpickling, and every chunk checked against ``chunks`` (None: a
+    version-1 checkpoint without checksums)."""
+    out = VerifyingReader(str(path), chunks)
+    if files is not None:
+        out.metadata_checksum = files.get(".metadata")
+    return out
+
+
+def read_dcp_metadata(path: Path, files: dict[str, Any] | None = None) -> Metadata:
+    """The DCP metadata of a checkpoint, read safely (checked against ``files[".metadata"]`` when given);
+    refuse entries that are not tensors."""
+    safe = SafeReader(str(path))
+    if files is not None:
+        if ".metadata" not in files:
+            raise ckpt_integrity.IntegrityError(f"checkpoint {path}: no checksum recorded for .metadata")
+        safe.metadata_checksum = files[".metadata"]
+    metadata = safe.read_metadata()
     for fqn, md in metadata.state_dict_metadata.items():
         if not isinstance(md, TensorStorageMetadata):
             raise ValueError(f"checkpoint {path}: entry {fqn!r} is a {type(md).__name__}; this format stores "

@@ -1,12 +1,20 @@
 """Loading a :mod:`sharded_optim.checkpoint`: validate everything, read into scratch buffers, then apply.
 
-The order is what makes a refused load harmless: (1) every rank checks ``meta.json``, the DCP metadata and its
-RNG file against the live model and optimizer; (2) DCP reads the tensors into freshly allocated buffers laid out
-like the live ones; (3) the ranks agree that all of them succeeded; only then (4) values are copied into the
-model, the optimizer, the Lookahead slow weights and the RNGs.  Steps 1-3 write nothing that is live.
+The order is what makes a refused load harmless: (1) every rank checks ``meta.json`` (against its own checksum),
+the DCP metadata and its RNG file (against theirs) and all of it against the live model and optimizer; (2) DCP
+reads the tensors into freshly allocated buffers laid out like the live ones, every chunk checked against its
+checksum before it is deserialised; (3) the read values are checked for non-finite numbers where none can be
+(optimizer state, master copies, slow weights, model parameters); (4) the ranks agree that all of them
+succeeded; only then (5) values are copied into the model, the optimizer, the Lookahead slow weights and the
+RNGs.  Steps 1-4 write nothing that is live.
+
+``load(directory, ..., latest=True)`` tries the checkpoints under ``directory`` newest first and skips those that
+fail verification (:class:`CheckpointCorruptError`), saying which and why; ``fallback=False`` makes the first
+failure an error instead.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -19,22 +27,37 @@ from torch import Tensor
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import ckpt_io, rules
-from .checkpoint import (FORMAT_NAME, FORMAT_VERSION, MASTER_KEY, META_FILE, RNG_DIR, SLOW_KEY, CheckpointError,
-                         _agree, _distributed, _Param, _params, _rank, _state_keys, _tensor_map, _unwrap)
+from . import ckpt_integrity, ckpt_io, rules
+from .checkpoint import (FORMAT_NAME, FORMAT_VERSION, MASTER_KEY, META_FILE, RNG_DIR, SLOW_KEY,
+                         CheckpointCorruptError, CheckpointError, _agree, _distributed, _Param, _params, _rank,
+                         _state_keys, _tensor_map, _unwrap, candidates)
+from .ckpt_integrity import IntegrityError
+
+log = logging.getLogger("sharded_optim.checkpoint")
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json``, checked against its own checksum (format version 2) before any field is believed."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
     try:
         meta = ckpt_io.read_json(path / META_FILE, "metadata")
     except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"checkpoint {path}: {META_FILE} is not a {FORMAT_NAME} file "
-                              f"(format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        raise CheckpointCorruptError(str(exc)) from None
+    if not isinstance(meta, dict):
+        raise CheckpointCorruptError(f"checkpoint {path}: {META_FILE} holds a {type(meta).__name__}, not an object")
     version = meta.get("format_version")
+    sealed = "checksum" in meta or not isinstance(version, int) or isinstance(version, bool) or version >= 2
+    try:
+        if sealed:  # anything but an intact version-1 file must carry a matching checksum
+            ckpt_integrity.check_seal(meta, f"checkpoint {path}")
+            if isinstance(version, int) and version >= 2:
+                ckpt_integrity.check_integrity_section(meta.get("integrity"), f"checkpoint {path}")
+    except IntegrityError as exc:
+        raise CheckpointCorruptError(str(exc)) from None
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"checkpoint {path}: {META_FILE} is not a {FORMAT_NAME} file "
+                              f"(format {meta.get('format')!r})")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointError(f"checkpoint {path}: format_version must be an integer >= 1, got {version!r}")
     if version > FORMAT_VERSION:
@@ -44,6 +67,15 @@ def _read_meta(path: Path) -> dict[str, Any]:
         if key not in meta:
             raise CheckpointError(f"checkpoint {path}: {META_FILE} has no {key!r}")
     return meta
+
+
+def _files(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """Recorded file checksums (None: a version-1 checkpoint, written before there were any)."""
+    return meta["integrity"]["files"] if meta.get("format_version", 1) >= 2 else None
+
+
+def _chunks(meta: dict[str, Any]) -> dict[str, Any] | None:
+    return meta["integrity"]["chunks"] if meta.get("format_version", 1) >= 2 else None
 
 
 def _check_groups(path: Path, meta: dict[str, Any], opt: Any, params: list[_Param]) -> list[dict[str, Any]]:
@@ -125,11 +157,11 @@ def _check_lookahead(path: Path, meta: dict[str, Any], la: Any, strict: bool) ->
     return saved
 
 
-def _check_dcp(path: Path, wanted: dict[str, Tensor]) -> None:
+def _check_dcp(path: Path, wanted: dict[str, Tensor], meta: dict[str, Any]) -> None:
     try:
-        metadata = ckpt_io.read_dcp_metadata(path)
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+        metadata = ckpt_io.read_dcp_metadata(path, _files(meta))
+    except ValueError as exc:  # damaged, truncated, garbled or refused (code in the pickle)
+        raise CheckpointCorruptError(str(exc)) from None
     stored = metadata.state_dict_metadata
     for fqn, tensor in wanted.items():
         md = stored.get(fqn)
@@ -144,22 +176,61 @@ def _read_rng(path: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
     world = dist.get_world_size() if _distributed() else 1
     if meta.get("world_size") != world:
         return None  # per-rank RNG streams do not map onto another number of ranks
-    state = ckpt_io.read_json(path / RNG_DIR / f"rank_{_rank():05d}.json", "RNG")
-    ckpt_io.check_rng(state, f"checkpoint {path}: rank {_rank()} RNG")
+    name = f"{RNG_DIR}/rank_{_rank():05d}.json"
+    try:
+        if _files(meta) is not None:
+            ckpt_integrity.check_file(path, name, _files(meta))
+        state = ckpt_io.read_json(path / name, "RNG")
+        ckpt_io.check_rng(state, f"checkpoint {path}: rank {_rank()} RNG")
+    except ValueError as exc:
+        raise CheckpointCorruptError(str(exc)) from None
     return state
 
 
-def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any, *, strict: bool = True) -> dict[str, Any]:
+def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any, *, strict: bool = True,
+         latest: bool = False, fallback: bool = True) -> dict[str, Any]:
     """Load a checkpoint written by :func:`sharded_optim.checkpoint.save` at any world size (collective).
 
     ``strict=False`` tolerates model keys missing from / unexpected in the checkpoint and a Lookahead mismatch;
     algorithm, format version, parameter names and shapes must always match.  Returns
     ``{"step", "extra", "world_size" (of the save), "rng_restored"}``; RNG states are restored when the world
     size is the one the checkpoint was saved with.  Raises :class:`CheckpointError` (a ``ValueError``) and
-    modifies nothing when the checkpoint does not fit.
+    modifies nothing when the checkpoint does not fit; :class:`CheckpointCorruptError` when it fails
+    verification (checksums, missing or truncated files, non-finite state).
+
+    ``latest=True``: ``path`` is a directory of checkpoints; load the newest that verifies, skipping (with a
+    warning on rank 0 naming it and why) each newer one that raises :class:`CheckpointCorruptError`, or, with
+    ``fallback=False``, raise that error instead.  The result then also has ``"path"`` (the checkpoint loaded)
+    and ``"skipped"`` (``[{"path", "reason"}]``).  A checkpoint that does not fit the model is never skipped:
+    an older one would not fit either, and the error is the caller's to fix.
     """
+    if not latest:
+        return _load_one(Path(path), model, optimizer, strict)
+    root = Path(path)
+    found = candidates(root)
+    if not found:
+        raise CheckpointError(f"no checkpoint under {root}")
+    skipped: list[dict[str, str]] = []
+    for candidate in found:
+        try:
+            info = _load_one(candidate, model, optimizer, strict)
+        except CheckpointCorruptError as exc:
+            if not fallback:
+                raise CheckpointCorruptError(f"{exc} (not falling back to an older checkpoint: fallback is off)") \
+                    from None
+            skipped.append({"path": str(candidate), "reason": str(exc)})
+            if _rank() == 0:
+                log.warning("skipping checkpoint %s: %s", candidate, exc)
+            continue
+        if skipped and _rank() == 0:
+            log.warning("loaded %s instead (%d newer checkpoint(s) failed verification)", candidate, len(skipped))
+        return {**info, "path": str(candidate), "skipped": skipped}
+    raise CheckpointCorruptError(f"every checkpoint under {root} failed verification, nothing was modified: "
+                                 + "; ".join(f"{s['path']}: {s['reason']}" for s in skipped))
+
+
+def _load_one(path: Path, model: torch.nn.Module, optimizer: Any, strict: bool) -> dict[str, Any]:
     opt, la = _unwrap(optimizer)
-    path = Path(path)
     params = _params(model, opt)
     plan: dict[str, Any] = {}
     error: BaseException | None = None
@@ -170,16 +241,60 @@ def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any, *, str
     _agree(error, f"load {path}")
     error = None
     try:
-        dcp.load(plan["staging"], storage_reader=ckpt_io.SafeReader(str(path)),
-                 planner=DefaultLoadPlanner(allow_partial_load=False), no_dist=not _distributed())
+        with ckpt_io.single_process_quiet():
+            dcp.load(plan["staging"], storage_reader=ckpt_io.reader(path, _chunks(plan["meta"])),
+                     planner=DefaultLoadPlanner(allow_partial_load=False), no_dist=not _distributed())
+        _check_finite(path, plan, params)
+    except CheckpointError as exc:
+        error = exc
     except (Exception, CheckpointException) as exc:  # DCP gathers every rank's failure into one error
-        error = CheckpointError(f"checkpoint {path}: reading the tensors failed, nothing was modified: "
-                                f"{type(exc).__name__}: {str(exc)[:2000]}")
+        error = CheckpointCorruptError(f"checkpoint {path}: reading the tensors failed, nothing was modified: "
+                                       f"{_read_failure(exc)}")
     _agree(error, f"load {path}")
     _apply(model, opt, la, params, plan)
     meta = plan["meta"]
     return {"step": int(meta["step"]), "extra": meta.get("extra"), "world_size": meta.get("world_size"),
             "rng_restored": plan["rng"] is not None}
+
+
+def _read_failure(exc: BaseException) -> str:
+    """The cause of a failed ``dcp.load`` in one line: a checksum mismatch if there was one, else the first
+    underlying error (DCP's own message carries every rank's traceback)."""
+    failures = getattr(exc, "failures", None)  # {rank: (exception, traceback)} or {rank: exception}
+    wrapped = failures.values() if isinstance(failures, dict) else [exc]
+    causes = [e for w in wrapped for e in (w if isinstance(w, tuple) else (w,)) if isinstance(e, BaseException)]
+    for cause in sorted(causes, key=lambda e: not isinstance(e, IntegrityError)):
+        return str(cause) if isinstance(cause, IntegrityError) else f"{type(cause).__name__}: {str(cause)[:500]}"
+    return f"{type(exc).__name__}: {str(exc)[:500]}"
+
+
+def finite(t: Tensor) -> bool:
+    """All values of ``t`` finite.  A NaN or inf always propagates through a sum, so a finite sum proves it at
+    the speed of a vectorised reduction (9.6 ms for 64 MiB on one thread here, against 184 ms for
+    ``isfinite(t).all()``); a non-finite sum (NaN/inf present, or an overflow of large finite values) is
+    decided exactly."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _check_finite(path: Path, plan: dict[str, Any], params: list[_Param]) -> None:
+    """Refuse non-finite values in what cannot legitimately hold them: every optimizer state tensor (a step with
+    a non-finite gradient is skipped or raises, so state stays finite), fp32 master copies, Lookahead slow
+    weights and the model's parameters.  Model buffers are not checked (an attention mask may hold -inf)."""
+    meta, staging = plan["meta"], plan["staging"]
+    for name in meta.get("model_params", []):
+        t = staging.get(f"model.{name}")
+        if t is not None and not finite(t):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointCorruptError(f"checkpoint {path}: model parameter {name!r} holds {bad} non-finite "
+                                         "value(s); nothing was modified")
+    for (owner, key), buf in plan["scratch"].items():
+        if not finite(buf):
+            names = plan["owners"].get((owner, key), [])
+            bad = int((~torch.isfinite(buf)).sum())
+            raise CheckpointCorruptError(f"checkpoint {path}: optimizer state {key!r} of {names} holds {bad} "
+                                         "non-finite value(s) in this rank's part; nothing was modified")
 
 
 def _validate(path: Path, model: torch.nn.Module, opt: Any, la: Any, params: list[_Param],
@@ -205,22 +320,25 @@ def _validate(path: Path, model: torch.nn.Module, opt: Any, la: Any, params: lis
     staging: dict[str, Tensor] = {f"model.{k}": torch.empty_like(v) for k, v in live_model.items()
                                   if k in saved_keys}
     scratch: dict[tuple[int, str], Tensor] = {}
+    owners: dict[tuple[int, str], list[str]] = {}  # for error messages: which parameters a buffer holds
 
     def buffer_of(entry: _Param, key: str, live: Tensor) -> Tensor:
         if key == MASTER_KEY and not meta["params"][entry.name].get("master"):
             return live  # described but dropped below: master comes from the loaded weights instead
+        owner = id(live) if not entry.flat else id(entry.rt)
+        owners.setdefault((owner, key), []).append(entry.name)
         if not entry.flat:
-            return scratch.setdefault((id(live), key), torch.empty_like(live))
-        return scratch.setdefault((id(entry.rt), key), torch.zeros_like(live))
+            return scratch.setdefault((owner, key), torch.empty_like(live))
+        return scratch.setdefault((owner, key), torch.zeros_like(live))
 
     optim = _tensor_map(opt, la if lookahead is not None else None, params, buffer_of)
     for entry in params:
         if entry.has_master and not meta["params"][entry.name].get("master"):
             optim.pop(f"optim.{entry.name}.{MASTER_KEY}")
     staging.update(optim)
-    _check_dcp(path, staging)
+    _check_dcp(path, staging, meta)
     return {"meta": meta, "hparams": hparams, "lookahead": lookahead, "staging": staging, "scratch": scratch,
-            "rng": _read_rng(path, meta)}
+            "owners": owners, "rng": _read_rng(path, meta)}
 
 
 @torch.no_grad()
@@ -272,26 +390,3 @@ def _refresh_master(entry: _Param) -> None:
     flat = rt.full[slot.offset: slot.offset + slot.numel]
     for lo, hi, local_lo in entry.sharding.local:
         rt.master[local_lo: local_lo + hi - lo].copy_(flat[lo:hi])
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Read a whole checkpoint on one process (no process group needed): ``(meta, {DCP key: full tensor})``.
-
-    The optimizer tensors come back with their logical shapes.  For offline tools (export, inspect).
-    """
-    path = Path(path)
-    meta = _read_meta(path)
-    metadata = ckpt_io.read_dcp_metadata(path)
-    tensors = {fqn: torch.empty(tuple(md.size), dtype=md.properties.dtype)
-               for fqn, md in metadata.state_dict_metadata.items()}
-    try:
-        dcp.load(tensors, storage_reader=ckpt_io.SafeReader(str(path)), no_dist=True)
-    except (Exception, CheckpointException) as exc:
-        raise CheckpointError(f"checkpoint {path}: reading the tensors failed: {type(exc).__name__}: "
-                              f"{str(exc)[:2000]}") from None
-    for fqn in list(tensors):
-        kind, _, rest = fqn.partition(".")
-        name = rest.rpartition(".")[0]  # parameter names may contain dots, state keys do not
-        if kind in ("optim", "lookahead") and name in meta["params"]:
-            tensors[fqn] = tensors[fqn].view(tuple(meta["params"][name]["shape"]))
-    return meta, tensors

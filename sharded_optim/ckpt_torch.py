@@ -17,7 +17,7 @@ import torch
 
 from . import rules
 from .checkpoint import CheckpointError, _unwrap
-from .ckpt_load import read_checkpoint
+from .ckpt_verify import read_checkpoint
 
 
 def export_torch_optim(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike) -> Path:

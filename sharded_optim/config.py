@@ -167,6 +167,8 @@ class CheckpointConfig:
     at_end: bool = _plain(False, "save after the last step")
     dir: str | None = _plain(None, "None: <training.run_dir>/checkpoints")
     keep_last: int = _num(2, 0, None, doc="checkpoints kept; 0 keeps all")
+    fallback: bool = _plain(True, "--resume skips a checkpoint that fails verification (naming it and why) and "
+                                  "uses the newest good one; false: refuse instead")
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 Prints the algorithm, step, format version, world size of the save, hyperparameters per param group, and for
 every stored tensor its shape, dtype and L2 norm (``--json`` for machine-readable output).  ``CKPT`` may be a
-checkpoint directory or a directory of checkpoints (its ``latest`` is shown).
+checkpoint directory, a directory of checkpoints (its ``latest`` is shown) or a run directory holding
+``checkpoints/``.  Every byte read is checked against the checksums recorded at save time; ``--verify`` checks
+the whole checkpoint (every file, every chunk, finite state) and lists every problem found.  A damaged
+checkpoint gives a one-line message and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -15,18 +18,30 @@ from typing import Any
 from .cli import Command, register
 
 
+def resolve(path: str | Path) -> Path:
+    """The checkpoint ``path`` names: itself, the latest one under it, or under its ``checkpoints/``."""
+    from .checkpoint import latest
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if (path / "meta.json").is_file() or (path / ".metadata").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest(root)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{path}: neither a checkpoint, nor a directory of checkpoints, nor a run directory "
+                            "holding checkpoints/")
+
+
 def summarize(path: str | Path) -> dict[str, Any]:
     """The facts ``inspect`` shows, as plain data."""
     import torch
 
-    from .checkpoint import latest, read_checkpoint
+    from .checkpoint import read_checkpoint
 
-    path = Path(path)
-    if path.is_dir() and not (path / "meta.json").is_file():
-        found = latest(path)
-        if found is None:
-            raise FileNotFoundError(f"{path}: neither a checkpoint nor a directory holding one")
-        path = found
+    path = resolve(path)
     meta, tensors = read_checkpoint(path)
     return {
         "path": str(path), "algorithm": meta["algorithm"], "step": meta["step"],
@@ -42,6 +57,15 @@ def summarize(path: str | Path) -> dict[str, Any]:
     }
 
 
+def _fmt(value: Any) -> str:
+    """Numbers as a person reads them: 0.0003, not 0.00030000000000000003 (--json keeps every digit)."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_fmt(v) for v in value) + ")"
+    return str(value)
+
+
 def _print_text(s: dict[str, Any]) -> None:
     print(f"checkpoint {s['path']}")
     print(f"  algorithm {s['algorithm']}  step {s['step']}  format v{s['format_version']}  saved by "
@@ -49,7 +73,7 @@ def _print_text(s: dict[str, Any]) -> None:
     if s["lookahead"]:
         print(f"  lookahead {s['lookahead']}")
     for gi, g in enumerate(s["param_groups"]):
-        hp = ", ".join(f"{k}={v}" for k, v in g.items())
+        hp = ", ".join(f"{k}={_fmt(v)}" for k, v in g.items())
         print(f"  param group {gi}: {hp}")
     steps = sorted(set(s["param_steps"].values()))
     print(f"  per-parameter steps: {steps if len(steps) > 1 else steps[0] if steps else '-'}")
@@ -69,21 +93,48 @@ def main(argv: list[str] | None = None) -> int:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="a checkpoint directory, or a directory of checkpoints (shows the latest)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the whole checkpoint (checksums of every file and tensor chunk, finite state) "
+                             "and list every problem; exit status 2 if there is any")
 
 
 def _run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
 
     try:
+        if args.verify:
+            return _verify(resolve(args.path), args.json)
         summary = summarize(args.path)
-    except (CheckpointError, FileNotFoundError) as exc:
-        print(f"sharded-optim inspect: {exc}", file=sys.stderr)
+    except (CheckpointError, OSError) as exc:
+        hint = "" if args.verify or not isinstance(exc, CheckpointError) else \
+            " (--verify lists every problem)"
+        print(f"sharded-optim inspect: {exc}{hint}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, TypeError, IndexError) as exc:  # a version-1 meta.json damaged inside
+        print(f"sharded-optim inspect: {args.path}: damaged checkpoint ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         _print_text(summary)
     return 0
+
+
+def _verify(path: Path, as_json: bool) -> int:
+    from .ckpt_verify import verify
+
+    report = verify(path)
+    if as_json:
+        print(json.dumps(report, indent=1))
+    else:
+        what = "checksums and values" if report["checksums"] else "values (format v1: no checksums recorded)"
+        print(f"checkpoint {path}: {report['chunks']} tensor chunk(s), {report['bytes']} bytes, "
+              f"{report['files']} other file(s); checked {what}")
+        for problem in report["problems"]:
+            print(f"  PROBLEM: {problem}")
+        print("  OK" if not report["problems"] else f"  {len(report['problems'])} problem(s)")
+    return 2 if report["problems"] else 0
 
 
 register(Command("inspect", "show a checkpoint: algorithm, step, hyperparameters, per-tensor shapes and norms",

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import device_step, rules
+from . import agreement, device_step, rules
 from .kernels import dispatch
 from .kernels import stats as stats_kernels
 from .telemetry.fields import NUM_FIELDS
@@ -226,6 +226,7 @@ class ShardedOptimizer(Optimizer):
         self._building = False
         if self.sharded:
             self._ensure_runtimes()  # the gradient hooks must exist before the first backward
+            agreement.verify(self)  # every rank lays out the same flat buffers, or every rank raises
 
     # ---------------------------------------------------------------------------------------- setup
     @property
@@ -282,6 +283,7 @@ class ShardedOptimizer(Optimizer):
         super().add_param_group(param_group)
         if not self._building and self.sharded:
             self._ensure_runtimes()
+            agreement.verify(self)
 
     def _check_backend(self, device: torch.device) -> None:
         backend = dist.get_backend(self.process_group)

@@ -140,12 +140,14 @@ def latest_checkpoint(cfg: RunConfig) -> Path | None:
     return checkpoint.latest(cfg.checkpoint_dir) if cfg.checkpoint_dir.is_dir() else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
-    """Load model and optimizer state (any world size); return (step, extra)."""
+def load_checkpoint(cfg: RunConfig, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> tuple[int, dict, Path]:
+    """Load the newest checkpoint that verifies (any world size), skipping damaged ones with a warning that
+    names each and why (``checkpoint.fallback: false``: refuse instead); return (step, extra, its path)."""
     from . import checkpoint
 
-    meta = checkpoint.load(path, model, optimizer)
-    return int(meta["step"]), meta.get("extra") or {}
+    meta = checkpoint.load(cfg.checkpoint_dir, model, optimizer, latest=True, fallback=cfg.checkpoint.fallback)
+    return int(meta["step"]), meta.get("extra") or {}, Path(meta["path"])
 
 
 # --- the job --------------------------------------------------------------------------------------------
@@ -228,7 +230,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool, want_c
         if path is None:
             log(info, f"--resume: no checkpoint under {cfg.checkpoint_dir}; starting from step 0")
         else:
-            start_step, extra = load_checkpoint(path, model, optimizer)
+            start_step, extra, path = load_checkpoint(cfg, model, optimizer)
             history.update({k: extra[k] for k in history if k in extra})
             fast_forward(scheduler, start_step)
             log(info, f"resumed from {path} at step {start_step}")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from sharded_optim import Lookahead, ShardedOptimizer, checkpoint
+from sharded_optim import Lookahead, ShardedOptimizer, checkpoint, ckpt_integrity
 from sharded_optim.checkpoint import CheckpointError
 from sharded_optim.cli import main as cli_main
 from tests.support import ckpt_scenarios as S
@@ -68,7 +68,9 @@ def assert_unchanged(before: dict, after: dict) -> None:
     assert before.get("la") == after.get("la")
 
 
-def edit_meta(path: Path, **changes) -> None:
+def edit_meta(path: Path, reseal: bool = True, **changes) -> None:
+    """Change fields of meta.json; ``reseal``: with a matching checksum, as a writer with those values would
+    have written it (else the edit is damage, refused by the checksum)."""
     meta = json.loads((path / "meta.json").read_text())
     for dotted, value in changes.items():
         node = meta
@@ -76,7 +78,14 @@ def edit_meta(path: Path, **changes) -> None:
         for p in parents:
             node = node[int(p)] if isinstance(node, list) else node[p]
         node[last] = value
-    (path / "meta.json").write_text(json.dumps(meta))
+    (path / "meta.json").write_text(json.dumps(ckpt_integrity.seal(meta) if reseal else meta))
+
+
+def reseal_file(path: Path, name: str) -> None:
+    """Record the current bytes of ``path/name`` as its checksum (a file written that way on purpose)."""
+    meta = json.loads((path / "meta.json").read_text())
+    meta["integrity"]["files"][name] = ckpt_integrity.file_entry(path / name)
+    (path / "meta.json").write_text(json.dumps(ckpt_integrity.seal(meta)))
 
 
 def test_roundtrip_restores_everything_including_rng(tmp_path):
@@ -162,6 +171,7 @@ def _refusals(tmp_path: Path):
     (garbage_meta / "meta.json").write_text("{not json")
     garbage_dcp = variant("garbage_dcp")
     (garbage_dcp / ".metadata").write_bytes(b"\x80\x04garbage")
+    reseal_file(garbage_dcp, ".metadata")  # past the checksum: the unpickler itself must refuse it
     evil = variant("evil")
     marker = tmp_path / "pwned"
 
@@ -169,6 +179,9 @@ def _refusals(tmp_path: Path):
         def __reduce__(self):
             return (os.mkdir, (str(marker),))
     (evil / ".metadata").write_bytes(pickle.dumps(Evil()))
+    reseal_file(evil, ".metadata")  # a forged checksum: the allowlisting unpickler is the last line
+    evil_unsealed = variant("evil_unsealed")
+    (evil_unsealed / ".metadata").write_bytes(pickle.dumps(Evil()))
     return [
         ("other algorithm", tmp_path / "nadam", "saved by algorithm 'nadam'"),
         ("other shape", tmp_path / "wide", "has shape (5, 4) in the checkpoint but (3, 4) here"),
@@ -183,6 +196,7 @@ def _refusals(tmp_path: Path):
         ("corrupted meta.json", garbage_meta, "is corrupted"),
         ("corrupted DCP metadata", garbage_dcp, "DCP metadata"),
         ("pickle with code in the DCP metadata", evil, "posix.mkdir"),
+        ("the same, checksum not forged", evil_unsealed, "were written (truncated or extended)"),
         ("no such directory", tmp_path / "nothing", "does not exist"),
     ], marker
 
@@ -348,4 +362,4 @@ def test_inspect_command(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "algorithm adamod  step 3" in text and "optim.0.weight.exp_avg_lr" in text
     assert cli_main(["inspect", str(tmp_path / "nothing")]) == 2
-    assert "neither a checkpoint" in capsys.readouterr().err or True
+    assert f"{tmp_path / 'nothing'}: no such file or directory" in capsys.readouterr().err

@@ -172,3 +172,85 @@ def test_config_loader_only_raises_config_error(tmp_path_factory, raw):
     assert isinstance(cfg, config.RunConfig)
     lr = cfg.optimizer.lr
     assert lr is None or (math.isfinite(lr) and 0 < lr <= 10), f"accepted optimizer.lr={lr!r}"
+
+
+# ----------------------------------------------------------------------------------------- checkpoint bytes
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+from hypothesis import event  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from sharded_optim import checkpoint  # noqa: E402
+
+_CKPT_ROOT = Path(tempfile.mkdtemp(prefix="fuzz-ckpt-"))
+atexit.register(shutil.rmtree, _CKPT_ROOT, True)
+
+
+def _ckpt_model(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    return model, ShardedOptimizer(model.parameters(), algorithm="nadam", lr=1e-2, kernel="eager")
+
+
+def _state(model, opt) -> dict:
+    sd = opt.state_dict()
+    out = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    out.update({f"state.{i}.{k}": v.clone() for i, e in sd["state"].items() for k, v in e.items()})
+    out.update({f"group.{k}": repr(v) for k, v in sd["param_groups"][0].items() if k != "params"})
+    return out
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k] for k, v in a.items())
+
+
+def _saved() -> tuple[Path, dict]:
+    """One checkpoint of a model that took 2 steps, and the state it holds (made once per session)."""
+    good = _CKPT_ROOT / "good"
+    if not hasattr(_saved, "state"):
+        model, opt = _ckpt_model(0)
+        for _ in range(2):
+            _step_and_check(model, opt)
+        checkpoint.save(good, model, opt, step=2)
+        _saved.state = _state(model, opt)
+    return good, _saved.state
+
+
+FILES = ("__0_0.distcp", ".metadata", "meta.json", "rng/rank_00000.json")
+mutation = st.tuples(st.sampled_from(FILES), st.sampled_from(["flip", "truncate"]), st.floats(0.0, 0.9999),
+                     st.integers(0, 7))
+
+
+@SETTINGS
+@given(mutations=st.lists(mutation, min_size=1, max_size=3))
+def test_damaged_checkpoint_bytes_never_load_silently_wrong(mutations):
+    """Random bit flips and truncations anywhere in a checkpoint's files: the load raises a CheckpointError and
+    leaves the live model and optimizer bitwise as they were, or it loads exactly the saved values (a change
+    that means nothing, such as 'e' -> 'E' in a JSON number).  Never anything in between."""
+    good, saved = _saved()
+    target = _CKPT_ROOT / "target"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(good, target)
+    for name, how, where, bit in mutations:
+        path = target / name
+        data = bytearray(path.read_bytes())
+        at = int(where * len(data))
+        if how == "flip" and data:
+            data[at] ^= 1 << bit
+        else:
+            data = data[:at]
+        path.write_bytes(bytes(data))
+    model, opt = _ckpt_model(1)
+    _step_and_check(model, opt)
+    before = _state(model, opt)
+    try:
+        checkpoint.load(target, model, opt)
+    except checkpoint.CheckpointError as exc:
+        event(f"refused: {type(exc).__name__}")
+        assert _same(before, _state(model, opt)), f"a refused load changed something: {mutations}"
+        return
+    event("loaded (a change without meaning)")
+    assert _same(saved, _state(model, opt)), f"loaded values that differ from the saved ones: {mutations}"

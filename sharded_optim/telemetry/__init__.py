@@ -115,7 +115,8 @@ def start(optimizer: Any, *, base_port: int = 9400, addr: str = "127.0.0.1", run
     run_id = run_id or os.environ.get("SHARDED_OPTIM_RUN_ID") or (
         time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3))
     metrics = OptimizerMetrics(rank=rank, world_size=world)
-    server = MetricsServer(metrics.registry, port=base_port + local_rank if base_port else 0, addr=addr)
+    server = MetricsServer(metrics.registry, port=base_port + local_rank if base_port else 0, addr=addr,
+                           setting=f"telemetry.base_port {base_port} + LOCAL_RANK {local_rank}")
     targets: list[str] = []
     written: Path | None = None
     try:

@@ -6,6 +6,7 @@ so a scrape config never has to know the world size or the ports (port 0 gives e
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -22,11 +23,23 @@ DEFAULT_JOB = "sharded_optim"
 class MetricsServer:
     """A started ``prometheus_client`` HTTP server with a clean, idempotent :meth:`stop`."""
 
-    def __init__(self, registry: CollectorRegistry, *, port: int, addr: str = "127.0.0.1") -> None:
+    def __init__(self, registry: CollectorRegistry, *, port: int, addr: str = "127.0.0.1",
+                 setting: str = "port") -> None:
+        """``setting`` names where ``port`` came from, for the error when it is taken (e.g.
+        ``telemetry.base_port 9400 + LOCAL_RANK 1``)."""
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {port}")
         self.addr = addr
-        self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=addr, registry=registry)
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                raise
+            why = "is already in use (another job, or another run with the same setting?)" \
+                if exc.errno == errno.EADDRINUSE else "may not be bound by this user (ports below 1024 need root)"
+            raise OSError(exc.errno, f"cannot serve metrics on {addr}:{port} ({setting}): the port {why}; choose "
+                                     f"a free one, e.g. {free_port(addr)} (free now), or 0 for an ephemeral port "
+                                     "per rank (the targets file lists them)") from None
         self.port: int = self._server.server_port  # the bound port, also when asked for port 0
 
     @property
@@ -39,6 +52,14 @@ class MetricsServer:
             self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A port the OS says is free on ``addr`` right now (a suggestion: another process may take it)."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
 
 
 def advertised_host(addr: str) -> str:

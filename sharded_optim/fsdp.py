@@ -26,8 +26,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .flat import FlatLayout
+from .zero import DIRECT_MIN_NUMEL, LOW_PRECISION
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 MASTER_KEY = "master_param"  # the fp32 master copy of bf16/fp16 parameters in state_dict() (as in optimizer.py)
 
 
@@ -84,6 +84,16 @@ class DTensorParamGroup:
         # HSDP replicate dimension the shards are copies and summing there would count them twice
         self.reduce_group = self.mesh.get_group(dims[0]) if dims else None
         self.sync_enabled = True   # no_sync() toggles it; FSDP2 has its own set_requires_gradient_sync
+        # Same dtype (no master copy): large local shards are updated where FSDP2 keeps them, from their own local
+        # gradient, by a kernel call each, instead of three copies a step (gradient in, parameter in, parameter
+        # out: 12 bytes/element of the ~28 an update moves).  Their regions of ``master`` and ``grad`` are then
+        # unused (``grad``'s stays zero so norms over it count nothing twice).  zero.DIRECT_MIN_NUMEL says why
+        # the threshold.
+        threshold = DIRECT_MIN_NUMEL.get(self.device.type)
+        self._direct_slots = set() if self.has_master_copy or threshold is None else {
+            s for s, slot in enumerate(self.layout.slots) if slot.numel >= threshold}
+        self._direct: dict[int, tuple[Tensor, Tensor]] = {}   # this step: slot -> (local param, local grad), flat
+        self._stale_direct: set[int] = set()   # in-place slots whose region of ``grad`` a copying step wrote
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _range(self, slot_index: int) -> slice:
@@ -162,9 +172,12 @@ class DTensorParamGroup:
 
     # ------------------------------------------------------------------------------------ update protocol
     def collect_grads(self, in_place: bool = True) -> list[bool]:
-        """Copy the local gradient shards (already reduced by FSDP2) into ``grad``; report which exist."""
-        del in_place   # FSDP2's gradient shards are always copied (see ShardedOptimizer's FSDP notes)
+        """Copy the local gradient shards (already reduced by FSDP2) into ``grad``; report which exist.
+
+        Large same-dtype shards are not copied when ``in_place``: the update reads them where they are (see
+        ``_direct_slots``); a statistics step (``in_place=False``) copies everything, its sums read ``grad``."""
         has_grad = []
+        self._direct = {}
         for s, slot in enumerate(self.layout.slots):
             p = self.params[slot.index]
             dst = self.grad[self._range(s)]
@@ -180,7 +193,16 @@ class DTensorParamGroup:
             if tuple(g.shape) != tuple(slot.shape):
                 raise ValueError(f"parameter {slot.index} of its group has a gradient of shape {tuple(g.shape)} "
                                  f"but a local shard of shape {tuple(slot.shape)}; expected a DTensor gradient")
-            dst.copy_(g.reshape(-1))
+            local = self._local(s)
+            if in_place and s in self._direct_slots and g.is_contiguous() and local.is_contiguous():
+                self._direct[s] = (local.view(-1), g.view(-1))
+                if s in self._stale_direct:
+                    dst.zero_()
+                    self._stale_direct.discard(s)
+            else:
+                dst.copy_(g.reshape(-1))
+                if s in self._direct_slots:
+                    self._stale_direct.add(s)
             has_grad.append(True)
         return has_grad
 
@@ -194,14 +216,14 @@ class DTensorParamGroup:
             steps, mus = [0] * len(self.layout.slots), [1.0] * len(self.layout.slots)
         else:
             steps, mus = self.steps.tolist(), self.mu_products.tolist()
-        if all(has_grad) and len(set(steps)) <= 1 and len(set(mus)) <= 1:
+        if all(has_grad) and len(set(steps)) <= 1 and len(set(mus)) <= 1 and not self._direct:
             return [(slice(0, self.layout.local_numel), list(range(len(self.layout.slots))))]
         runs: list[tuple[slice, list[int]]] = []
         for s in range(len(self.layout.slots)):   # slots are in increasing offset order
             if not has_grad[s]:
                 continue
             rng = self._range(s)
-            if runs:
+            if runs and s not in self._direct and runs[-1][1][-1] not in self._direct:
                 last, slots = runs[-1]
                 first = slots[0]
                 if last.stop == rng.start and steps[first] == steps[s] and mus[first] == mus[s]:
@@ -219,6 +241,8 @@ class DTensorParamGroup:
         DCP and FSDP2's state-dict hooks write the shards without always bumping them.
         """
         for s in range(len(self.layout.slots)):
+            if s in self._direct:
+                continue   # updated where it lives: its master region is unused this step
             local = self._local(s).reshape(-1)
             master = self.master[self._range(s)]
             if not self.has_master_copy:
@@ -234,7 +258,8 @@ class DTensorParamGroup:
         """
         del wait
         for s, slot in enumerate(self.layout.slots):
-            self._local(s).copy_(self.master[self._range(s)].view(slot.shape))
+            if s not in self._direct:   # in-place shards already hold their new values
+                self._local(s).copy_(self.master[self._range(s)].view(slot.shape))
 
     def wait_params(self, buckets: Iterable[int] | None = None) -> None:
         """Nothing in flight: see :meth:`gather_params`."""
@@ -245,16 +270,27 @@ class DTensorParamGroup:
         return set()
 
     def grad_of(self, rng: slice, slots: list[int]) -> Tensor:
-        """The gradient a run's update reads: always the flat ``grad``."""
-        del slots
+        """The gradient a run's update reads: the local shard itself when updated in place, else ``grad``."""
+        if len(slots) == 1 and slots[0] in self._direct:
+            return self._direct[slots[0]][1]
         return self.grad[rng]
 
+    def param_of(self, rng: slice, slots: list[int]) -> Tensor:
+        """The parameter values a run's update writes: the local shard itself when updated in place."""
+        if len(slots) == 1 and slots[0] in self._direct:
+            return self._direct[slots[0]][0]
+        return self.master[rng]
+
     def grad_tensors(self) -> list[Tensor]:
-        return [self.grad]
+        """Every tensor holding this step's gradient elements (``grad`` and the in-place shards)."""
+        return [self.grad, *(g for _p, g in self._direct.values())]
 
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of the local gradient shards in float64 (summed over ``reduce_group`` by the caller)."""
-        return torch.linalg.vector_norm(self.grad, dtype=torch.float64).square()
+        total = torch.linalg.vector_norm(self.grad, dtype=torch.float64).square()
+        for _p, g in self._direct.values():
+            total = total + torch.linalg.vector_norm(g, dtype=torch.float64).square()
+        return total
 
     def stat_ranges(self) -> list[slice]:
         real = self.layout.local_real_numel()
@@ -270,7 +306,8 @@ class DTensorParamGroup:
         """Nothing in flight: FSDP2 reduced the gradients during backward."""
 
     def end_step(self) -> None:
-        """No per-step reduction bookkeeping to reset."""
+        """Forget this step's in-place shards (FSDP2 may re-point them before the next)."""
+        self._direct = {}
 
     def remove_hooks(self) -> None:
         """No hooks were registered."""

@@ -411,7 +411,9 @@ class ShardedOptimizer(Optimizer):
     def _collect(self) -> dict[int, list[bool]]:
         self._finish_deferred_stats()  # before waiting: the reduce-scatters launched by backward are in flight
         # a statistics step's sums read the flat gradient buffer: gradients are not read in place then
-        in_place = not (self.stats_interval > 0 and (self.steps_attempted + 1) % self.stats_interval == 0)
+        # (nor with shard hooks: Lookahead reads the flat master right after the update)
+        in_place = not (self.stats_interval > 0 and (self.steps_attempted + 1) % self.stats_interval == 0) \
+            and not self._shard_hooks
         return {id(rt): rt.collect_grads(in_place) for _, rt in self._all_runtimes()}
 
     def _finish_deferred_stats(self) -> None:
@@ -725,7 +727,7 @@ class ShardedOptimizer(Optimizer):
                                     mu_product=mus[slots[0]])
             hs.values[rules.GSCALE] *= decision.coef
             sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
-            dispatch.run(variant, self.kernel_mode, rt.master[rng], rt.grad_of(rng, slots),
+            dispatch.run(variant, self.kernel_mode, rt.param_of(rng, slots), rt.grad_of(rng, slots),
                          *(rt.state[k][rng] for k in keys), sc)
             index = slice(None) if len(slots) == len(steps) else torch.tensor(slots, dtype=torch.long)
             rt.steps[index] += 1
@@ -753,7 +755,7 @@ class ShardedOptimizer(Optimizer):
             sc, keep, mu_after = shared or device_step.prepare(
                 self.algorithm, group, self.nonfinite_policy == "skip", decision.sumsq, h, rt.steps[first],
                 rt.mu_products[first], rt.compute_dtype, compiled)
-            dispatch.run(dispatch.GATED_PREFIX + variant, self.kernel_mode, keep, rt.master[rng],
+            dispatch.run(dispatch.GATED_PREFIX + variant, self.kernel_mode, keep, rt.param_of(rng, slots),
                          rt.grad_of(rng, slots), *(rt.state[k][rng] for k in keys), sc)
             covered += len(slots)
             if diverged:

@@ -263,6 +263,11 @@ class FlatParamGroup:
             return self._direct[slots[0]]
         return self.grad[rng]
 
+    def param_of(self, rng: slice, slots: list[int]) -> Tensor:
+        """The parameter values a run's update writes: always the flat ``master`` (parameters are its views)."""
+        del slots
+        return self.master[rng]
+
     def grad_tensors(self) -> list[Tensor]:
         """Every tensor holding this step's gradient elements (``grad`` and the in-place gradients)."""
         return [self.grad, *self._direct.values()]

@@ -108,6 +108,17 @@ def _guard(out: dict, name: str, fn: Callable[[], dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- scenarios
+def _in_place(fn: Callable[[], dict]) -> dict:
+    """Run a scenario with every same-dtype shard updated in place (no copies of gradients or parameters)."""
+    from sharded_optim import zero
+    saved = dict(zero.DIRECT_MIN_NUMEL)
+    zero.DIRECT_MIN_NUMEL["cpu"] = 1
+    try:
+        return fn()
+    finally:
+        zero.DIRECT_MIN_NUMEL.update(saved)
+
+
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Worst ``|a - b| / (ATOL + RTOL * |b|)`` (<= 1 is close): relative, because AdaMod's ``exp_avg_lr`` holds
     values near ``lr / eps`` where moments are tiny, absolute for values near zero."""
@@ -177,6 +188,7 @@ def _train_pair(mesh: Any, dp_rank: int, dp_size: int, algorithm: str, reference
     local_numel = sum(p.to_local().numel() for p in params.values())
     return {"param_err": param_err, "state_err": state_err, "norm_rel_diff": max(norm_diffs),
             "grad_rel_err": max(grad_errs),
+            "in_place_slots": sum(len(rt._direct_slots) for rts in opt._runtimes.values() for rt in rts),
             "state_keys": sorted(kinds), "local_numel": local_numel,
             "state_bytes": opt.memory_report()["state_bytes"], "losses": losses,
             "empty_shards": [n for n, p in params.items() if p.to_local().numel() == 0],
@@ -277,6 +289,11 @@ def _one_d_worker(rank: int, world: int, directory: str) -> dict:
     _guard(out, "radam", lambda: _train_pair(mesh, rank, world, "radam", "ours"))
     _guard(out, "nonfinite", lambda: _nonfinite_skip(mesh, rank))
     _guard(out, "protocol", lambda: _protocol(mesh))
+    # every local shard updated where FSDP2 keeps it (threshold 1), statistics every other step (those copy)
+    _guard(out, "adamod_in_place", lambda: _in_place(lambda: _train_pair(mesh, rank, world, "adamod", "ours",
+                                                                          stats_interval=2)))
+    _guard(out, "dcp_in_place", lambda: _in_place(lambda: _dcp_resume(
+        mesh, rank, os.path.join(directory, "in_place"), "adamod", torch.float32, 0, amsgrad=True)))
     # lazily built runtimes (zero_stage=0): DCP takes its dummy step (zero grads, lr=0) on the empty state
     _guard(out, "dcp_lazy", lambda: _dcp_resume(mesh, rank, os.path.join(directory, "lazy"), "adamod",
                                                 torch.float32, 0, amsgrad=True))
@@ -323,14 +340,17 @@ def _scenario(results: list[dict], name: str) -> list[dict]:
     return per_rank
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamod", "amsgrad", "radam"])
+@pytest.mark.parametrize("name", ["adamw", "adamod", "amsgrad", "radam", "adamod_in_place"])
 def test_fully_shard_matches_unsharded_reference(one_d, name):
     for rank, r in enumerate(_scenario(one_d, name)):
         assert r["param_err"] <= 1.0 and r["state_err"] <= 1.0, (rank, r)
         assert r["norm_rel_diff"] <= RTOL, (rank, r)   # the global norm sums the two shards, nothing more
         assert r["grad_rel_err"] <= GRAD_RTOL, (rank, r)
         assert r["losses"][-1] < r["losses"][0], r["losses"]
+        # the tiny model's shards are all under the CPU threshold; the in-place scenario lowers it to 1
+        assert (r["in_place_slots"] > 5) == (name == "adamod_in_place"), (rank, r["in_place_slots"])
     expected = {"adamw": ["exp_avg", "exp_avg_sq"], "adamod": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
+                "adamod_in_place": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
                 "amsgrad": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], "radam": ["exp_avg", "exp_avg_sq"]}
     assert one_d[0][name]["state_keys"] == expected[name]
 
@@ -357,7 +377,7 @@ def test_nonfinite_gradient_on_one_rank_skips_everywhere(one_d):
         assert r == {"skipped": 1, "changed": 0}
 
 
-@pytest.mark.parametrize("name", ["dcp_lazy", "dcp_eager_bf16"])
+@pytest.mark.parametrize("name", ["dcp_lazy", "dcp_eager_bf16", "dcp_in_place"])
 def test_dcp_save_load_resumes_bitwise(one_d, name):
     for rank, r in enumerate(_scenario(one_d, name)):
         assert r["compared"] > 20 and r["mismatched"] == [], (rank, r["mismatched"])

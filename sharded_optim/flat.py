@@ -138,3 +138,8 @@ def flatten_into_views(params: list[Tensor], layout: FlatLayout, dtype: torch.dt
         # parameters in place, with no copy back (the same technique as apex's contiguous params).
         p.data = view.view(slot.shape)
     return full
+
+
+def bound_views(params: list[Tensor]) -> list[tuple[int, torch.Size]]:
+    """``(data_ptr, shape)`` of each parameter: the cheap identity of the flat-buffer view it is bound to."""
+    return [(p.data_ptr(), p.shape) for p in params]

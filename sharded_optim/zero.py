@@ -16,13 +16,13 @@ CUDA-specific.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .flat import FlatLayout, flatten_into_views
+from .flat import FlatLayout, bound_views, flatten_into_views
 from .kernels.stats import sumsq
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -66,6 +66,7 @@ class FlatParamGroup:
         self.grad_dtype = grad_reduce_dtype or self.compute_dtype
         self.gather_dtype = gather_dtype or self.dtype
         self.full = flatten_into_views(self.params, self.layout, self.dtype, self.device)
+        self._bound = bound_views(self.params)  # what rebind_replaced_storage() compares against
         self._real_ranges = self._compute_real_ranges()  # the layout is fixed: computed once
         if world == 1 and self.compute_dtype == self.dtype:
             self.master = self.full  # update the parameters in place: no copy at all
@@ -153,8 +154,16 @@ class FlatParamGroup:
             p = self.params[slot.index]
             if p.grad is not None:
                 # pre-divide by the world size (as DDP does): gloo has no AVG reduction, and it keeps sums small
-                torch.div(p.grad.reshape(-1), self.world,
-                          out=staging[slot.offset - bucket.start: slot.offset - bucket.start + slot.numel])
+                try:
+                    torch.div(p.grad.reshape(-1), self.world,
+                              out=staging[slot.offset - bucket.start: slot.offset - bucket.start + slot.numel])
+                except RuntimeError as exc:
+                    if (p.device, p.dtype) == (self.device, self.dtype):
+                        raise
+                    raise RuntimeError(
+                        f"parameter {slot.index} of its group moved from {self.device}/{self.dtype} to "
+                        f"{p.device}/{p.dtype} after the optimizer was built; its gradient buckets stay "
+                        f"{self.device}/{self.dtype}. Move or cast the model before building the optimizer") from exc
                 p.grad = None  # the full gradient is no longer needed: only the shard is kept (ZeRO-2 memory)
         accumulate = self._reduced[bucket_index]
         out = None
@@ -327,15 +336,69 @@ class FlatParamGroup:
             return
         for s, slot in enumerate(self.layout.slots):
             if versions[slot.index] != self._versions[slot.index]:
-                flat = self.params[slot.index].detach().reshape(-1)
-                for piece in self.layout.pieces:
-                    if piece.slot == s:
-                        master = self.master[piece.local_lo: piece.local_lo + piece.hi - piece.lo]
-                        value = flat[piece.lo: piece.hi]
-                        # keep the master's extra precision wherever the parameter still equals its rounding
-                        changed = value != master.to(value.dtype)
-                        master.copy_(torch.where(changed, value.to(master.dtype), master))
+                self._refresh_master(s, self.params[slot.index].detach().reshape(-1))
         self._versions = versions
+
+    def _refresh_master(self, slot_index: int, flat: Tensor) -> None:
+        """Take the flattened values ``flat`` of parameter ``slot_index`` into this rank's master pieces."""
+        if self.master is self.full:
+            return
+        for piece in self.layout.pieces:
+            if piece.slot == slot_index:
+                master = self.master[piece.local_lo: piece.local_lo + piece.hi - piece.lo]
+                value = flat[piece.lo: piece.hi]
+                # keep the master's extra precision wherever the parameter still equals its rounding
+                changed = value != master.to(value.dtype)
+                master.copy_(torch.where(changed, value.to(master.dtype), master))
+
+    # --------------------------------------------------------------------------------- replaced storage
+    def rebind_replaced_storage(self, describe: Callable[[int], str] | None = None) -> bool:
+        """Re-bind parameters whose storage was replaced since the buffers were built; True if a rebuild is needed.
+
+        The parameters are views into ``self.full``; ``model.to()``, ``p.data = t``, ``swap_tensors`` and the like
+        make a parameter point at other memory, after which neither the update nor the all-gather would reach it.
+        The common path is one Python pass comparing each parameter's ``(data_ptr, shape)`` with the view it was
+        given (no per-element work; a new allocation on another device or in another dtype cannot share the
+        address of our live buffer, so the pointer also stands for device and dtype).  On a mismatch:
+
+        * same shape, device and dtype: the new values become the master (``torch.optim`` would update them),
+          the parameter is re-pointed into the flat buffer;
+        * device or dtype changed before any step (all state still zero): returns True, and the caller rebuilds
+          this group's buffers from the current parameters;
+        * device or dtype changed after steps were taken, or shape changed: ``RuntimeError`` naming the
+          parameter (``describe(index)``; its state lives on the old device/dtype/shape).
+        """
+        current = bound_views(self.params)
+        if current == self._bound:
+            return False
+        self.wait_params()  # an in-flight all-gather still targets the flat buffer
+        rebuild = False
+        for s, slot in enumerate(self.layout.slots):
+            if current[slot.index] == self._bound[slot.index]:
+                continue
+            p = self.params[slot.index]
+            name = describe(slot.index) if describe is not None else f"parameter {slot.index} of its group"
+            if p.shape != slot.shape:
+                raise RuntimeError(f"{name} changed shape from {tuple(slot.shape)} to {tuple(p.shape)} after the "
+                                   "optimizer was built; its optimizer state has the old shape: build a new optimizer")
+            if p.device != self.device or p.dtype != self.dtype:
+                taken = int(self.steps.max()) if len(self.steps) else 0
+                if taken > 0 or any(self._reduced) or self._pending:
+                    when = f"after {taken} step(s)" if taken else "after backward reduced its gradients"
+                    raise RuntimeError(
+                        f"{name} moved from {self.device}/{self.dtype} to {p.device}/{p.dtype} {when}; its "
+                        f"optimizer state stays on {self.device}/{self.dtype}. Move or cast the model before "
+                        "building the optimizer (or before its first backward), or build a new optimizer")
+                rebuild = True
+                continue
+            value = p.detach().reshape(-1)
+            view = self.full[slot.offset: slot.offset + slot.numel]
+            view.copy_(value)
+            self._refresh_master(s, value)
+            p.data = view.view(slot.shape)
+            self._bound[slot.index] = (p.data_ptr(), p.shape)
+            self._versions[slot.index] = p._version
+        return rebuild
 
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of this rank's gradient shard, in float64 (padding is zero and adds nothing)."""

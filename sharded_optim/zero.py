@@ -67,6 +67,7 @@ class FlatParamGroup:
         self.gather_dtype = gather_dtype or self.dtype
         self.full = flatten_into_views(self.params, self.layout, self.dtype, self.device)
         self._bound = bound_views(self.params)  # what rebind_replaced_storage() compares against
+        self.rebinds = 0  # parameters re-pointed into the flat buffer after a client replaced their storage
         self._real_ranges = self._compute_real_ranges()  # the layout is fixed: computed once
         if world == 1 and self.compute_dtype == self.dtype:
             self.master = self.full  # update the parameters in place: no copy at all
@@ -154,16 +155,8 @@ class FlatParamGroup:
             p = self.params[slot.index]
             if p.grad is not None:
                 # pre-divide by the world size (as DDP does): gloo has no AVG reduction, and it keeps sums small
-                try:
-                    torch.div(p.grad.reshape(-1), self.world,
-                              out=staging[slot.offset - bucket.start: slot.offset - bucket.start + slot.numel])
-                except RuntimeError as exc:
-                    if (p.device, p.dtype) == (self.device, self.dtype):
-                        raise
-                    raise RuntimeError(
-                        f"parameter {slot.index} of its group moved from {self.device}/{self.dtype} to "
-                        f"{p.device}/{p.dtype} after the optimizer was built; its gradient buckets stay "
-                        f"{self.device}/{self.dtype}. Move or cast the model before building the optimizer") from exc
+                torch.div(p.grad.reshape(-1), self.world,
+                          out=staging[slot.offset - bucket.start: slot.offset - bucket.start + slot.numel])
                 p.grad = None  # the full gradient is no longer needed: only the shard is kept (ZeRO-2 memory)
         accumulate = self._reduced[bucket_index]
         out = None
@@ -398,6 +391,7 @@ class FlatParamGroup:
             p.data = view.view(slot.shape)
             self._bound[slot.index] = (p.data_ptr(), p.shape)
             self._versions[slot.index] = p._version
+            self.rebinds += 1
         return rebuild
 
     def local_grad_sumsq(self) -> Tensor:

@@ -350,9 +350,9 @@ class FlatParamGroup:
 
         The parameters are views into ``self.full``; ``model.to()``, ``p.data = t``, ``swap_tensors`` and the like
         make a parameter point at other memory, after which neither the update nor the all-gather would reach it.
-        The common path is one Python pass comparing each parameter's ``(data_ptr, shape)`` with the view it was
-        given (no per-element work; a new allocation on another device or in another dtype cannot share the
-        address of our live buffer, so the pointer also stands for device and dtype).  On a mismatch:
+        The common path compares each parameter's ``data_ptr`` and shape with those of the view it was given
+        (two ``map`` passes, no per-element work; a new allocation on another device or in another dtype cannot
+        share an address of our live buffer, so the pointer also stands for device and dtype).  On a mismatch:
 
         * same shape, device and dtype: the new values become the master (``torch.optim`` would update them),
           the parameter is re-pointed into the flat buffer;
@@ -366,8 +366,9 @@ class FlatParamGroup:
             return False
         self.wait_params()  # an in-flight all-gather still targets the flat buffer
         rebuild = False
+        ptrs, shapes = self._bound
         for s, slot in enumerate(self.layout.slots):
-            if current[slot.index] == self._bound[slot.index]:
+            if (current[0][slot.index], current[1][slot.index]) == (ptrs[slot.index], shapes[slot.index]):
                 continue
             p = self.params[slot.index]
             name = describe(slot.index) if describe is not None else f"parameter {slot.index} of its group"
@@ -389,7 +390,7 @@ class FlatParamGroup:
             view.copy_(value)
             self._refresh_master(s, value)
             p.data = view.view(slot.shape)
-            self._bound[slot.index] = (p.data_ptr(), p.shape)
+            ptrs[slot.index], shapes[slot.index] = p.data_ptr(), p.shape
             self._versions[slot.index] = p._version
             self.rebinds += 1
         return rebuild

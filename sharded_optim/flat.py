@@ -148,3 +148,14 @@ def bound_views(params: list[Tensor]) -> tuple[list[int], list[torch.Size]]:
     ``(p.data_ptr(), p.shape)`` tuples on ``nn.Parameter``s (measured, 300 parameters).
     """
     return list(map(TensorBase.data_ptr, params)), list(map(TensorBase.size, params))
+
+
+def refresh_master_pieces(layout: FlatLayout, master: Tensor, slot_index: int, flat: Tensor) -> None:
+    """Take the flattened values ``flat`` of parameter ``slot_index`` into this rank's pieces of ``master``,
+    keeping the master's extra precision wherever the value still equals the master's rounding."""
+    for piece in layout.pieces:
+        if piece.slot == slot_index:
+            dst = master[piece.local_lo: piece.local_lo + piece.hi - piece.lo]
+            value = flat[piece.lo: piece.hi]
+            changed = value != dst.to(value.dtype)
+            dst.copy_(torch.where(changed, value.to(dst.dtype), dst))

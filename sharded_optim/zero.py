@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .flat import FlatLayout, bound_views, flatten_into_views
+from .flat import FlatLayout, bound_views, flatten_into_views, refresh_master_pieces
 from .kernels.stats import sumsq
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -329,37 +329,18 @@ class FlatParamGroup:
             return
         for s, slot in enumerate(self.layout.slots):
             if versions[slot.index] != self._versions[slot.index]:
-                self._refresh_master(s, self.params[slot.index].detach().reshape(-1))
+                refresh_master_pieces(self.layout, self.master, s, self.params[slot.index].detach().reshape(-1))
         self._versions = versions
-
-    def _refresh_master(self, slot_index: int, flat: Tensor) -> None:
-        """Take the flattened values ``flat`` of parameter ``slot_index`` into this rank's master pieces."""
-        if self.master is self.full:
-            return
-        for piece in self.layout.pieces:
-            if piece.slot == slot_index:
-                master = self.master[piece.local_lo: piece.local_lo + piece.hi - piece.lo]
-                value = flat[piece.lo: piece.hi]
-                # keep the master's extra precision wherever the parameter still equals its rounding
-                changed = value != master.to(value.dtype)
-                master.copy_(torch.where(changed, value.to(master.dtype), master))
 
     # --------------------------------------------------------------------------------- replaced storage
     def rebind_replaced_storage(self, describe: Callable[[int], str] | None = None) -> bool:
-        """Re-bind parameters whose storage was replaced since the buffers were built; True if a rebuild is needed.
+        """Re-bind parameters whose storage a client replaced (``model.to()``, ``p.data = t``, ``swap_tensors``);
+        True if the caller must rebuild this group (docs/ARCHITECTURE.md, "Parameters stay views").
 
-        The parameters are views into ``self.full``; ``model.to()``, ``p.data = t``, ``swap_tensors`` and the like
-        make a parameter point at other memory, after which neither the update nor the all-gather would reach it.
-        The common path compares each parameter's ``data_ptr`` and shape with those of the view it was given
-        (two ``map`` passes, no per-element work; a new allocation on another device or in another dtype cannot
-        share an address of our live buffer, so the pointer also stands for device and dtype).  On a mismatch:
-
-        * same shape, device and dtype: the new values become the master (``torch.optim`` would update them),
-          the parameter is re-pointed into the flat buffer;
-        * device or dtype changed before any step (all state still zero): returns True, and the caller rebuilds
-          this group's buffers from the current parameters;
-        * device or dtype changed after steps were taken, or shape changed: ``RuntimeError`` naming the
-          parameter (``describe(index)``; its state lives on the old device/dtype/shape).
+        Common path: compare each parameter's ``data_ptr`` and shape with its view's (no per-element work; a new
+        allocation cannot share an address of our live buffer, so the pointer stands for device and dtype too).
+        Same shape/device/dtype: the new values become the master and the parameter is re-pointed into ``full``.
+        Device or dtype changed before any step: True.  Otherwise ``RuntimeError`` naming ``describe(index)``.
         """
         current = bound_views(self.params)
         if current == self._bound:
@@ -379,16 +360,16 @@ class FlatParamGroup:
                 taken = int(self.steps.max()) if len(self.steps) else 0
                 if taken > 0 or any(self._reduced) or self._pending:
                     when = f"after {taken} step(s)" if taken else "after backward reduced its gradients"
-                    raise RuntimeError(
-                        f"{name} moved from {self.device}/{self.dtype} to {p.device}/{p.dtype} {when}; its "
-                        f"optimizer state stays on {self.device}/{self.dtype}. Move or cast the model before "
-                        "building the optimizer (or before its first backward), or build a new optimizer")
+                    raise RuntimeError(f"{name} moved from {self.device}/{self.dtype} to {p.device}/{p.dtype} {when}; "
+                                       f"its optimizer state stays on {self.device}/{self.dtype}. Move or cast the "
+                                       "model before building the optimizer, or build a new optimizer")
                 rebuild = True
                 continue
             value = p.detach().reshape(-1)
             view = self.full[slot.offset: slot.offset + slot.numel]
             view.copy_(value)
-            self._refresh_master(s, value)
+            if self.master is not self.full:
+                refresh_master_pieces(self.layout, self.master, s, value)
             p.data = view.view(slot.shape)
             ptrs[slot.index], shapes[slot.index] = p.data_ptr(), p.shape
             self._versions[slot.index] = p._version

@@ -4,7 +4,7 @@
 # Usage:  source scripts/setup.sh        (or: bash scripts/setup.sh)
 # Env:    VENV    virtualenv directory (default: .venv in the repository)
 #         PYTHON  interpreter to create it with (default: python3)
-# Installs: the package in editable mode with the [dev,deepspeed,mpi] extras, pinned by constraints.txt
+# Installs: the package in editable mode with the [dev,deepspeed,mpi,integrations] extras, pinned by constraints.txt
 # (torch==2.13.0: an unpinned install would pull a multi-GB CUDA build), and Debian's prometheus/promtool
 # (used by the telemetry tests) when they are missing and we are root.
 set -euo pipefail
@@ -18,9 +18,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 STAMP="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
-  echo "setup: installing sharded-optim[dev,deepspeed,mpi] (pinned by constraints.txt)"
+  echo "setup: installing sharded-optim[dev,deepspeed,mpi,integrations] (pinned by constraints.txt)"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,deepspeed,mpi]"
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[dev,deepspeed,mpi,integrations]"
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi

@@ -38,6 +38,12 @@ from torch import Tensor, nn
 from .optimizer import ShardedOptimizer
 
 SUPPORTED_STAGES = (0, 1, 2)
+# DeepSpeed versions tests/test_deepspeed.py passed with (also stated in pyproject.toml's "deepspeed" extra).  The
+# adapter calls the private _link_all_hp_params of these wrappers after building our buffers; a DeepSpeed without
+# it would leave DeepSpeed's views of the fp32 master and the optimizer state pointing at stale memory.
+TESTED_DEEPSPEED = ("0.19.8",)
+_LINKED_WRAPPERS = (("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"),
+                    ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer"))
 _FORCED = {"zero_stage": 0, "nonfinite_policy": "ignore", "spike_sigma": None}
 
 
@@ -106,6 +112,7 @@ def initialize(model: nn.Module, config: str | PathLike[str] | dict[str, Any], a
     """
     import deepspeed  # optional dependency: pip install 'sharded-optim[deepspeed]'
 
+    check_deepspeed(deepspeed)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cfg = load_config(config)
@@ -117,10 +124,31 @@ def initialize(model: nn.Module, config: str | PathLike[str] | dict[str, Any], a
     # and DeepSpeed's views (safe_get_full_fp32_param, its checkpoint fragments) must follow it.  DeepSpeed
     # links its views of the optimizer state after the first step, when every group then has state.
     optimizer._ensure_runtimes()
-    relink = getattr(engine.optimizer, "_link_all_hp_params", None)   # ZeRO-1/2 and bf16 wrappers
+    relink = getattr(engine.optimizer, "_link_all_hp_params", None)   # ZeRO-1/2 and bf16 wrappers: see check_deepspeed
     if engine.optimizer is not optimizer and callable(relink):
         relink()
     return engine
+
+
+def check_deepspeed(deepspeed: Any) -> None:
+    """Refuse a DeepSpeed whose wrappers lack the private ``_link_all_hp_params`` this adapter calls.
+
+    Raises ``RuntimeError`` naming the installed version, the missing method and the tested versions.
+    """
+    import importlib
+
+    version = getattr(deepspeed, "__version__", "unknown")
+    for module_name, class_name in _LINKED_WRAPPERS:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            cls = None
+        if cls is None or not callable(getattr(cls, "_link_all_hp_params", None)):
+            raise RuntimeError(
+                f"DeepSpeed {version} is not compatible with sharded_optim.deepspeed: {module_name}.{class_name}"
+                "._link_all_hp_params (a private DeepSpeed API the adapter uses to re-link DeepSpeed's views of "
+                f"the fp32 master and the optimizer state) is missing. Tested with DeepSpeed "
+                f"{', '.join(TESTED_DEEPSPEED)}: pip install 'sharded-optim[deepspeed]'")
 
 
 def sharded_optimizer(engine: Any) -> ShardedOptimizer:

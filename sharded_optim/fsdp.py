@@ -250,6 +250,12 @@ class DTensorParamGroup:
             elif not torch.equal(master.to(self.dtype), local):
                 master.copy_(local)
 
+    def rebind_replaced_storage(self, describe: Any = None) -> bool:
+        """Nothing to re-bind: the parameters are never re-pointed and every access fetches ``to_local()`` afresh
+        (a replaced local shard is picked up by :meth:`prepare_update`)."""
+        del describe
+        return False
+
     def gather_params(self, wait: bool = True) -> None:
         """Write the updated ``master`` back into FSDP2's local shards.
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import agreement, device_step, rules
+from . import agreement, consolidate, device_step, rebind, rules
 from .kernels import dispatch
 from .kernels import stats as stats_kernels
 from .telemetry.fields import NUM_FIELDS
@@ -222,6 +222,7 @@ class ShardedOptimizer(Optimizer):
         self._state_bytes: int | None = None
         self._shard_hooks: list[Callable[[FlatParamGroup, dict[str, Any]], None]] = []
         self._building = True
+        self._rendezvous_tag = consolidate.new_tag()  # state_dict() rendezvous: same number on every rank
         super().__init__(params, defaults)
         self._building = False
         if self.sharded:
@@ -533,6 +534,7 @@ class ShardedOptimizer(Optimizer):
             raise ValueError(f"norm_type must be 2.0 (the global L2 norm), got {norm_type!r}")
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
             raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+        self._rebind_replaced_storage()
         self._ensure_runtimes()
         collected = self._collected_grads()
         collected.max_norm = float(max_norm)
@@ -562,6 +564,7 @@ class ShardedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         start = time.perf_counter()
+        self._rebind_replaced_storage()
         self._ensure_runtimes()
         self.wait_params()
         if self.overlap_param_gather and self.sharded and not self._attached:
@@ -861,12 +864,44 @@ class ShardedOptimizer(Optimizer):
                 "padding_elements": padding}
 
     # ---------------------------------------------------------------------------------------- state_dict
+    state_dict_timeout_s = consolidate.DEFAULT_TIMEOUT_S  # how long a sharded state_dict() waits for the others
+
     def state_dict(self) -> dict[str, Any]:
         """torch.optim-style state with full logical tensors (gathered from all ranks when sharded).
 
         Loadable at any world size, and by ``load_state_dict`` of a torch.optim optimizer of the same algorithm
         where the keys match.  The extra top-level ``algorithm`` key lets a mismatched load be refused.
+
+        Sharded, this is a collective: call it on every rank, or call :meth:`consolidate_state_dict` on every
+        rank and then this on the receiving rank only.  A rank that calls it alone gets a
+        :class:`~sharded_optim.consolidate.ConsolidationError` after ``state_dict_timeout_s`` seconds.
         """
+        self._rebind_replaced_storage()
+        kept = consolidate.held(self)
+        if kept is not None:
+            return kept
+        consolidate.rendezvous(self, "state_dict")
+        return self._full_state_dict()
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Gather the full state onto rank ``to`` of the process group (call on every rank), so that
+        ``state_dict()`` on that rank alone returns it (torch ``ZeroRedundancyOptimizer``'s protocol).
+
+        The copy is dropped as soon as a step or a load makes it stale.  Not sharded: nothing to do.
+        """
+        consolidate.validate_to(self, to)
+        if not self.sharded:
+            return
+        self._rebind_replaced_storage()
+        consolidate.rendezvous(self, "consolidate_state_dict")
+        state_dict = self._full_state_dict()
+        self._consolidated = (consolidate.marker(self), state_dict) if self.rank == to else None
+
+    def _rebind_replaced_storage(self) -> None:
+        """Follow parameters whose storage was replaced since the last step (see :mod:`sharded_optim.rebind`)."""
+        rebind.rebind_replaced_storage(self)
+
+    def _full_state_dict(self) -> dict[str, Any]:
         self._ensure_runtimes()
         self.wait_params()
         for _, rt in self._all_runtimes():
@@ -924,6 +959,7 @@ class ShardedOptimizer(Optimizer):
         """
         self._ensure_runtimes()
         self.wait_params()
+        self._loads = getattr(self, "_loads", 0) + 1  # a consolidated state_dict is stale from here on
         self._finish_deferred_stats()  # they describe the state about to be replaced
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict must be a dict with keys 'state' and 'param_groups'")

@@ -16,13 +16,13 @@ CUDA-specific.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .flat import FlatLayout, flatten_into_views
+from .flat import FlatLayout, bound_views, flatten_into_views, refresh_master_pieces
 from .kernels.stats import sumsq
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -73,6 +73,8 @@ class FlatParamGroup:
         self.grad_dtype = grad_reduce_dtype or self.compute_dtype
         self.gather_dtype = gather_dtype or self.dtype
         self.full = flatten_into_views(self.params, self.layout, self.dtype, self.device)
+        self._bound = bound_views(self.params)  # what rebind_replaced_storage() compares against
+        self.rebinds = 0  # parameters re-pointed into the flat buffer after a client replaced their storage
         self._real_ranges = self._compute_real_ranges()  # the layout is fixed: computed once
         if world == 1 and self.compute_dtype == self.dtype:
             self.master = self.full  # update the parameters in place: no copy at all
@@ -426,15 +428,52 @@ class FlatParamGroup:
             return
         for s, slot in enumerate(self.layout.slots):
             if versions[slot.index] != self._versions[slot.index]:
-                flat = self.params[slot.index].detach().reshape(-1)
-                for piece in self.layout.pieces:
-                    if piece.slot == s:
-                        master = self.master[piece.local_lo: piece.local_lo + piece.hi - piece.lo]
-                        value = flat[piece.lo: piece.hi]
-                        # keep the master's extra precision wherever the parameter still equals its rounding
-                        changed = value != master.to(value.dtype)
-                        master.copy_(torch.where(changed, value.to(master.dtype), master))
+                refresh_master_pieces(self.layout, self.master, s, self.params[slot.index].detach().reshape(-1))
         self._versions = versions
+
+    # --------------------------------------------------------------------------------- replaced storage
+    def rebind_replaced_storage(self, describe: Callable[[int], str] | None = None) -> bool:
+        """Re-bind parameters whose storage a client replaced (``model.to()``, ``p.data = t``, ``swap_tensors``);
+        True if the caller must rebuild this group (docs/ARCHITECTURE.md, "Parameters stay views").
+
+        Common path: compare each parameter's ``data_ptr`` and shape with its view's (no per-element work; a new
+        allocation cannot share an address of our live buffer, so the pointer stands for device and dtype too).
+        Same shape/device/dtype: the new values become the master and the parameter is re-pointed into ``full``.
+        Device or dtype changed before any step: True.  Otherwise ``RuntimeError`` naming ``describe(index)``.
+        """
+        current = bound_views(self.params)
+        if current == self._bound:
+            return False
+        self.wait_params()  # an in-flight all-gather still targets the flat buffer
+        rebuild = False
+        ptrs, shapes = self._bound
+        for s, slot in enumerate(self.layout.slots):
+            if (current[0][slot.index], current[1][slot.index]) == (ptrs[slot.index], shapes[slot.index]):
+                continue
+            p = self.params[slot.index]
+            name = describe(slot.index) if describe is not None else f"parameter {slot.index} of its group"
+            if p.shape != slot.shape:
+                raise RuntimeError(f"{name} changed shape from {tuple(slot.shape)} to {tuple(p.shape)} after the "
+                                   "optimizer was built; its optimizer state has the old shape: build a new optimizer")
+            if p.device != self.device or p.dtype != self.dtype:
+                taken = int(self.steps.max()) if len(self.steps) else 0
+                if taken > 0 or any(self._reduced) or self._pending:
+                    when = f"after {taken} step(s)" if taken else "after backward reduced its gradients"
+                    raise RuntimeError(f"{name} moved from {self.device}/{self.dtype} to {p.device}/{p.dtype} {when}; "
+                                       f"its optimizer state stays on {self.device}/{self.dtype}. Move or cast the "
+                                       "model before building the optimizer, or build a new optimizer")
+                rebuild = True
+                continue
+            value = p.detach().reshape(-1)
+            view = self.full[slot.offset: slot.offset + slot.numel]
+            view.copy_(value)
+            if self.master is not self.full:
+                refresh_master_pieces(self.layout, self.master, s, value)
+            p.data = view.view(slot.shape)
+            ptrs[slot.index], shapes[slot.index] = p.data_ptr(), p.shape
+            self._versions[slot.index] = p._version
+            self.rebinds += 1
+        return rebuild
 
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of this rank's gradient shard, in float64 (padding is zero and adds nothing)."""

@@ -132,3 +132,14 @@ def test_client_optimizer_is_local_and_never_skips():
                          ({"spike_sigma": 3.0}, "spike_sigma"), ({"bucket_mb": 4.0}, "bucket_mb")]:
         with pytest.raises(ValueError, match=word):
             client_optimizer([p], **kwargs)
+
+
+def test_incompatible_deepspeed_fails_at_initialize(monkeypatch):
+    require_module("deepspeed")
+    import deepspeed
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from sharded_optim.deepspeed import TESTED_DEEPSPEED, initialize
+    assert deepspeed.__version__ in TESTED_DEEPSPEED   # the installed one is a tested one
+    monkeypatch.delattr(DeepSpeedZeroOptimizer, "_link_all_hp_params")   # what a DeepSpeed without it looks like
+    with pytest.raises(RuntimeError, match="DeepSpeedZeroOptimizer._link_all_hp_params.*Tested with DeepSpeed 0.19.8"):
+        initialize(torch.nn.Linear(2, 2), {"train_micro_batch_size_per_gpu": 1})

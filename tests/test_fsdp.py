@@ -262,15 +262,15 @@ def _dcp_resume(mesh: Any, rank: int, directory: str, algorithm: str, dtype: tor
 
 
 def _protocol(mesh: Any) -> dict:
-    """Every runtime attribute the optimizer (and Lookahead) use exists on the DTensor runtime too: the
-    protocol grows with zero.py, and a name missing here would only fail deep inside a step."""
+    """Every runtime attribute the optimizer (and Lookahead, and the storage re-binding) use exists on the DTensor
+    runtime too: the protocol grows with zero.py, and a name missing here would only fail deep inside a step."""
     import re
 
     import sharded_optim
     from sharded_optim import ShardedOptimizer
     package = Path(sharded_optim.__file__).parent
     used = set()
-    for source in ("optimizer.py", "lookahead.py"):
+    for source in ("optimizer.py", "lookahead.py", "rebind.py"):
         used |= set(re.findall(r"\brt\.([A-Za-z_]\w*)", (package / source).read_text()))
     opt = ShardedOptimizer(shard(make_model(0), mesh).parameters(), zero_stage=0)
     opt.memory_report()   # builds the runtimes

@@ -32,12 +32,15 @@ def rebind_replaced_storage(opt: Any) -> None:
             needs = rt.rebind_replaced_storage(lambda i, rt=rt: describe(group, gi, rt, i)) or needs
         if needs:
             rebuild.append((gi, group, runtimes))
+    if rebuild and not opt._on_device and opt.nonfinite_policy != "raise" and opt.spike_sigma is None and all(
+            p.device.type == "cuda" for g in opt.param_groups for p in g["params"]):
+        opt._on_device = True   # the model moved to CUDA before any step: take the no-sync path (device_step)
     for gi, group, runtimes in rebuild:
         where = f"param group {gi} ({group.get('name', gi)!r})"
         if any(int(rt.steps.max()) > 0 for rt in runtimes if len(rt.steps)):
             raise RuntimeError(f"parameters of {where} moved to another device or dtype while others of the group "
                                "had taken steps; build a new optimizer after moving the model")
-        if opt._pending_has_grad is not None:
+        if opt._collected is not None:
             raise RuntimeError(f"parameters of {where} moved to another device or dtype between clip_grad_norm_() "
                                "and step(); move the model before the backward pass")
         if opt._attached:

@@ -42,6 +42,13 @@ def _intersect(rng: slice, ranges: list[slice]) -> Iterator[slice]:
             yield slice(start, min(hi, start + stats_kernels.MAX_CALL_NUMEL))
 
 
+def _index(slots: list[int], device: torch.device | None = None) -> slice | Tensor:
+    """Index of a run's slots into the per-slot counters: a slice when consecutive (no index tensor, no copy)."""
+    if slots == list(range(slots[0], slots[-1] + 1)):
+        return slice(slots[0], slots[-1] + 1)
+    return torch.tensor(slots, dtype=torch.long, device=device)
+
+
 def _is_dtensor(t: Tensor) -> bool:
     return type(t).__name__ == "DTensor" or (type(t).__name__ == "Parameter" and
                                               type(getattr(t, "data", None)).__name__ == "DTensor")
@@ -732,7 +739,7 @@ class ShardedOptimizer(Optimizer):
             sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
             dispatch.run(variant, self.kernel_mode, rt.param_of(rng, slots), rt.grad_of(rng, slots),
                          *(rt.state[k][rng] for k in keys), sc)
-            index = slice(None) if len(slots) == len(steps) else torch.tensor(slots, dtype=torch.long)
+            index = _index(slots)
             rt.steps[index] += 1
             if hs.mu_product is not None:
                 rt.mu_products[index] = hs.mu_product
@@ -762,8 +769,7 @@ class ShardedOptimizer(Optimizer):
                          rt.grad_of(rng, slots), *(rt.state[k][rng] for k in keys), sc)
             covered += len(slots)
             if diverged:
-                index = slice(first, slots[-1] + 1) if slots == list(range(first, slots[-1] + 1)) else \
-                    torch.tensor(slots, dtype=torch.long, device=rt.device)
+                index = _index(slots, rt.device)
                 rt.steps[index] += keep.long()
                 if self.algorithm == "nadam":
                     rt.mu_products[index] = torch.where(keep, mu_after, rt.mu_products[index])

@@ -252,6 +252,7 @@ def _one_d_worker(rank: int, world: int, directory: str) -> dict:
     _guard(out, "amsgrad", lambda: _train_pair(mesh, rank, world, "adam", "ours", amsgrad=True,
                                                 weight_decay=1e-3))
     _guard(out, "radam", lambda: _train_pair(mesh, rank, world, "radam", "ours"))
+    _guard(out, "diffmod", lambda: _train_pair(mesh, rank, world, "diffmod", "ours", weight_decay=1e-3))
     _guard(out, "nonfinite", lambda: _nonfinite_skip(mesh, rank))
     _guard(out, "protocol", lambda: _protocol(mesh))
     # lazily built runtimes (zero_stage=0): DCP takes its dummy step (zero grads, lr=0) on the empty state
@@ -300,14 +301,15 @@ def _scenario(results: list[dict], name: str) -> list[dict]:
     return per_rank
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamod", "amsgrad", "radam"])
+@pytest.mark.parametrize("name", ["adamw", "adamod", "amsgrad", "radam", "diffmod"])
 def test_fully_shard_matches_unsharded_reference(one_d, name):
     for rank, r in enumerate(_scenario(one_d, name)):
         assert r["param_err"] <= 1.0 and r["state_err"] <= 1.0, (rank, r)
         assert r["norm_rel_diff"] <= RTOL, (rank, r)   # the global norm sums the two shards, nothing more
         assert r["losses"][-1] < r["losses"][0], r["losses"]
     expected = {"adamw": ["exp_avg", "exp_avg_sq"], "adamod": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
-                "amsgrad": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], "radam": ["exp_avg", "exp_avg_sq"]}
+                "amsgrad": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], "radam": ["exp_avg", "exp_avg_sq"],
+                "diffmod": ["exp_avg", "exp_avg_lr", "exp_avg_sq", "previous_grad"]}
     assert one_d[0][name]["state_keys"] == expected[name]
 
 

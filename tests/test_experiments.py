@@ -141,7 +141,7 @@ def test_two_ranks_give_the_single_process_numbers(tmp_path):
     assert payload["environment"]["world_size"] == 2
     two = payload["results"]["summary"]
     one = run_experiment("lr-sensitivity", ci=True, out_dir=None)["summary"]
-    assert len(one) == len(two) == 2 * 6  # tasks x optimizers, one lr
+    assert len(one) == len(two) == 2 * 8  # tasks x optimizers, one lr
     for a, b in zip(one, two):
         assert (a["task"], a["label"], a["lr"]) == (b["task"], b["label"], b["lr"])
         for i, (ca, cb) in enumerate(zip(a["curve_train_loss"], b["curve_train_loss"])):

@@ -26,15 +26,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", choices=("eager", "compiled", "auto"), default="eager",
                         help="ShardedOptimizer kernel (eager is faster for these tiny models)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (JSON, markdown, PNG)")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="an earlier results JSON of the same experiment and configuration: its summary rows "
+                             "are kept and only grid points it lacks are run (every run is a pure function of "
+                             "its seed); for adding an optimizer to a grid without re-running the others")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per rank (default 1: tiny models gain nothing from more, and a "
                              "busy machine makes multi-threaded OpenMP much slower)")
 
 
 def run_experiment(name: str, *, ci: bool = False, steps: int | None = None, kernel: str = "eager",
-                   out_dir: Path | None = DEFAULT_OUT, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+                   out_dir: Path | None = DEFAULT_OUT, rank: int = 0, world_size: int = 1,
+                   reuse: Path | None = None) -> dict[str, Any]:
     """Run one experiment in this process (the caller owns any process group)."""
-    ctx = Context(name=name, rank=rank, world_size=world_size, ci=ci, kernel=kernel, out_dir=out_dir, steps=steps)
+    ctx = Context(name=name, rank=rank, world_size=world_size, ci=ci, kernel=kernel, out_dir=out_dir, steps=steps,
+                  reuse=reuse)
     return get(name).run(ctx)
 
 
@@ -44,7 +50,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     info = init_distributed(num_threads=args.threads)
     try:
         run_experiment(args.name, ci=args.ci, steps=args.steps, kernel=args.kernel, out_dir=args.out,
-                       rank=info.rank, world_size=info.world_size)
+                       rank=info.rank, world_size=info.world_size, reuse=args.reuse)
     except BaseException:
         cleanup(barrier=False)
         raise

@@ -56,8 +56,8 @@ def _as_dtype(name: str, value: Any) -> torch.dtype | None:
 
 
 class ShardedOptimizer(Optimizer):
-    r"""The Adam family (Adam, AdamW, L2-Adam, AMSGrad, AdaMax, NAdam, RAdam, AdaMod, AdaBound/AMSBound) as one
-    fused, ZeRO-sharded optimizer.
+    r"""The Adam family (Adam, AdamW, L2-Adam, AMSGrad, AdaMax, NAdam, RAdam, AdaMod, AdaBound/AMSBound, diffGrad,
+    DiffMod) as one fused, ZeRO-sharded optimizer.
 
     Every algorithm is the elementwise update (per element, step :math:`t`, :math:`bc_i = 1-\beta_i^t`)
 
@@ -67,7 +67,9 @@ class ShardedOptimizer(Optimizer):
 
     with the variations each algorithm defines; the exact form of each is written in ``docs/ARCHITECTURE.md``
     ("Semantics chosen per algorithm"): torch.optim's math where torch has the algorithm (adam, adamw, amsgrad,
-    adamax, nadam, radam), the authors' reference code where it has not (adamod, adabound).
+    adamax, nadam, radam), the authors' reference code where it has not (adamod, adabound, diffgrad = diffGrad v2 =
+    torch-optimizer's DiffGrad, diffmod).  diffgrad/diffmod scale the first moment in the step by the friction
+    :math:`\xi = 1/(1+e^{-|g_{t-1} - g_t|})` and keep :math:`g_{t-1}` as state ``previous_grad``.
 
     Args:
         params: parameters or param-group dicts, as for any ``torch.optim`` optimizer.
@@ -92,8 +94,8 @@ class ShardedOptimizer(Optimizer):
             parameters outside a forward calls :meth:`wait_params` first).  Default off: the synchronous gather
             is always correct, whoever reads the parameters.
         **algorithm_options: ``amsgrad``, ``bias_correction``, ``decoupled_weight_decay``, ``maximize``,
-            ``beta3`` (adamod), ``final_lr``/``gamma`` (adabound), ``momentum_decay`` (nadam),
-            ``degenerated_to_sgd`` (radam).
+            ``beta3`` (adamod, diffmod), ``len_memory`` (diffmod: ``beta3 = 1 - 1/len_memory``, not both),
+            ``final_lr``/``gamma`` (adabound), ``momentum_decay`` (nadam), ``degenerated_to_sgd`` (radam).
 
     Example::
 

@@ -119,6 +119,11 @@ def validate_group(algorithm: str, group: Mapping[str, Any]) -> dict[str, Any]:
     """
     spec = SPECS[algorithm]
     out: dict[str, Any] = {}
+    if "len_memory" in group:  # add_param_group converts it; one written into a group later would do nothing
+        raise ValueError("len_memory in a param group is only read when the group is added (it becomes beta3 = "
+                         "1 - 1/len_memory); set beta3 to change the memory of an existing group"
+                         if algorithm in LEN_MEMORY_ALGORITHMS else
+                         f"option 'len_memory' does not apply to algorithm {algorithm!r}")
     lr = group["lr"]
     if hasattr(lr, "item"):  # a 0-d tensor lr (torch.optim allows it) is read on the host
         lr = float(lr.item())

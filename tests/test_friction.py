@@ -90,6 +90,11 @@ def test_len_memory_is_beta3() -> None:
     with pytest.raises(ValueError, match="len_memory"):
         plain.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "len_memory": 10})
     assert len(by_memory.param_groups) == 1 and len(plain.param_groups) == 1   # rejected groups left no trace
+    # written into a group after it was added, len_memory would do nothing: the next step refuses it
+    by_memory.param_groups[0]["len_memory"] = 10
+    a.grad = torch.ones_like(a)
+    with pytest.raises(ValueError, match="len_memory"):
+        by_memory.step()
 
 
 def test_step_without_gradient_keeps_previous_grad() -> None:

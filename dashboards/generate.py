@@ -6,8 +6,9 @@ types).  The committed JSON must equal this script's output: ``python dashboards
 Layout (MONITORING.md section 4): variables datasource -> job -> run_id -> param_group -> rank; rows
 Overview, Norms and update size, Adam internals, Per-rank health, and a collapsed row for the diffGrad friction:
 its series exist only when the algorithm is diffgrad or diffmod (Grafana 11 cannot hide a panel by a condition,
-nor repeat one zero times, so the row is collapsed and the other algorithms never create the series).  Per-rank panels always aggregate
-(topk/bottomk/quantile) so "All" stays readable at 1000 ranks.  Every ``rate()`` uses ``$__rate_interval``.
+nor repeat one zero times, so the row is collapsed and the other algorithms never create the series).
+Per-rank panels always aggregate (topk/bottomk/quantile) so "All" stays readable at 1000 ranks.  Every
+``rate()`` uses ``$__rate_interval``.
 """
 from __future__ import annotations
 

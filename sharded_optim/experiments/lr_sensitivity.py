@@ -1,10 +1,11 @@
 """``lr-sensitivity``: final validation loss and accuracy over a log-spaced learning-rate grid for adam, adamw,
-amsgrad, radam, adamod, adabound, diffgrad and diffmod (each at its own defaults otherwise), on logistic regression and an MLP on
-digits (3 seeds), and on the small transformer (fewer points and shorter runs: 5 learning rates, 250 steps, 3 seeds).
+amsgrad, radam, adamod, adabound, diffgrad and diffmod (each at its own defaults otherwise), on logistic
+regression and an MLP on digits (3 seeds), and on the small transformer (fewer points and shorter runs: 5
+learning rates, 250 steps, 3 seeds).
 
 Claims tested (docs/EXPERIMENTS.md): RAdam is robust to the learning rate (seed 003); AdaMod is less sensitive to
-the learning rate than Adam (seed 004), and DiffMod keeps that robustness (seed 004's closing paragraph); AMSGrad is more robust to hyperparameters than Adam (Reddi et al., refuted
-by seed 000 on MNIST logistic regression).
+the learning rate than Adam (seed 004), and DiffMod keeps that robustness (seed 004's closing paragraph); AMSGrad
+is more robust to hyperparameters than Adam (Reddi et al., refuted by seed 000 on MNIST logistic regression).
 """
 from __future__ import annotations
 

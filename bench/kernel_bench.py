@@ -6,12 +6,13 @@ For each algorithm, on flat fp32 buffers of ``--numel`` elements (default 16M), 
   scalars of :func:`sharded_optim.rules.host_scalars` (building the scalar tensor is inside the timing);
 * ``class``: ``ShardedOptimizer.step()`` on one parameter of the same size (single process, no sharding), to
   show what the class adds around the kernel;
-* ``peer``: torch ``fused=True`` (adam, adamw, amsgrad), torch ``foreach=True`` (adamax, nadam, radam), or the
-  eager transcription of the authors' code in ``bench/reference_optim.py`` (adamod, adabound, amsbound);
+* ``peer``: torch ``fused=True`` (adam, adamw, amsgrad), torch ``foreach=True`` (adamax, nadam, radam), the
+  eager transcription of the authors' code in ``bench/reference_optim.py`` (adamod, adabound, amsbound, diffmod),
+  or torch-optimizer's eager ``DiffGrad`` (diffgrad);
 * ``twin``: a compiled in-place kernel reading and writing exactly the tensors the variant does, with trivial
   arithmetic (``p += g; m += g; v += g; ...``): the memory-traffic floor of this machine.
 
-Effective GB/s counts the algorithmic bytes of ALGORITHMS.md section 0 (28 or 36 bytes per element) for every
+Effective GB/s counts the algorithmic bytes of ALGORITHMS.md section 0 (28, 36 or 44 bytes per element) for every
 candidate.  All candidates start from the same parameters and gradient; after the first step the kernel and
 class results are checked against the peer.
 
@@ -28,7 +29,7 @@ import torch
 from torch._inductor import metrics as inductor_metrics
 
 from common import environment, interleaved, md_table, median, plot_path, spread, write_json, write_markdown
-from reference_optim import ReferenceAdaBound, ReferenceAdaMod
+from reference_optim import ReferenceAdaBound, ReferenceAdaMod, ReferenceDiffMod
 from sharded_optim import rules
 from sharded_optim.kernels import dispatch
 from sharded_optim.optimizer import ShardedOptimizer
@@ -53,8 +54,10 @@ def twin_mvxs(p, g, m, v, vmax, s, sc):
     p.add_(g); m.add_(g); v.add_(g); vmax.add_(g); s.add_(g)  # noqa: E702
 
 
+# diffGrad's previous gradient is one more state tensor: its twins are those of the same tensor count
 TWINS = {"adam_mv": twin_mv, "bound_mv": twin_mv, "adamax_mu": twin_mv, "adam_mvx": twin_mvx,
-         "bound_mvx": twin_mvx, "bound_mvs": twin_mvs, "bound_mvxs": twin_mvxs}
+         "bound_mvx": twin_mvx, "bound_mvs": twin_mvs, "bound_mvxs": twin_mvxs, "adam_mvg": twin_mvs,
+         "bound_mvsg": twin_mvxs}
 _compiled_twins: dict[str, object] = {}
 
 
@@ -70,6 +73,12 @@ def compiled_twin(variant: str):
 def _torch(cls, **kw):
     return lambda params, h: cls(params, lr=h["lr"], betas=h["betas"], eps=h["eps"],
                                  weight_decay=h["weight_decay"], **kw)
+
+
+def _diffgrad_peer(params, h):
+    import torch_optimizer  # the [dev] extra; only this case needs it
+    return torch_optimizer.DiffGrad(params, lr=h["lr"], betas=h["betas"], eps=h["eps"],
+                                    weight_decay=h["weight_decay"])
 
 
 CASES = {
@@ -91,12 +100,18 @@ CASES = {
                  lambda params, h: ReferenceAdaBound(params, lr=h["lr"], betas=h["betas"], final_lr=h["final_lr"],
                                                      gamma=h["gamma"], eps=h["eps"], weight_decay=h["weight_decay"],
                                                      amsbound=True), 10.0),
+    "diffgrad": ("diffgrad", {}, "torch_optimizer.DiffGrad (eager)", lambda params, h: _diffgrad_peer(params, h),
+                 None),
+    "diffmod": ("diffmod", {}, "lessw2020's DiffMod (eager, bench/reference_optim.py)",
+                lambda params, h: ReferenceDiffMod(params, lr=h["lr"], betas=h["betas"],
+                                                   len_memory=1 / (1 - h["beta3"]), eps=h["eps"],
+                                                   weight_decay=h["weight_decay"]), None),
 }
 TWIN_TARGET = 0.9
 
 # Per-element bytes moved per step, ALGORITHMS.md section 0 (fp32; gradient read only).
 BYTES_PER_ELEMENT = {"adam_mv": 28, "bound_mv": 28, "adamax_mu": 28, "adam_mvx": 36, "bound_mvx": 36,
-                     "bound_mvs": 36, "bound_mvxs": 44}
+                     "bound_mvs": 36, "bound_mvxs": 44, "adam_mvg": 36, "bound_mvsg": 44}
 
 
 def hyper(algorithm: str, options: dict) -> dict:
@@ -221,7 +236,7 @@ def class_breakdown(numel: int, reps: int, p0: torch.Tensor, g: torch.Tensor) ->
     kernel = KernelCandidate("adamw", group, p0, g)
     kernel.step()
     fns = {"step()": opt.step, "kernel only": kernel.step, "grad copy (collect_grads)": rt.collect_grads,
-           "grad norm (_group_norms)": opt._group_norms}
+           "grad norm (_group_norms)": lambda: opt._group_norms({id(rt): [True] * len(rt.layout.slots)})}
     for fn in fns.values():
         fn()
     times = interleaved(fns, reps)

@@ -4,8 +4,11 @@ Built with grafana-foundation-sdk pinned to the Grafana 11.6 line (an unpinned i
 types).  The committed JSON must equal this script's output: ``python dashboards/generate.py --check``.
 
 Layout (MONITORING.md section 4): variables datasource -> job -> run_id -> param_group -> rank; rows
-Overview, Norms and update size, Adam internals, Per-rank health.  Per-rank panels always aggregate
-(topk/bottomk/quantile) so "All" stays readable at 1000 ranks.  Every ``rate()`` uses ``$__rate_interval``.
+Overview, Norms and update size, Adam internals, Per-rank health, and a collapsed row for the diffGrad friction:
+its series exist only when the algorithm is diffgrad or diffmod (Grafana 11 cannot hide a panel by a condition,
+nor repeat one zero times, so the row is collapsed and the other algorithms never create the series).
+Per-rank panels always aggregate (topk/bottomk/quantile) so "All" stays readable at 1000 ranks.  Every
+``rate()`` uses ``$__rate_interval``.
 """
 from __future__ import annotations
 
@@ -44,6 +47,10 @@ class Spec:
     log: bool = False
     threshold: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+
+
+FRICTION_ROW = "DiffGrad / DiffMod friction"  # collapsed: see the module docstring
+COLLAPSED = {FRICTION_ROW}
 
 
 def _g(metric: str) -> str:
@@ -126,6 +133,15 @@ ROWS: list[tuple[str, list[Spec]]] = [
         Spec("Optimizer state bytes, top 10", "bytes", [
             (f"topk(10, {P}state_bytes{{{RNK}}})", "rank {{rank}}")]),
     ]),
+    (FRICTION_ROW, [
+        Spec("Friction mean (diffgrad, diffmod)", "none", [(_g("friction_mean"), "{{param_group}}")],
+             extra={"min": 0.5, "max": 1}, description="Mean of xi = sigmoid(|g_prev - g|) in [0.5, 1): the "
+             "factor on the first moment.  Near 0.5 the step is Adam's (E0) at half the learning rate."),
+        Spec("Friction near 0.5 (diffgrad, diffmod)", "percentunit",
+             [(_g("friction_near_half_ratio"), "{{param_group}}")], extra={"min": 0, "max": 1},
+             description="Fraction of elements with xi <= 0.51 (|g_prev - g| <= 0.04): gradients that did not "
+             "change between steps."),
+    ]),
 ]
 
 
@@ -181,11 +197,18 @@ def build() -> dict[str, object]:
     for var in _variables():
         d.with_variable(var)
     for title, specs in ROWS:
+        if title in COLLAPSED:  # the panels live inside the row until it is expanded
+            row = gd.Row(title).collapsed(True)
+            for spec in specs:
+                row.with_panel(_panel(spec))
+            d.with_row(row)
+            continue
         d.with_row(gd.Row(title))
         for spec in specs:
             d.with_panel(_panel(spec))
     doc = json.loads(json.dumps(d.build(), cls=JSONEncoder))
-    for i, panel in enumerate(doc["panels"], start=1):  # the SDK leaves ids null
+    nested = (p for top in doc["panels"] for p in (top, *top.get("panels", [])))  # collapsed rows hold panels
+    for i, panel in enumerate(nested, start=1):  # the SDK leaves ids null
         panel["id"] = i
     return doc
 

@@ -23,12 +23,12 @@ from typing import Any
 
 import yaml
 
-from .rules import ALGORITHMS, SPECS
+from .rules import ALGORITHMS, LEN_MEMORY_ALGORITHMS, SPECS
 from .telemetry import DEFAULT_STATS_INTERVAL
 
 # Options of ShardedOptimizer that only some algorithms accept (rules.SPECS[alg].options says which).
-ALGORITHM_OPTIONS = ("decoupled_weight_decay", "amsgrad", "bias_correction", "maximize", "beta3", "final_lr",
-                     "gamma", "momentum_decay", "degenerated_to_sgd")
+ALGORITHM_OPTIONS = ("decoupled_weight_decay", "amsgrad", "bias_correction", "maximize", "beta3", "len_memory",
+                     "final_lr", "gamma", "momentum_decay", "degenerated_to_sgd")
 
 
 class ConfigError(ValueError):
@@ -95,7 +95,9 @@ class OptimizerConfig:
     amsgrad: bool | None = _plain(None, "adam, adamw, adamod, adabound (AMSBound)")
     bias_correction: bool | None = _plain(None, "adam, adamw, adamax, adamod, adabound")
     maximize: bool | None = _plain(None)
-    beta3: float | None = _num(None, 0.0, 1.0, hi_open=True, doc="adamod: step-size memory")
+    beta3: float | None = _num(None, 0.0, 1.0, hi_open=True, doc="adamod, diffmod: step-size memory")
+    len_memory: float | None = _num(None, 1.0, None, lo_open=True,
+                                    doc="diffmod: beta3 = 1 - 1/len_memory (give one of the two)")
     final_lr: float | None = _num(None, 0.0, 10.0, doc="adabound")
     gamma: float | None = _num(None, 0.0, 1.0, lo_open=True, hi_open=True, doc="adabound: bound speed")
     momentum_decay: float | None = _num(None, 0.0, 1.0, doc="nadam")
@@ -304,10 +306,15 @@ def _cross_checks(cfg: RunConfig, errors: list[str]) -> None:
     if m.d_model % m.n_heads:
         errors.append(f"model.n_heads: got {m.n_heads}; allowed: a divisor of model.d_model ({m.d_model})")
     for name, value in o.algorithm_options().items():
-        if name not in SPECS[o.algorithm].options:
-            users = [a for a in ALGORITHMS if name in SPECS[a].options]
+        accepted = SPECS[o.algorithm].options + (("len_memory",) if o.algorithm in LEN_MEMORY_ALGORITHMS else ())
+        if name not in accepted:
+            users = [a for a in ALGORITHMS if name in SPECS[a].options] if name != "len_memory" else \
+                list(LEN_MEMORY_ALGORITHMS)
             errors.append(f"optimizer.{name}: got {value!r} but optimizer.algorithm is {o.algorithm!r}; this "
                           f"option applies only to {', '.join(users)} (leave it unset)")
+    if o.beta3 is not None and o.len_memory is not None:
+        errors.append(f"optimizer.len_memory: got {o.len_memory!r} and optimizer.beta3 {o.beta3!r}; allowed: one "
+                      "of the two (beta3 = 1 - 1/len_memory)")
     if s.kind == "warmup" and s.warmup_steps >= t.steps:
         errors.append(f"schedule.warmup_steps: got {s.warmup_steps}; allowed: fewer than training.steps "
                       f"({t.steps})")

@@ -29,6 +29,7 @@ from .zero import FlatParamGroup, all_gather
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 _LOCAL = object()  # key for partial sums that need no reduction
 _GRAD_SUMSQ = stats_kernels.PRE_FIELDS.index("grad_sumsq")
+FRICTION_KEY = "previous_grad"  # diffgrad/diffmod state: the previous (transformed) gradient
 MASTER_KEY = "master_param"  # fp32 master copy of bf16/fp16 parameters, in state_dict()
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -100,8 +101,8 @@ class _Decision:
 
 
 class ShardedOptimizer(Optimizer):
-    r"""The Adam family (Adam, AdamW, L2-Adam, AMSGrad, AdaMax, NAdam, RAdam, AdaMod, AdaBound/AMSBound) as one
-    fused, ZeRO-sharded optimizer.
+    r"""The Adam family (Adam, AdamW, L2-Adam, AMSGrad, AdaMax, NAdam, RAdam, AdaMod, AdaBound/AMSBound, diffGrad,
+    DiffMod) as one fused, ZeRO-sharded optimizer.
 
     Every algorithm is the elementwise update (per element, step :math:`t`, :math:`bc_i = 1-\beta_i^t`)
 
@@ -111,7 +112,9 @@ class ShardedOptimizer(Optimizer):
 
     with the variations each algorithm defines; the exact form of each is written in ``docs/ARCHITECTURE.md``
     ("Semantics chosen per algorithm"): torch.optim's math where torch has the algorithm (adam, adamw, amsgrad,
-    adamax, nadam, radam), the authors' reference code where it has not (adamod, adabound).
+    adamax, nadam, radam), the authors' reference code where it has not (adamod, adabound, diffgrad = diffGrad v2 =
+    torch-optimizer's DiffGrad, diffmod).  diffgrad/diffmod scale the first moment in the step by the friction
+    :math:`\xi = 1/(1+e^{-|g_{t-1} - g_t|})` and keep :math:`g_{t-1}` as state ``previous_grad``.
 
     Args:
         params: parameters or param-group dicts, as for any ``torch.optim`` optimizer.
@@ -141,8 +144,8 @@ class ShardedOptimizer(Optimizer):
             graph replays the values it was captured with).  CUDA parameters take this path by default; on CPU it
             is opt-in (a synchronisation costs nothing there).
         **algorithm_options: ``amsgrad``, ``bias_correction``, ``decoupled_weight_decay``, ``maximize``,
-            ``beta3`` (adamod), ``final_lr``/``gamma`` (adabound), ``momentum_decay`` (nadam),
-            ``degenerated_to_sgd`` (radam).
+            ``beta3`` (adamod, diffmod), ``len_memory`` (diffmod: ``beta3 = 1 - 1/len_memory``, not both),
+            ``final_lr``/``gamma`` (adabound), ``momentum_decay`` (nadam), ``degenerated_to_sgd`` (radam).
 
     Example::
 
@@ -224,6 +227,8 @@ class ShardedOptimizer(Optimizer):
         # sums of the updated state still to read back (sharded statistics steps): they run at the start of the
         # next step, while that step's gradient reduce-scatters are in flight (see _finish_deferred_stats)
         self._deferred_post: list[Callable[[], None]] = []
+        # id(runtime) -> copy of its previous_grad taken by the statistics pass before a diffgrad/diffmod update
+        self._friction_before: dict[int, Tensor] = {}
         self._report_hooks: list[Callable[[StepReport], None]] = []
         self._validated: dict[int, tuple] = {}
         self._state_bytes: int | None = None
@@ -279,6 +284,10 @@ class ShardedOptimizer(Optimizer):
             if self.state:
                 raise ValueError("a CUDA param group cannot join an optimizer whose state lives on the host path")
             self._on_device = True  # no host synchronisation inside step() (device_step)
+        if "len_memory" in param_group:  # DiffMod's other spelling of beta3: the group stores beta3 only
+            converted = rules.len_memory_to_beta3(self.algorithm, param_group)
+            param_group.pop("len_memory")
+            param_group.update(converted)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         spec = rules.SPECS[self.algorithm]
         for key in rules.OPTION_DEFAULTS:
@@ -802,6 +811,11 @@ class ShardedOptimizer(Optimizer):
         the ranges the update will cover (:func:`~sharded_optim.kernels.stats.pre_sums`), in float64."""
         gscale = torch.tensor(-1.0 if group.get("maximize", False) else 1.0, dtype=torch.float64, device=rt.device)
         m = rt.state[next(iter(rt.state))]  # every variant's first state tensor is the first moment
+        if FRICTION_KEY in rt.state:
+            # diffGrad/DiffMod: the update overwrites the previous gradient, and the statistics of its friction
+            # need the old one (see kernels.stats._post); a copy on statistics steps only, dropped by _post_stats
+            # (sharded: at the start of the next step, after the user's zero_grad, so zero_grad keeps it)
+            self._friction_before[id(rt)] = rt.state[FRICTION_KEY].clone()
         real = rt.stat_ranges()
         total = torch.zeros(len(stats_kernels.PRE_FIELDS), dtype=torch.float64, device=rt.device)
         for rng, _ in rt.update_runs(has_grad):
@@ -813,9 +827,14 @@ class ShardedOptimizer(Optimizer):
                     stats: Tensor, lr: float) -> None:
         """Statistics of the updated state over the ranges the update covered (reads only)."""
         edges = stats_kernels.edges_for(rt.device)
+        before = self._friction_before.pop(id(rt), None)
+        if FRICTION_KEY in rt.state and before is None:
+            raise RuntimeError("statistics of the diffGrad friction need the previous gradient from before the "
+                               "update; the statistics pass did not keep it")
         for sub, sc in post:
+            extra = () if before is None else (before[sub],)
             sums = dispatch.run(variant + dispatch.POST_SUFFIX, self.kernel_mode, rt.master[sub],
-                                *(rt.state[k][sub] for k in keys), sc, edges)
+                                *(rt.state[k][sub] for k in keys), *extra, sc, edges)
             stats_kernels.add_post_sums(stats, sums, lr)
 
     def _report(self, reason: str | None, sumsq: Tensor, total_norm: float, clipped: bool,

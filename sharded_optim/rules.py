@@ -54,9 +54,22 @@ SPECS: dict[str, AlgorithmSpec] = {
                               ("final_lr", "gamma", "amsgrad", "bias_correction", "decoupled_weight_decay",
                                "maximize"),
                               "AdaBound / AMSBound (authors' code): step sizes clamped to bounds converging to final_lr"),
+    "diffgrad": AlgorithmSpec("diffgrad", 1e-3, 0.0, False, ("decoupled_weight_decay", "maximize"),
+                              "diffGrad v2 (authors' code, = torch-optimizer's DiffGrad): E0 Adam with the first "
+                              "moment scaled by the friction xi = sigmoid(|g_prev - g|)"),
+    "diffmod": AlgorithmSpec("diffmod", 1e-3, 0.0, True, ("beta3", "decoupled_weight_decay", "maximize"),
+                             "DiffMod: AdaMod's bounded step size times diffGrad's friction on the first moment "
+                             "(beta3 or len_memory)"),
 }
 
 ALGORITHMS: tuple[str, ...] = tuple(SPECS)
+
+# Algorithms that keep the previous gradient (state ``previous_grad``) for the diffGrad friction term.
+FRICTION_ALGORITHMS: tuple[str, ...] = ("diffgrad", "diffmod")
+# Another spelling of beta3 (the DiffMod code's): beta3 = 1 - 1/len_memory, "pass it the number of batches".
+# Converted to beta3 on the way in (constructor and param groups); param groups store beta3 only, so there is
+# one source of truth for schedulers and state_dict.
+LEN_MEMORY_ALGORITHMS: tuple[str, ...] = ("diffmod",)
 
 OPTION_DEFAULTS: dict[str, Any] = {
     "amsgrad": False,
@@ -106,6 +119,11 @@ def validate_group(algorithm: str, group: Mapping[str, Any]) -> dict[str, Any]:
     """
     spec = SPECS[algorithm]
     out: dict[str, Any] = {}
+    if "len_memory" in group:  # add_param_group converts it; one written into a group later would do nothing
+        raise ValueError("len_memory in a param group is only read when the group is added (it becomes beta3 = "
+                         "1 - 1/len_memory); set beta3 to change the memory of an existing group"
+                         if algorithm in LEN_MEMORY_ALGORITHMS else
+                         f"option 'len_memory' does not apply to algorithm {algorithm!r}")
     lr = group["lr"]
     if hasattr(lr, "item"):  # a 0-d tensor lr (torch.optim allows it) is read on the host
         lr = float(lr.item())
@@ -138,11 +156,35 @@ def validate_group(algorithm: str, group: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def len_memory_to_beta3(algorithm: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Replace a ``len_memory`` option by ``beta3 = 1 - 1/len_memory`` (a copy; other keys unchanged).
+
+    ``len_memory`` must be a finite number > 1 (1 would make beta3 = 0, no memory at all), only for the
+    algorithms of ``LEN_MEMORY_ALGORITHMS``, and never together with ``beta3``: two spellings of one value.
+    """
+    out = dict(options)
+    if "len_memory" not in out:
+        return out
+    value = out.pop("len_memory")
+    if algorithm not in LEN_MEMORY_ALGORITHMS:
+        raise ValueError(f"option 'len_memory' does not apply to algorithm {algorithm!r} (only to "
+                         f"{', '.join(LEN_MEMORY_ALGORITHMS)})")
+    if "beta3" in out:
+        raise ValueError(f"give beta3 or len_memory, not both (beta3 = 1 - 1/len_memory); got beta3="
+                         f"{out['beta3']!r} and len_memory={value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)) \
+            or not float(value) > 1.0:
+        raise ValueError(f"len_memory must be a finite number > 1 (beta3 = 1 - 1/len_memory), got {value!r}")
+    out["beta3"] = 1.0 - 1.0 / float(value)
+    return out
+
+
 def resolve_options(algorithm: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Fill algorithm defaults for the options a user did not pass; reject options that do not apply."""
     if algorithm not in SPECS:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
     spec = SPECS[algorithm]
+    options = len_memory_to_beta3(algorithm, options)
     known = set(OPTION_DEFAULTS) | {"decoupled_weight_decay"}
     resolved: dict[str, Any] = {}
     for name, value in options.items():
@@ -168,8 +210,10 @@ def state_keys(algorithm: str, group: Mapping[str, Any]) -> tuple[str, ...]:
     keys = ["exp_avg", "exp_avg_sq"]
     if group.get("amsgrad", False):
         keys.append("max_exp_avg_sq")
-    if algorithm == "adamod":
+    if algorithm in ("adamod", "diffmod"):
         keys.append("exp_avg_lr")
+    if algorithm in FRICTION_ALGORITHMS:
+        keys.append("previous_grad")  # torch-optimizer's DiffGrad spelling
     return tuple(keys)
 
 
@@ -178,10 +222,15 @@ def kernel_variant(algorithm: str, group: Mapping[str, Any]) -> str:
 
     ``adam_*`` variants apply ``p -= step*(m/denom)`` (torch's addcdiv form); ``bound_*`` variants build the
     per-element step size ``eta = step/denom`` first and bound it (AdaMod's min with its EMA, AdaBound's clamp),
-    as the authors' code does.
+    as the authors' code does.  A trailing ``g`` (``adam_mvg``, ``bound_mvsg``) is the previous-gradient state
+    of the diffGrad friction.
     """
     if algorithm == "adamax":
         return "adamax_mu"
+    if algorithm == "diffgrad":
+        return "adam_mvg"
+    if algorithm == "diffmod":
+        return "bound_mvsg"
     ams = "x" if group.get("amsgrad", False) else ""
     if algorithm == "adamod":
         return f"bound_mv{ams}s"
@@ -290,11 +339,15 @@ def step_scalars(algorithm: str, flags: Mapping[str, Any], h: Any, t: Any, mu_pr
         s[EPS] = xp.where(rectified, eps, 1.0)
         s[DECAY] = xp.where(rectified, s[DECAY], fallback_decay)
         rectification = xp.where(rectified, r_t, None) if xp is _HostMath else r_t
-    elif algorithm in ("adamod", "adabound"):
+    elif algorithm == "diffgrad":
+        # E0, as in the diffGrad code: p -= (lr*sqrt(bc2)/bc1) * (xi*m) / (sqrt(v) + eps)
+        s[STEP] = lr * xp.sqrt(bc2) / bc1
+        s[DSCALE] = 1.0
+    elif algorithm in ("adamod", "adabound", "diffmod"):
         # E0 with 1/bc1 folded into eta, as in both authors' codes: eta = (lr*sqrt(bc2)/bc1) / (sqrt(v) + eps)
         s[STEP] = lr * xp.sqrt(bc2) / bc1
         s[DSCALE] = 1.0
-        if algorithm == "adamod":
+        if algorithm in ("adamod", "diffmod"):
             s[B3] = beta3
             s[W3] = 1.0 - beta3
         else:

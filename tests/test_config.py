@@ -38,8 +38,9 @@ def test_shipped_configs_load(path: Path):
 
 def test_shipped_configs_cover_every_algorithm_family():
     names = {p.stem for p in SHIPPED}
-    assert {"quickstart", "adamw", "amsgrad", "adamod", "radam", "adabound", "nadam", "adamax",
+    assert {"quickstart", "adamw", "amsgrad", "adamod", "radam", "adabound", "nadam", "adamax", "diffmod",
             "gpu-scale"} <= names
+    assert load_config(REPO / "configs" / "diffmod.yaml").optimizer.len_memory == 1000
     assert load_config(REPO / "configs" / "amsgrad.yaml").optimizer.amsgrad is True
 
 
@@ -88,6 +89,13 @@ def test_option_that_does_not_apply_to_the_algorithm_is_rejected():
     (line,) = error_lines({"optimizer": {"algorithm": "nadam", "amsgrad": True}})
     assert line.startswith("optimizer.amsgrad:") and "adabound" in line
     assert from_dict({"optimizer": {"algorithm": "adamod", "beta3": 0.99}}).optimizer.beta3 == 0.99
+    assert from_dict({"optimizer": {"algorithm": "diffmod", "len_memory": 100}}).optimizer.len_memory == 100
+    (line,) = error_lines({"optimizer": {"algorithm": "adamod", "len_memory": 100}})
+    assert line.startswith("optimizer.len_memory:") and "diffmod" in line
+    (line,) = error_lines({"optimizer": {"algorithm": "diffmod", "len_memory": 100, "beta3": 0.9}})
+    assert line.startswith("optimizer.len_memory:") and "beta3" in line
+    (line,) = error_lines({"optimizer": {"algorithm": "diffmod", "len_memory": 1}})
+    assert line.startswith("optimizer.len_memory:")
 
 
 def test_cross_field_constraints():

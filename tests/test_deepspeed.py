@@ -23,9 +23,9 @@ import torch
 from tests.support import deepspeed_job as job
 from tests.support.jobs import REPO, job_env, require_module, require_tool
 
-DS_RUNS = ["zero0", "zero1", "zero2", "zero0_bf16", "zero1_bf16", "zero2_bf16"]
+DS_RUNS = ["zero0", "zero1", "zero2", "zero0_bf16", "zero1_bf16", "zero2_bf16", "zero2-diffmod"]
 REFERENCE = {"zero0": "fp32", "zero1": "fp32", "zero2": "fp32", "zero0_bf16": "bf16_zero_step_first",
-             "zero1_bf16": "bf16", "zero2_bf16": "bf16"}
+             "zero1_bf16": "bf16", "zero2_bf16": "bf16", "zero2-diffmod": "fp32-diffmod"}
 SCRIPT = str(REPO / "tests" / "support" / "deepspeed_job.py")
 
 
@@ -74,7 +74,9 @@ def test_step_count_per_group_and_deepspeed_partitions(runs, run):
     # DeepSpeed calls step() once per param group with param_groups narrowed to it: each parameter must still
     # count one step per engine step (bf16 at ZeRO-0: plus DeepSpeed's zero-gradient step at construction)
     assert ds["steps"] == [job.STEPS + (run == "zero0_bf16")], ds["steps"]
-    assert ds["state_keys"] == ["exp_avg", "exp_avg_lr", "exp_avg_sq", "step"]
+    # diffmod: previous_grad lives in our flat buffers over DeepSpeed's partition like the other state
+    assert ds["state_keys"] == ["exp_avg", "exp_avg_lr", "exp_avg_sq"] + (
+        ["previous_grad"] if run.endswith("diffmod") else []) + ["step"]
     if stage == 0:
         assert ds["group_sizes"] == [2, 4]   # the model's weights / biases+norm parameters
         assert ds["wrapper"] == ("FP16_UnfusedOptimizer" if run.endswith("bf16") else "ShardedOptimizer")

@@ -105,8 +105,10 @@ def test_every_algorithm_lowers_the_digits_training_loss_at_its_default_lr(label
     from sharded_optim.experiments import common
     if label not in common.OPTIMIZERS:  # adamax, nadam: not in the comparison grids, still must train
         common.OPTIMIZERS.setdefault(label, (label, {}))
-    # 300 steps: RAdam (rectification) and AdaMod (beta3 = 0.999 bound) damp their first ~100s of steps by design
-    out = train_digits(CTX, "mlp", label, None, 300, 0)
+    # 300 steps: RAdam (rectification) and AdaMod (beta3 = 0.999 bound) damp their first ~100s of steps by design;
+    # DiffMod multiplies AdaMod's damped step by the friction xi (~0.5 while gradients change little): at 300 steps
+    # it has only reached 0.81 of the initial loss (AdaMod 0.39), at 600 0.20
+    out = train_digits(CTX, "mlp", label, None, 600 if label == "diffmod" else 300, 0)
     assert out["train_loss"] < 0.5 * out["initial_train_loss"], (label, out["initial_train_loss"], out["train_loss"])
 
 
@@ -144,7 +146,7 @@ def test_two_ranks_give_the_single_process_numbers(tmp_path):
                                   f"lr-sensitivity --ci --out {tmp_path}")
     two = payload["results"]["summary"]
     one = run_experiment("lr-sensitivity", ci=True, out_dir=None)["summary"]
-    assert len(one) == len(two) == 2 * 6  # tasks x optimizers, one lr
+    assert len(one) == len(two) == 2 * 8  # tasks x optimizers, one lr
     for a, b in zip(one, two):
         assert (a["task"], a["label"], a["lr"]) == (b["task"], b["label"], b["lr"])
         for i, (ca, cb) in enumerate(zip(a["curve_train_loss"], b["curve_train_loss"])):

@@ -287,6 +287,7 @@ def _one_d_worker(rank: int, world: int, directory: str) -> dict:
     _guard(out, "amsgrad", lambda: _train_pair(mesh, rank, world, "adam", "ours", amsgrad=True,
                                                 weight_decay=1e-3))
     _guard(out, "radam", lambda: _train_pair(mesh, rank, world, "radam", "ours"))
+    _guard(out, "diffmod", lambda: _train_pair(mesh, rank, world, "diffmod", "ours", weight_decay=1e-3))
     _guard(out, "nonfinite", lambda: _nonfinite_skip(mesh, rank))
     _guard(out, "protocol", lambda: _protocol(mesh))
     # every local shard updated where FSDP2 keeps it (threshold 1), statistics every other step (those copy)
@@ -340,7 +341,7 @@ def _scenario(results: list[dict], name: str) -> list[dict]:
     return per_rank
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamod", "amsgrad", "radam", "adamod_in_place"])
+@pytest.mark.parametrize("name", ["adamw", "adamod", "amsgrad", "radam", "adamod_in_place", "diffmod"])
 def test_fully_shard_matches_unsharded_reference(one_d, name):
     for rank, r in enumerate(_scenario(one_d, name)):
         assert r["param_err"] <= 1.0 and r["state_err"] <= 1.0, (rank, r)
@@ -351,7 +352,8 @@ def test_fully_shard_matches_unsharded_reference(one_d, name):
         assert (r["in_place_slots"] > 5) == (name == "adamod_in_place"), (rank, r["in_place_slots"])
     expected = {"adamw": ["exp_avg", "exp_avg_sq"], "adamod": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
                 "adamod_in_place": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
-                "amsgrad": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], "radam": ["exp_avg", "exp_avg_sq"]}
+                "amsgrad": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], "radam": ["exp_avg", "exp_avg_sq"],
+                "diffmod": ["exp_avg", "exp_avg_lr", "exp_avg_sq", "previous_grad"]}
     assert one_d[0][name]["state_keys"] == expected[name]
 
 

@@ -27,7 +27,7 @@ weird = st.one_of(st.sampled_from([float("nan"), float("inf"), -float("inf"), -1
                   st.text(max_size=3), st.none(), st.booleans(), st.lists(st.floats(), max_size=3),
                   st.integers(-5, 5), st.complex_numbers(allow_nan=False, max_magnitude=2))
 value = st.one_of(sane, sane, weird)
-OPTION_NAMES = sorted({*OPTION_DEFAULTS, "decoupled_weight_decay"})
+OPTION_NAMES = sorted({*OPTION_DEFAULTS, "decoupled_weight_decay", "len_memory"})
 HYPER_NAMES = ("lr", "eps", "weight_decay", "betas")
 KNOWN = (*HYPER_NAMES, *OPTION_NAMES, "nonfinite_policy", "spike_sigma", "spike_window", "zero_stage",
          "bucket_mb", "stats_interval", "kernel")

@@ -66,6 +66,12 @@ COMBOS = [
     ("adabound", {"amsgrad": True, "weight_decay": 0.1}),              # AMSBound with L2
     ("adabound", {"weight_decay": 0.01, "decoupled_weight_decay": True}),  # AdaBoundW: p <- p - wd*p
     ("adabound", {"bias_correction": False, "maximize": True, "final_lr": 0.05}),
+    ("diffgrad", {}),
+    ("diffgrad", {"weight_decay": 0.1}),                               # L2 folded into g (and into g_prev)
+    ("diffgrad", {"weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True}),
+    ("diffmod", {}),
+    ("diffmod", {"beta3": 0.9, "weight_decay": 0.1}),                  # decoupled by default
+    ("diffmod", {"weight_decay": 0.1, "decoupled_weight_decay": False, "maximize": True}),
 ]
 
 # t = 1 (fresh state), t = 5 / 6 (RAdam's last SGD and first rectified step), t = 10**7 (bias corrections and
@@ -171,6 +177,10 @@ TRAJ = [
     ("adamod", {"amsgrad": True}),
     ("adabound", {"final_lr": 0.05, "gamma": 0.05, "weight_decay": 0.05}),
     ("adabound", {"amsgrad": True, "weight_decay": 0.05, "decoupled_weight_decay": True}),
+    ("diffgrad", {}),
+    ("diffgrad", {"weight_decay": 0.05}),
+    ("diffmod", {}),
+    ("diffmod", {"beta3": 0.99, "weight_decay": 0.05}),
 ]
 
 
@@ -408,7 +418,8 @@ def test_reddi_online_problem():
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("algorithm,opts", [("adam", {"amsgrad": True}), ("nadam", {}), ("adamod", {}),
-                                            ("radam", {"degenerated_to_sgd": False}), ("adamax", {})])
+                                            ("radam", {"degenerated_to_sgd": False}), ("adamax", {}),
+                                            ("diffmod", {"weight_decay": 0.1})])
 def test_state_dict_round_trip(algorithm, opts):
     prob = NoisyQuadratic(N_ELEM, seed=12)
     opt, p = run_sharded(algorithm, opts, prob, 10, torch.float32)
@@ -504,6 +515,17 @@ def test_step_lr_scheduler():
     (dict(algorithm="adam", momentum_decay=0.1), "momentum_decay"),
     (dict(algorithm="adamax", degenerated_to_sgd=False), "degenerated_to_sgd"),
     (dict(kernel="fastest"), "kernel"),
+    (dict(algorithm="diffmod", len_memory=1), "len_memory"),
+    (dict(algorithm="diffmod", len_memory=0.5), "len_memory"),
+    (dict(algorithm="diffmod", len_memory=float("inf")), "len_memory"),
+    (dict(algorithm="diffmod", len_memory=True), "len_memory"),
+    (dict(algorithm="diffmod", len_memory=100, beta3=0.99), "len_memory"),
+    (dict(algorithm="diffmod", beta3=1.0), "beta3"),
+    (dict(algorithm="diffmod", amsgrad=True), "amsgrad"),
+    (dict(algorithm="diffgrad", beta3=0.9), "beta3"),
+    (dict(algorithm="diffgrad", len_memory=100), "len_memory"),
+    (dict(algorithm="adamod", len_memory=100), "len_memory"),
+    (dict(algorithm="diffgrad", bias_correction=False), "bias_correction"),
 ])
 def test_bad_constructor_arguments(kwargs, culprit):
     p = torch.tensor([1.0, 2.0], requires_grad=True)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.support.numerics import NoisyQuadratic, assert_rel, default_dtype, to64
-from tests.support.reference import (ReferenceLookahead, ReferenceTrajectory, adabound_bounds, radam_rect,
-                                     reference_step, resolve_hp)
+from tests.support.reference import (ReferenceLookahead, ReferenceTrajectory, adabound_bounds, friction,
+                                     radam_rect, reference_step, resolve_hp)
 
 N = 48
 STEPS = 50
@@ -143,6 +143,61 @@ def test_adamod_bound_and_state():
     np.testing.assert_allclose(out["exp_avg_lr"], s1, rtol=1e-14)
     np.testing.assert_allclose(out["p"], p - lr * 0.1 * p - np.minimum(eta, s1) * m1, rtol=1e-13, atol=1e-16)
     assert np.any(eta < s1) and np.any(eta > s1)     # both branches of the min were exercised
+
+
+DIFF_KEYS = ("exp_avg", "exp_avg_sq", "previous_grad")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(weight_decay=0.1), dict(betas=(0.8, 0.99), eps=1e-6, lr=1e-2)],
+                         ids=["plain", "l2", "betas"])
+def test_diffgrad_matches_torch_optimizer(kw):
+    """torch-optimizer's DiffGrad is the diffGrad v2 code (ALGORITHMS.md section 10); float64, 50 steps: 1e-14
+    (measured <= 4e-16 on every tensor)."""
+    import torch_optimizer
+    run_both(torch_optimizer.DiffGrad, kw, "diffgrad", kw, keys=DIFF_KEYS, rel=1e-14)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(weight_decay=0.1)], ids=["plain", "l2"])
+def test_diffmod_beta3_zero_is_diffgrad(kw):
+    """beta3 = 0 makes s = eta, min(eta, s) = eta: DiffMod with the decay folded into g is diffGrad."""
+    import torch_optimizer
+    run_both(torch_optimizer.DiffGrad, kw, "diffmod", dict(kw, beta3=0.0, decoupled_weight_decay=False),
+             keys=DIFF_KEYS, rel=1e-14)
+
+
+def test_diffmod_bound_friction_and_state():
+    """One DiffMod step by hand: AdaMod's s and min, times xi = sigmoid(|g_prev - g|) on m; g_prev <- g;
+    decoupled lr*wd decay by default."""
+    rng = np.random.default_rng(5)
+    p, g, m, v, s = (rng.normal(size=16), rng.normal(size=16), rng.normal(size=16), rng.uniform(0, 2, 16),
+                     rng.uniform(0, 2e-3, 16))
+    g_prev = g + rng.normal(size=16) * 10.0 ** rng.uniform(-3, 1, 16)
+    t, lr, b3, wd = 7, 1e-3, 0.9, 0.1
+    out = reference_step("diffmod", dict(p=p, g=g, exp_avg=m, exp_avg_sq=v, exp_avg_lr=s, previous_grad=g_prev),
+                         t, dict(lr=lr, beta3=b3, weight_decay=wd))
+    m1 = 0.9 * m + 0.1 * g
+    v1 = 0.999 * v + 0.001 * g * g
+    eta = lr * math.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t) / (np.sqrt(v1) + 1e-8)
+    s1 = b3 * s + (1 - b3) * eta
+    xi = 1 / (1 + np.exp(-np.abs(g_prev - g)))
+    np.testing.assert_array_equal(out["previous_grad"], g)
+    np.testing.assert_allclose(out["exp_avg_lr"], s1, rtol=1e-14)
+    np.testing.assert_allclose(out["p"], p - lr * wd * p - np.minimum(eta, s1) * xi * m1, rtol=1e-13, atol=1e-16)
+    assert np.any(eta < s1) and np.any(eta > s1)     # both branches of the min were exercised
+    assert np.min(xi) < 0.51 and np.max(xi) > 0.95   # friction near both ends of [0.5, 1)
+
+
+def test_friction_first_step_and_unchanged_gradient():
+    """g_prev starts at 0, so xi_1 = sigmoid(|g_1|); a repeated gradient gives xi = 1/2 exactly: diffGrad is then
+    E0 Adam at half the learning rate (the v1 aliasing bug made every step after the first like this)."""
+    g = np.array([-3.0, 0.0, 1e-3, 2.0])
+    np.testing.assert_array_equal(friction(np.zeros(4), g), 1 / (1 + np.exp(-np.abs(g))))
+    np.testing.assert_array_equal(friction(g, g), np.full(4, 0.5))
+    st = dict(p=np.ones(4), g=g, exp_avg=np.full(4, 0.3), exp_avg_sq=np.full(4, 0.2), previous_grad=g)
+    half = reference_step("diffgrad", st, 3, dict(lr=2e-3))
+    adam = reference_step("adabound", {k: v for k, v in st.items() if k != "previous_grad"}, 3,
+                          dict(lr=1e-3, gamma=1e-30))   # unclamped AdaBound: E0 Adam (test above)
+    np.testing.assert_allclose(half["p"], adam["p"], rtol=1e-15)
 
 
 def test_adabound_bounds_table():

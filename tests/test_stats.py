@@ -34,8 +34,11 @@ def grads_for(step: int, rank: int | None = None) -> list[torch.Tensor]:
 
 
 def expected_stats(kind: str, params_new: list[torch.Tensor], grads: list[torch.Tensor],
-                   m_prev: list[torch.Tensor], state: list[dict[str, torch.Tensor]], t: int) -> dict[str, float]:
-    """Direct float64 computation on whole tensors from the update equations (not the kernel code)."""
+                   m_prev: list[torch.Tensor], state: list[dict[str, torch.Tensor]], t: int,
+                   g_prev: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """Direct float64 computation on whole tensors from the update equations (not the kernel code).
+
+    ``g_prev``: diffGrad's previous gradient before the step (the state after it holds this step's)."""
     cat = lambda xs: torch.cat([x.double().reshape(-1) for x in xs])  # noqa: E731
     g, mp, p = cat(grads), cat(m_prev), cat(params_new)
     m, v = cat([s["exp_avg"] for s in state]), cat([s["exp_avg_sq"] for s in state])
@@ -47,11 +50,18 @@ def expected_stats(kind: str, params_new: list[torch.Tensor], grads: list[torch.
         vmax = cat([s["max_exp_avg_sq"] for s in state])
         sqrt_vhat = vmax.sqrt() / math.sqrt(bc2)
         eta = (LR / bc1) / (sqrt_vhat + EPS)
-    else:  # adamod (authors' code): eta = (lr*sqrt(bc2)/bc1)/(sqrt(v)+eps), bounded by its EMA s
+    elif kind == "diffgrad":  # E0 step size times the friction xi = sigmoid(|g_prev - g|) (ALGORITHMS.md 10)
+        sqrt_vhat = v.sqrt()
+        eta = (LR * math.sqrt(bc2) / bc1) / (sqrt_vhat + EPS)
+    else:  # adamod, diffmod (authors' code): eta = (lr*sqrt(bc2)/bc1)/(sqrt(v)+eps), bounded by its EMA s
         s = cat([st["exp_avg_lr"] for st in state])
         sqrt_vhat = v.sqrt()
         raw = (LR * math.sqrt(bc2) / bc1) / (sqrt_vhat + EPS)
         eta = torch.minimum(raw, s)
+    xi = None
+    if kind in ("diffgrad", "diffmod"):
+        xi = 1.0 / (1.0 + torch.exp(-(cat(g_prev) - cat([st["previous_grad"] for st in state])).abs()))
+        eta = eta * xi
     delta = eta * m
     out = {"numel": g.numel(), "grad_sumsq": float((g * g).sum()), "mom_grad_dot": float((mp * g).sum()),
            "mom_sumsq": float((mp * mp).sum()), "zero_grad": int((g == 0).sum()), "nonfinite_grad": 0,
@@ -60,14 +70,19 @@ def expected_stats(kind: str, params_new: list[torch.Tensor], grads: list[torch.
            "eps_dominated": int((sqrt_vhat < EPS).sum())}
     if kind == "amsgrad":
         out["amsgrad_max_active"] = int((vmax > v).sum())
-    if kind == "adamod":
+    if kind in ("adamod", "diffmod"):
         out["adamod_clipped"] = int((s < raw).sum())
+    if xi is not None:
+        out["friction_sum"] = float(xi.sum())
+        out["friction_near_half"] = int((xi <= 0.51).sum())
     for i, edge in enumerate(EFF_LR_EDGES):
         out[f"eff_lr_le_{i}"] = int((eta <= edge).sum())
     return out
 
 
-CONFIGS = {"adamw": ("adamw", {}), "amsgrad": ("adamw", {"amsgrad": True}), "adamod": ("adamod", {})}
+CONFIGS = {"adamw": ("adamw", {}), "amsgrad": ("adamw", {"amsgrad": True}), "adamod": ("adamod", {}),
+           "diffgrad": ("diffgrad", {"decoupled_weight_decay": True}), "diffmod": ("diffmod", {})}
+# (diffgrad: L2 decay would lift the 1e-12 gradients of SHAPES[1] out of eps dominance)
 
 
 def run_and_capture(kind: str, rank: int | None = None, steps: int = 3, kernel: str = "eager") -> dict:
@@ -83,14 +98,18 @@ def run_and_capture(kind: str, rank: int | None = None, steps: int = 3, kernel: 
         for p, g in zip(params, grads_for(step, rank)):
             p.grad = g.clone()
         m_prev = [opt.state[p]["exp_avg"].clone() if opt.state[p] else torch.zeros_like(p) for p in params]
+        g_prev = [opt.state[p]["previous_grad"].clone() if "previous_grad" in opt.state[p] else torch.zeros_like(p)
+                  for p in params]
         if rank is not None:  # sharded: take the full logical state from state_dict (gathered)
             sd = opt.state_dict()
             m_prev = [sd["state"][i]["exp_avg"].clone() if i in sd["state"] else torch.zeros_like(p)
                       for i, p in enumerate(params)]
+            g_prev = [sd["state"][i]["previous_grad"].clone() if "previous_grad" in sd["state"].get(i, {})
+                      else torch.zeros_like(p) for i, p in enumerate(params)]
         opt.step()
         sd = opt.state_dict()
         captured = {"params": [p.detach().clone() for p in params], "grads": full_grads, "m_prev": m_prev,
-                    "state": [sd["state"][i] for i in range(len(params))], "t": step + 1}
+                    "state": [sd["state"][i] for i in range(len(params))], "t": step + 1, "g_prev": g_prev}
     # one process: each report carries its own step's statistics; sharded, the next step's report does and
     # flush_stats() hands over the last ones
     flushed = opt.flush_stats()
@@ -113,7 +132,7 @@ def assert_stats_match(got: torch.Tensor, want: dict[str, float]) -> None:
         # sums over <= 100 elements accumulated in float64 from fp32 inputs: relative 1e-5 covers the fp32
         # rounding of the inputs the kernel saw; counts must be exact
         if name in ("numel", "zero_grad", "nonfinite_grad", "eps_dominated", "amsgrad_max_active",
-                    "adamod_clipped") or name.startswith("eff_lr_le"):
+                    "adamod_clipped", "friction_near_half") or name.startswith("eff_lr_le"):
             assert int(got[F[name]]) == value, name
         else:
             assert float(got[F[name]]) == pytest.approx(value, rel=1e-5, abs=1e-12), name
@@ -123,8 +142,10 @@ def assert_stats_match(got: torch.Tensor, want: dict[str, float]) -> None:
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_statistics_equal_direct_computation(kind: str, kernel: str) -> None:
     c = run_and_capture(kind, kernel=kernel)
-    want = expected_stats(kind, c["params"], c["grads"], c["m_prev"], c["state"], c["t"])
+    want = expected_stats(kind, c["params"], c["grads"], c["m_prev"], c["state"], c["t"], c["g_prev"])
     assert want["eps_dominated"] > 0 and want["zero_grad"] == 2  # the checks below can fail
+    if kind.startswith("diff"):  # xi really spread: some elements near 0.5, the mean well above it
+        assert 0 < want["friction_near_half"] < want["numel"] and want["friction_sum"] > 0.6 * want["numel"]
     assert_stats_match(c["stats"], want)
     assert [n for n, _ in c["norms"]] == pytest.approx(c["direct_norms"], rel=1e-6)
 

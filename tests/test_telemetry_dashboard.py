@@ -73,7 +73,13 @@ def test_dashboard_structure() -> None:
     ids = [p["id"] for p in all_panels]
     assert None not in ids and len(ids) == len(set(ids))
     rows = [p["title"] for p in all_panels if p["type"] == "row"]
-    assert rows == ["Overview", "Norms and update size", "Adam internals", "Per-rank health"]
+    assert rows == ["Overview", "Norms and update size", "Adam internals", "Per-rank health",
+                    "DiffGrad / DiffMod friction"]
+    friction = next(p for p in all_panels if p["title"] == "DiffGrad / DiffMod friction")
+    # collapsed: its panels (series that only diffgrad/diffmod create) stay out of the way of other algorithms
+    assert friction["collapsed"] is True
+    assert [p["targets"][0]["expr"].split("{")[0] for p in friction["panels"]] == [
+        "sharded_optim_friction_mean", "sharded_optim_friction_near_half_ratio"]
     variables = [v["name"] for v in d["templating"]["list"]]
     assert variables == ["datasource", "job", "run_id", "param_group", "rank"]
     cells: set[tuple[int, int]] = set()
@@ -101,13 +107,13 @@ def test_dashboard_structure() -> None:
 
 
 def test_dashboard_covers_every_exported_metric() -> None:
-    from sharded_optim.telemetry.exporter import GROUP_GAUGES
+    from sharded_optim.telemetry.exporter import FRICTION_GAUGES, GROUP_GAUGES
     text = DASHBOARD.read_text()
     wanted = {"steps_total", "skipped_steps_total", "grad_nonfinite_elements_total", "grad_norm",
               "step_grad_norm_bucket", "learning_rate", "grad_clipped_steps_total", "effective_lr_bucket",
               "radam_rectification", "last_step_timestamp_seconds", "step_duration_seconds_bucket",
               "shard_grad_norm", "shard_nonfinite_grad_elements", "state_bytes"}
-    wanted |= set(GROUP_GAUGES)
+    wanted |= set(GROUP_GAUGES) | set(FRICTION_GAUGES)
     missing = {m for m in wanted if f"sharded_optim_{m}" not in text}
     assert not missing
 

@@ -86,6 +86,25 @@ def test_values_follow_reports() -> None:
     assert get(PREFIX + "loss_scale") is None  # never reported: absent rather than a fake 0
 
 
+def test_friction_gauges_exist_for_diffgrad_and_diffmod_only() -> None:
+    stats = _stats(2, seed=3)
+    stats[:, FIELD_INDEX["friction_sum"]] = torch.tensor([700.0, 550.0], dtype=torch.float64)
+    stats[:, FIELD_INDEX["friction_near_half"]] = torch.tensor([120.0, 900.0], dtype=torch.float64)
+    other = OptimizerMetrics(rank=0)
+    other.observe(_report(1, stats=stats, algorithm="adamod"))
+    assert not any(name.startswith(PREFIX + "friction") for name in _families(other))  # absent, not 0
+    for algorithm in ("diffgrad", "diffmod"):
+        m = OptimizerMetrics(rank=0)
+        m.observe(_report(1, algorithm=algorithm))   # created on the first report, set on statistics steps
+        m.observe(_report(2, stats=stats, algorithm=algorithm))
+        get = m.registry.get_sample_value
+        assert get(PREFIX + "friction_mean", {"param_group": "decay"}) == 0.7
+        assert get(PREFIX + "friction_mean", {"param_group": "no_decay"}) == 0.55
+        assert get(PREFIX + "friction_near_half_ratio", {"param_group": "decay"}) == 0.12
+        assert get(PREFIX + "friction_near_half_ratio", {"param_group": "no_decay"}) == 0.9
+        assert finalize(stats, ["decay", "no_decay"])["decay"].friction_mean == 0.7
+
+
 def test_nonfinite_counts_and_nan_norm_do_not_poison_histogram() -> None:
     m = OptimizerMetrics(rank=0)
     m.observe(_report(1, stats=_stats(2)))

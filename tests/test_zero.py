@@ -31,9 +31,11 @@ CONFIGS = {  # name -> (algorithm, options)
     "amsgrad": ("adam", {"amsgrad": True, "weight_decay": 0.01}),
     "adamod": ("adamod", {"weight_decay": 0.01}),
     "radam": ("radam", {}),
+    "diffmod": ("diffmod", {"weight_decay": 0.01, "len_memory": 50}),   # previous_grad sharded with the rest
 }
 EXACT_CONFIGS = {
     **CONFIGS,
+    "diffgrad": ("diffgrad", {"weight_decay": 0.1}),
     "adam_l2": ("adam", {"weight_decay": 0.1}),
     "adamax": ("adamax", {}),
     "nadam": ("nadam", {"weight_decay": 0.01}),
@@ -174,6 +176,7 @@ def scenarios_two_ranks(rank: int, world: int) -> dict:
     out["bf16"] = bf16_scenario(rank, world)
     out["bad_input"] = bad_input_scenario()
     out["state_dict"] = state_dict_scenario(rank, world)
+    out["missing_grad"] = missing_grad_scenario(rank)
     return out
 
 
@@ -224,6 +227,23 @@ def bad_input_scenario() -> dict:
         except (ValueError, TypeError) as exc:
             errors[name] = str(exc)
     return errors
+
+
+def missing_grad_scenario(rank: int) -> dict:
+    """diffgrad with L2 on 2 ranks; the last parameter has no gradient on step 2 on every rank.  Sharded, every
+    parameter is updated and a missing gradient counts as zero (FlatParamGroup.collect_grads), so its previous_grad
+    becomes the L2 term alone, 0 + wd*p (ARCHITECTURE.md, diffgrad)."""
+    model = make_model()
+    params = list(model.parameters())
+    opt = so.ShardedOptimizer(params, algorithm="diffgrad", weight_decay=0.1, bucket_mb=TINY_BUCKET_MB,
+                              kernel="eager")
+    for step in range(2):
+        for i, p in enumerate(params):
+            p.grad = None if (step == 1 and i == len(params) - 1) else synthetic_grad(p.shape, rank, step, i)
+        before = params[-1].detach().clone()
+        opt.step()
+    return {"previous_grad": opt.state_dict()["state"][len(params) - 1]["previous_grad"].numpy().copy(),
+            "l2_term": (0.1 * before).numpy(), "step": int(opt.state_dict()["state"][len(params) - 1]["step"])}
 
 
 def state_dict_scenario(rank: int, world: int) -> dict:
@@ -352,6 +372,15 @@ def test_state_dict_is_full_and_identical_on_every_rank(two_rank_results: list[d
     for i, p in enumerate(model.parameters()):
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_lr"):
             assert np.array_equal(opt.state[p][key].numpy(), a[i][key])
+
+
+def test_missing_gradient_on_every_rank_counts_as_zero(two_rank_results: list[dict]) -> None:
+    for res in two_rank_results:
+        got = res["missing_grad"]
+        assert got["step"] == 2
+        # g' = 0 + wd*p rounded once (the kernel's fp32 product; wd is the fp32 scalar)
+        np.testing.assert_allclose(got["previous_grad"], got["l2_term"], rtol=2 ** -22, atol=0)
+        assert np.any(got["l2_term"] != 0)
 
 
 def test_not_distributed_means_local() -> None:

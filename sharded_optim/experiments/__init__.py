@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"output directory for JSON, markdown, PNG (default: {DEFAULT_OUT}/ in the current "
                              "directory; the committed results: bench/results/experiments)")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="an earlier results JSON of the same experiment and configuration: its summary rows "
+                             "are kept and only grid points it lacks are run (every run is a pure function of "
+                             "its seed); for adding an optimizer to a grid without re-running the others")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per rank (default 1: tiny models gain nothing from more, and a "
                              "busy machine makes multi-threaded OpenMP much slower)")
@@ -38,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_experiment(name: str, *, ci: bool = False, steps: int | None = None, kernel: str = "eager",
                    out_dir: Path | None = DEFAULT_OUT, rank: int = 0, world_size: int = 1,
-                   command_line: str | None = None) -> dict[str, Any]:
+                   command_line: str | None = None, reuse: Path | None = None) -> dict[str, Any]:
     """Run one experiment in this process (the caller owns any process group)."""
     ctx = Context(name=name, rank=rank, world_size=world_size, ci=ci, kernel=kernel, out_dir=out_dir, steps=steps,
-                  command_line=command_line)
+                  command_line=command_line, reuse=reuse)
     return get(name).run(ctx)
 
 
@@ -63,7 +67,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     typed = None if argv is None else command_line(program, argv, info.launcher, info.world_size)
     try:
         run_experiment(args.name, ci=args.ci, steps=args.steps, kernel=args.kernel, out_dir=args.out,
-                       rank=info.rank, world_size=info.world_size, command_line=typed)
+                       rank=info.rank, world_size=info.world_size, command_line=typed, reuse=args.reuse)
     except BaseException:
         cleanup(barrier=False)
         raise

@@ -32,6 +32,8 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "radam": ("radam", {}),
     "adamod": ("adamod", {}),
     "adabound": ("adabound", {}),
+    "diffgrad": ("diffgrad", {}),      # diffGrad v2 code: L2 decay (default 0), friction on m
+    "diffmod": ("diffmod", {}),        # AdaMod x friction, len_memory 1000 (beta3 = 0.999)
 }
 
 
@@ -46,6 +48,7 @@ class Context:
     kernel: str = "eager"
     out_dir: Path | None = DEFAULT_OUT  # None: write nothing
     steps: int | None = None          # override of the experiment's step count
+    reuse: Path | None = None         # earlier results of the same experiment: grid points it has are not re-run
     extra: dict[str, Any] = field(default_factory=dict)
     command_line: str | None = None   # the command as the user typed it (recorded in the results); None: derived
 
@@ -63,6 +66,7 @@ class Context:
             return self.command_line
         flags = (" --ci" if self.ci else "") + (f" --steps {self.steps}" if self.steps else "")
         flags += f" --kernel {self.kernel}" if self.kernel != "eager" else ""
+        flags += f" --reuse {Path(self.reuse).name}" if self.reuse is not None else ""
         base = f"python -m sharded_optim.experiments {self.name}{flags}"
         if self.world_size > 1:
             return (f"torchrun --standalone --nproc_per_node {self.world_size} -m sharded_optim.experiments "

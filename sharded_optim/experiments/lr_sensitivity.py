@@ -1,10 +1,11 @@
 """``lr-sensitivity``: final validation loss and accuracy over a log-spaced learning-rate grid for adam, adamw,
-amsgrad, radam, adamod and adabound (each at its own defaults otherwise), on logistic regression and an MLP on
-digits (3 seeds), and on the small transformer (fewer points and shorter runs: 5 learning rates, 250 steps, 3 seeds).
+amsgrad, radam, adamod, adabound, diffgrad and diffmod (each at its own defaults otherwise), on logistic
+regression and an MLP on digits (3 seeds), and on the small transformer (fewer points and shorter runs: 5
+learning rates, 250 steps, 3 seeds).
 
 Claims tested (docs/EXPERIMENTS.md): RAdam is robust to the learning rate (seed 003); AdaMod is less sensitive to
-the learning rate than Adam (seed 004); AMSGrad is more robust to hyperparameters than Adam (Reddi et al., refuted
-by seed 000 on MNIST logistic regression).
+the learning rate than Adam (seed 004), and DiffMod keeps that robustness (seed 004's closing paragraph); AMSGrad
+is more robust to hyperparameters than Adam (Reddi et al., refuted by seed 000 on MNIST logistic regression).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 from typing import Any
 
 from .common import OPTIMIZERS, Context, fmt, log_grid, md_table, new_figure, write_outputs
-from .grid import aggregate, run_grid
+from .grid import run_or_reuse
 from .registry import Experiment, register
 
 LABELS = tuple(OPTIMIZERS)
@@ -46,15 +47,19 @@ def _plot(summary: list[dict[str, Any]], tasks: list[str]) -> Any:
     return fig
 
 
+def _config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
 def run(ctx: Context) -> dict[str, Any]:
     cfg = CI if ctx.ci else FULL
     points = [{"task": task, "label": label, "lr": lr}
               for task in ("logreg", "mlp") for label in LABELS for lr in cfg["digits_lrs"]]
-    records = run_grid(ctx, points, cfg["seeds"], ctx.steps or cfg["digits_steps"])
+    keys = ("task", "label", "lr")
+    summary = run_or_reuse(ctx, _config(cfg), points, keys, cfg["seeds"], ctx.steps or cfg["digits_steps"])
     lm_points = [{"task": "transformer", "label": label, "lr": lr} for label in LABELS for lr in cfg["lm_lrs"]]
     if lm_points:
-        records += run_grid(ctx, lm_points, cfg["lm_seeds"], ctx.steps or cfg["lm_steps"])
-    summary = aggregate(records, ("task", "label", "lr"))
+        summary += run_or_reuse(ctx, _config(cfg), lm_points, keys, cfg["lm_seeds"], ctx.steps or cfg["lm_steps"])
     tasks = [t for t in ("logreg", "mlp", "transformer") if any(r["task"] == t for r in summary)]
     md = []
     robustness = []
@@ -77,11 +82,11 @@ def run(ctx: Context) -> dict[str, Any]:
               + md_table(["task", "optimizer", "best lr", "best val acc", "best val loss", "LRs within 0.02"],
                          [[r["task"], r["label"], f"{r['best_lr']:g}", fmt(r["best_val_acc"]),
                            fmt(r["best_val_loss"]), r["lrs_within_0.02_of_best_acc"]] for r in robustness]))
-    results = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+    results = {"config": _config(cfg),
                "summary": summary, "robustness": robustness}
     write_outputs(ctx, results, "\n\n".join(md), _plot(summary, tasks))
     return results
 
 
-register(Experiment("lr-sensitivity", "final validation loss/accuracy over a learning-rate grid, six optimizers",
+register(Experiment("lr-sensitivity", "final validation loss/accuracy over a learning-rate grid, eight optimizers",
                     run))

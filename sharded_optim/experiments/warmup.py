@@ -1,8 +1,10 @@
-"""``warmup``: Adam with and without linear learning-rate warmup, against RAdam and AdaMod without warmup, on the
+"""``warmup``: Adam with and without linear learning-rate warmup, against RAdam, AdaMod, diffGrad and DiffMod
+without warmup, on the
 project's small transformer (``sharded_optim.model`` on the shipped byte corpus) at several peak learning rates.
 
 Claims tested (docs/EXPERIMENTS.md): without warmup Adam trains worse early on / can be unusable (seeds 003 and
-004); RAdam's rectification (seed 003) and AdaMod's step-size memory (seed 004) remove the need for warmup.
+004); RAdam's rectification (seed 003) and AdaMod's step-size memory (seed 004) remove the need for warmup, and
+DiffMod (AdaMod with diffGrad's friction, seed 004) keeps that; diffGrad, with no step-size memory, is the control.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 import torch
 
 from .common import Context, fmt, md_table, new_figure, write_outputs
-from .grid import aggregate, run_grid
+from .grid import run_or_reuse
 from .registry import Experiment, register
 
 # variant -> (optimizer label, warmup fraction of the run)
@@ -20,6 +22,8 @@ VARIANTS: dict[str, tuple[str, float]] = {
     "adam+warmup": ("adam", 0.2),
     "radam": ("radam", 0.0),
     "adamod": ("adamod", 0.0),
+    "diffgrad": ("diffgrad", 0.0),
+    "diffmod": ("diffmod", 0.0),
 }
 FULL = {"lrs": [1e-3, 3e-3, 1e-2], "steps": 300, "seeds": (0, 1, 2), "eval_every": 25}
 CI = {"lrs": [3e-3], "steps": 8, "seeds": (0,), "eval_every": 4}
@@ -57,8 +61,8 @@ def run(ctx: Context) -> dict[str, Any]:
         w = point["warmup_steps"]
         return {"eval_every": cfg["eval_every"], "scheduler": linear_warmup(w) if w else None}
 
-    records = run_grid(ctx, points, cfg["seeds"], steps, options)
-    summary = aggregate(records, ("variant", "lr"))
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+    summary = run_or_reuse(ctx, config, points, ("variant", "lr"), cfg["seeds"], steps, options)
     early = min(2 * cfg["eval_every"], steps)
     rows = []
     for r in summary:
@@ -71,11 +75,12 @@ def run(ctx: Context) -> dict[str, Any]:
           "of the steps.\n\n"
           + md_table(["peak lr", "variant", f"val loss at step {early}", "final val loss (± std over seeds)",
                       "final val next-byte acc"], rows))
-    results = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, "steps": steps,
+    results = {"config": config, "steps": steps,
                "summary": summary}
     write_outputs(ctx, results, md, _plot(summary, cfg["lrs"]))
     return results
 
 
-register(Experiment("warmup", "adam with/without linear warmup vs radam and adamod without, small transformer",
+register(Experiment("warmup", "adam with/without linear warmup vs radam, adamod, diffgrad and diffmod without, "
+                    "small transformer",
                     run))

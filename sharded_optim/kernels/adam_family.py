@@ -21,6 +21,11 @@ Shared prologue (every variant except AdaMax):
 (1-\beta_3)\eta,\ \eta \leftarrow \min(\eta, s)`; both: :math:`\eta \leftarrow \mathrm{clamp}(\eta, lo, hi)`;
 :math:`p \leftarrow p - \eta m`.
 
+``adam_mvg`` (diffGrad) and ``bound_mvsg`` (DiffMod) add the friction of the previous gradient ``g_prev``
+(state ``previous_grad``, the transformed gradient of the last step, 0 before the first):
+:math:`\xi = 1/(1 + e^{-|g_{prev} - g|}) \in [0.5, 1)`, :math:`g_{prev} \leftarrow g`, and the first moment
+enters the final step as :math:`\xi m` (the stored ``m`` is not scaled).
+
 ``adamax_mu``: :math:`u \leftarrow \max(\beta_2 u, |g| + \epsilon)`, :math:`p \leftarrow p - \mathrm{step}\cdot m/u`.
 
 Every function mutates its arguments in place and returns nothing: the in-place form compiles to a single loop
@@ -97,6 +102,28 @@ def bound_mvxs(p: Tensor, g: Tensor, m: Tensor, v: Tensor, vmax: Tensor, s: Tens
     _bound_finish(p, m, vmax, s, sc)
 
 
+def friction(g_prev: Tensor, g: Tensor) -> Tensor:
+    """diffGrad's friction ``1/(1 + exp(-|g_prev - g|))`` in [0.5, 1): exp of a non-positive argument, never
+    overflows (ALGORITHMS.md 15.8); the explicit form of the authors' code rather than ``torch.sigmoid``."""
+    return 1.0 / (1.0 + torch.exp(-(g_prev - g).abs()))
+
+
+def adam_mvg(p: Tensor, g: Tensor, m: Tensor, v: Tensor, g_prev: Tensor, sc: Tensor) -> None:
+    """diffGrad (v2 code): E0 Adam step with ``xi*m``; ``g_prev`` keeps the transformed (L2-augmented) gradient."""
+    g = _prologue(p, g, m, v, sc)
+    xi = friction(g_prev, g)
+    g_prev.copy_(g)
+    _adam_finish(p, g, xi * m, v, sc)
+
+
+def bound_mvsg(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, g_prev: Tensor, sc: Tensor) -> None:
+    """DiffMod: AdaMod's bounded step size ``min(eta, s)`` applied to ``xi*m``."""
+    g = _prologue(p, g, m, v, sc)
+    xi = friction(g_prev, g)
+    g_prev.copy_(g)
+    _bound_finish(p, xi * m, v, s, sc)
+
+
 def adamax_mu(p: Tensor, g: Tensor, m: Tensor, u: Tensor, sc: Tensor) -> None:
     """AdaMax (torch form): infinity-norm second moment with eps inside the max."""
     g = g.to(p.dtype) * sc[GSCALE] + sc[L2] * p
@@ -120,4 +147,6 @@ VARIANTS = {
     "bound_mvs": bound_mvs,
     "bound_mvxs": bound_mvxs,
     "adamax_mu": adamax_mu,
+    "adam_mvg": adam_mvg,
+    "bound_mvsg": bound_mvsg,
 }

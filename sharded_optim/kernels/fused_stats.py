@@ -13,6 +13,9 @@ otherwise only wait for that step's gradient reduce-scatters (gloo's worker thre
 transfer).  Fusing them into the update measured no faster: the compiler kept the parameter norm in a second loop,
 and the loop is bound by the sums' arithmetic, not by reading the state again.
 
+The diffGrad/DiffMod kernels (``adam_mvg_post``, ``bound_mvsg_post``) also take ``g_before``, the previous
+gradient as it was before the update (see :func:`.stats._post`).
+
 Called on real (unpadded) ranges only, so padding never enters the sums.  Distinct top-level functions, one per
 variant, so each has its own compile cache entry (as in :mod:`.adam_family`).
 """
@@ -51,6 +54,16 @@ def adamax_mu_post(p: Tensor, m: Tensor, u: Tensor, sc: Tensor, edges: Tensor) -
     return _post("adamax_mu", p, m, u, None, None, sc, edges)
 
 
+def adam_mvg_post(p: Tensor, m: Tensor, v: Tensor, g_prev: Tensor, g_before: Tensor, sc: Tensor,
+                  edges: Tensor) -> Tensor:
+    return _post("adam_mvg", p, m, v, None, None, sc, edges, g_prev, g_before)
+
+
+def bound_mvsg_post(p: Tensor, m: Tensor, v: Tensor, s: Tensor, g_prev: Tensor, g_before: Tensor, sc: Tensor,
+                    edges: Tensor) -> Tensor:
+    return _post("bound_mvsg", p, m, v, None, s, sc, edges, g_prev, g_before)
+
+
 POST = {
     "adam_mv": adam_mv_post,
     "adam_mvx": adam_mvx_post,
@@ -59,4 +72,6 @@ POST = {
     "bound_mvs": bound_mvs_post,
     "bound_mvxs": bound_mvxs_post,
     "adamax_mu": adamax_mu_post,
+    "adam_mvg": adam_mvg_post,
+    "bound_mvsg": bound_mvsg_post,
 }

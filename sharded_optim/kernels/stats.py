@@ -16,13 +16,15 @@ import torch
 from torch import Tensor
 
 from ..rules import DSCALE, EPS, HI, LO, STEP
-from ..telemetry.fields import EFF_LR_EDGES, FIELD_INDEX, NUM_FIELDS
+from ..telemetry.fields import EFF_LR_EDGES, FIELD_INDEX, FRICTION_NEAR_HALF, NUM_FIELDS
+from .adam_family import friction
 
 _F64 = torch.float64
 _CHUNK = 4096
 PRE_FIELDS = ("numel", "grad_sumsq", "nonfinite_grad", "zero_grad", "mom_grad_dot", "mom_sumsq")
 POST_FIELDS = ("param_sumsq", "update_sumsq", "eps_dominated", "amsgrad_max_active", "adamod_clipped",
-               "adabound_clamped", "eff_lr_sum") + tuple(f"eff_lr_le_{i}" for i in range(len(EFF_LR_EDGES)))
+               "adabound_clamped", "eff_lr_sum") + tuple(f"eff_lr_le_{i}" for i in range(len(EFF_LR_EDGES))) + (
+               "friction_sum", "friction_near_half")
 
 
 def sumsq(x: Tensor) -> Tensor:
@@ -109,8 +111,12 @@ def pre_sums(grad: Tensor, m_prev: Tensor, gscale: Tensor, finite: bool) -> Tens
 
 
 def _post(variant: str, p: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, s: Tensor | None, sc: Tensor,
-          edges: Tensor) -> Tensor:
-    """Elementwise work in the state's dtype (the kernel's own precision), sums accumulated in float64."""
+          edges: Tensor, g_prev: Tensor | None = None, g_before: Tensor | None = None) -> Tensor:
+    """Elementwise work in the state's dtype (the kernel's own precision), sums accumulated in float64.
+
+    diffGrad/DiffMod: the update replaced ``previous_grad`` by this step's gradient, so the friction it used,
+    ``xi = sigmoid(|g_before - g_prev|)``, needs ``g_before``, a copy of ``previous_grad`` taken before the update
+    (the optimizer's statistics pass keeps one); the step size and the update then include ``xi``."""
     zero = torch.zeros((), dtype=_F64, device=p.device)
     sc = sc.to(p.dtype)
     if variant == "adamax_mu":
@@ -131,12 +137,18 @@ def _post(variant: str, p: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, s:
         else:
             clamped = _count((eta < sc[LO]) | (eta > sc[HI]))
         eta = torch.clamp(eta, sc[LO], sc[HI])
+    friction_sums = [zero, zero]
+    if g_prev is not None and g_before is not None:
+        xi = friction(g_before, g_prev)
+        eta = eta * xi
+        near = torch.full((), 0.5 + FRICTION_NEAR_HALF, dtype=xi.dtype, device=xi.device)
+        friction_sums = [_sum64(xi), _count_le(_magnitude_bits(xi), near)]
     delta = eta * m
     eta_bits = _magnitude_bits(eta)  # eta >= 0: |eta| <= edge is eta <= edge
     edges = edges.to(p.dtype)
     counts = [_count_le(eta_bits, edges[i]) for i in range(len(EFF_LR_EDGES))]
     return torch.stack([_sum64(p * p), _sum64(delta * delta), eps_dominated, ams, clipped, clamped,
-                        _sum64(eta)] + counts)
+                        _sum64(eta)] + counts + friction_sums)
 
 
 def edges_for(device: torch.device) -> Tensor:

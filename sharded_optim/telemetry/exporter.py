@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeHistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from ..rules import FRICTION_ALGORITHMS
 from .fields import EFF_LR_EDGES
 from .finalize import GroupStats, finalize
 from .report import StepReport
@@ -44,6 +45,12 @@ GROUP_GAUGES: dict[str, str] = {
     "amsgrad_max_active_ratio": "fraction of elements with v_max > v (0 off AMSGrad)",
     "adamod_clipped_ratio": "fraction of elements clipped by AdaMod's bound (0 off AdaMod)",
     "adabound_clamped_ratio": "fraction of elements clamped by AdaBound (0 off AdaBound)",
+}
+# diffgrad/diffmod only: created on the first report of such an algorithm (a 0 elsewhere would be a lie, and a
+# series that never exists keeps the dashboard's friction panels empty for the other algorithms).
+FRICTION_GAUGES: dict[str, str] = {
+    "friction_mean": "mean of diffGrad's friction xi = sigmoid(|g_prev - g|), in [0.5, 1)",
+    "friction_near_half_ratio": "fraction of elements with xi <= 0.51 (gradient unchanged: an Adam step at lr/2)",
 }
 
 
@@ -137,6 +144,7 @@ class OptimizerMetrics:
                              for key, doc in GROUP_GAUGES.items()}
         self.effective_lr = _EffectiveLRCollector()
         r.register(self.effective_lr)
+        self.friction_gauges: dict[str, Gauge] | None = None  # see FRICTION_GAUGES
 
     def observe(self, report: StepReport) -> None:
         """Update every metric from one step's report; register it with ``optimizer.add_report_hook``."""
@@ -171,6 +179,10 @@ class OptimizerMetrics:
                 self.loss_scale = Gauge(PREFIX + "loss_scale", "Mixed-precision loss scale",
                                         registry=self._metrics)
             self.loss_scale.set(report.loss_scale)
+        if report.algorithm in FRICTION_ALGORITHMS and self.friction_gauges is None:
+            self.friction_gauges = {key: Gauge(PREFIX + key, doc + f" ({', '.join(FRICTION_ALGORITHMS)} only)",
+                                               ["param_group"], registry=self._metrics)
+                                    for key, doc in FRICTION_GAUGES.items()}
         radam = report.algorithm == "radam"
         for i, name in enumerate(names):
             grad_norm, grad_norm_hist, lr, rect, _, _ = self._children[name]
@@ -199,6 +211,8 @@ class OptimizerMetrics:
                 nonfinite.inc(st.nonfinite_count)
             for key, gauge in gauges.items():
                 gauge.set(getattr(st, key))
+            for key, family in (self.friction_gauges or {}).items():  # labels() here: statistics steps only
+                family.labels(name).set(getattr(st, key))
         self.effective_lr.update(stats)
 
 

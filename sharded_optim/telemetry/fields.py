@@ -13,6 +13,10 @@ from __future__ import annotations
 # Upper edges (inclusive) of the effective-learning-rate gauge histogram, one per decade.
 EFF_LR_EDGES: tuple[float, ...] = tuple(10.0**e for e in range(-9, 3))  # 1e-9 ... 1e2 (12 edges)
 
+# xi <= 0.5 + this counts as "near 0.5": |g_prev - g| <= ln(0.51/0.49) = 0.040, where diffGrad's step is within
+# 2% of Adam's at half the learning rate.
+FRICTION_NEAR_HALF: float = 0.01
+
 SUM_FIELDS: tuple[str, ...] = (
     "numel",               # elements in the shard (padding excluded)
     "grad_sumsq",          # sum g^2 of the (averaged, pre-clip) gradient
@@ -27,8 +31,11 @@ SUM_FIELDS: tuple[str, ...] = (
     "amsgrad_max_active",  # count of elements with v_max > v (AMSGrad / AMSBound only)
     "adamod_clipped",      # count of elements where AdaMod's bound s < eta (min picks s)
     "adabound_clamped",    # count of elements where AdaBound's eta was outside [lower, upper]
-    "eff_lr_sum",          # sum of the per-element effective learning rate eta
-) + tuple(f"eff_lr_le_{i}" for i in range(len(EFF_LR_EDGES)))  # cumulative counts eta <= edge
+    "eff_lr_sum",          # sum of the per-element effective learning rate eta (times xi for diffgrad/diffmod)
+) + tuple(f"eff_lr_le_{i}" for i in range(len(EFF_LR_EDGES))) + (  # cumulative counts eta <= edge
+    "friction_sum",        # sum of diffGrad's friction xi = sigmoid(|g_prev - g|) (diffgrad, diffmod; else 0)
+    "friction_near_half",  # count of elements with xi <= 0.5 + FRICTION_NEAR_HALF (gradient ~unchanged)
+)
 
 FIELD_INDEX: dict[str, int] = {name: i for i, name in enumerate(SUM_FIELDS)}
 NUM_FIELDS: int = len(SUM_FIELDS)

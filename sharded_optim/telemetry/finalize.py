@@ -43,6 +43,8 @@ class GroupStats:
     effective_lr_sum: float          # sum of per-element eta
     effective_lr_mean: float         # effective_lr_sum / numel
     effective_lr_buckets: tuple[float, ...]  # cumulative counts eta <= EFF_LR_EDGES[i]
+    friction_mean: float = 0.0       # mean diffGrad friction xi in [0.5, 1) (diffgrad/diffmod; else 0)
+    friction_near_half_ratio: float = 0.0  # fraction with xi <= 0.5 + FRICTION_NEAR_HALF
 
 
 def _ratio(num: float, den: float) -> float:
@@ -89,6 +91,8 @@ def finalize_group(row: Sequence[float]) -> GroupStats:
         effective_lr_sum=s["eff_lr_sum"],
         effective_lr_mean=_ratio(s["eff_lr_sum"], n),
         effective_lr_buckets=buckets,
+        friction_mean=_ratio(s["friction_sum"], n),
+        friction_near_half_ratio=_ratio(s["friction_near_half"], n),
     )
 
 

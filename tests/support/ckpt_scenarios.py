@@ -18,6 +18,7 @@ CONFIGS: dict[str, tuple[str, int, dict[str, Any], bool]] = {
     "adamod_z1": ("adamod", 1, {}, False),
     "adamax_z2": ("adamax", 2, {}, False),
     "lookahead_z2": ("adamw", 2, {}, True),
+    "diffmod_z2": ("diffmod", 2, {"len_memory": 50}, False),   # previous_grad (and exp_avg_lr) resharded
 }
 
 

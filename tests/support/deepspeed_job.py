@@ -3,6 +3,9 @@
     deepspeed --num_gpus 2 --master_port P tests/support/deepspeed_job.py deepspeed OUT zero1,zero2,zero2_bf16
     torchrun --nproc-per-node 2 --master-port P tests/support/deepspeed_job.py torchrun OUT fp32,bf16
 
+A run name may end in ``-<algorithm>`` (``zero2-diffmod``, ``fp32-diffmod``) to train another algorithm than
+``ALGORITHM``.
+
 Positional arguments only: the deepspeed launcher appends ``--local_rank=N`` (dropped here) and torchrun takes
 script flags that are prefixes of its own options for its own.  Several runs share one process group, so the
 launcher and DeepSpeed's start-up are paid once.  Rank 0 writes ``OUT/<engine>_<run>.pt`` per run: the final
@@ -54,6 +57,12 @@ def global_mean(value: torch.Tensor) -> float:
     return float(t) / dist.get_world_size()
 
 
+def split_run(run: str) -> tuple[str, str]:
+    """``"zero2-diffmod"`` -> ``("zero2", "diffmod")``; no suffix: ``ALGORITHM``."""
+    name, _, algorithm = run.partition("-")
+    return name, algorithm or ALGORITHM
+
+
 def deepspeed_config(run: str) -> dict:
     """``zero<stage>[_bf16]``: the shipped configs/deepspeed_zero<stage>.json, bf16 switched on if asked."""
     from sharded_optim.deepspeed import load_config
@@ -81,10 +90,11 @@ def skip_inference_shm_op() -> None:
 def run_deepspeed(run: str, rank: int, world: int) -> dict:
     from sharded_optim import deepspeed as sod
     skip_inference_shm_op()
+    run, algorithm = split_run(run)
     cfg = deepspeed_config(run)
     dtype = torch.bfloat16 if cfg.get("bf16", {}).get("enabled") else torch.float32
     model = make_model()
-    engine = sod.initialize(model, cfg, algorithm=ALGORITHM, params=param_groups(model), lr=LR)
+    engine = sod.initialize(model, cfg, algorithm=algorithm, params=param_groups(model), lr=LR)
     ours = sod.sharded_optimizer(engine)
     ex, ey = eval_batch(rank, world)
     with torch.no_grad():
@@ -122,11 +132,12 @@ def run_torchrun(run: str, rank: int, world: int) -> dict:
     (``FP16_UnfusedOptimizer.initialize_optimizer_states``) takes at construction, for any client optimizer.
     """
     from sharded_optim import ShardedOptimizer
+    run, algorithm = split_run(run)
     bf16 = run.startswith("bf16")
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = make_model().to(dtype)
     # bf16: reduce the gradients in bf16, as DeepSpeed does (its communication dtype follows the model's)
-    opt = ShardedOptimizer(param_groups(model), ALGORITHM, lr=LR, zero_stage=2,
+    opt = ShardedOptimizer(param_groups(model), algorithm, lr=LR, zero_stage=2,
                            grad_reduce_dtype=torch.bfloat16 if bf16 else None)
     if run == "bf16_zero_step_first":
         for p in model.parameters():

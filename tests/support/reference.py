@@ -8,7 +8,8 @@ Everything is computed in numpy float64, per element, in exact-math order (no at
 implementation's rounding).  ``t`` is always the step count *after* the increment (first step: t = 1).
 
 State keys use the torch.optim names: ``exp_avg`` (m), ``exp_avg_sq`` (v), ``max_exp_avg_sq`` (v_max),
-``exp_avg_lr`` (AdaMod's s), ``exp_inf`` (AdaMax's u), ``mu_product`` (NAdam's running product, a float).
+``exp_avg_lr`` (AdaMod's s), ``exp_inf`` (AdaMax's u), ``mu_product`` (NAdam's running product, a float),
+``previous_grad`` (diffGrad's g_prev, torch-optimizer's name).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-ALGORITHMS = ("adam", "adamw", "adamax", "nadam", "radam", "adamod", "adabound")
+ALGORITHMS = ("adam", "adamw", "adamax", "nadam", "radam", "adamod", "adabound", "diffgrad", "diffmod")
 
 # Options each algorithm accepts besides lr, betas, eps, weight_decay, decoupled_weight_decay, maximize.
 OPTIONS = {
@@ -28,6 +29,8 @@ OPTIONS = {
     "radam": {"degenerated_to_sgd"},
     "adamod": {"amsgrad", "bias_correction", "beta3"},
     "adabound": {"amsgrad", "bias_correction", "final_lr", "gamma"},
+    "diffgrad": set(),
+    "diffmod": {"beta3"},
 }
 
 _DEFAULTS = dict(
@@ -49,7 +52,7 @@ def resolve_hp(algorithm: str, hp: Mapping[str, Any] | None = None) -> dict:
     if out["weight_decay"] is None:
         out["weight_decay"] = 1e-2 if algorithm == "adamw" else 0.0
     if out["decoupled_weight_decay"] is None:
-        out["decoupled_weight_decay"] = algorithm in ("adamw", "adamod")
+        out["decoupled_weight_decay"] = algorithm in ("adamw", "adamod", "diffmod")
     if out["initial_lr"] is None:
         out["initial_lr"] = out["lr"]
     out["betas"] = (float(out["betas"][0]), float(out["betas"][1]))
@@ -64,8 +67,10 @@ def state_keys(algorithm: str, hp: Mapping[str, Any] | None = None) -> tuple[str
     keys = ["exp_avg", "exp_avg_sq"]
     if h["amsgrad"] and algorithm in ("adam", "adamw", "adamod", "adabound"):
         keys.append("max_exp_avg_sq")
-    if algorithm == "adamod":
+    if algorithm in ("adamod", "diffmod"):
         keys.append("exp_avg_lr")
+    if algorithm in ("diffgrad", "diffmod"):
+        keys.append("previous_grad")
     if algorithm == "nadam":
         keys.append("mu_product")
     return tuple(keys)
@@ -107,6 +112,11 @@ def nadam_mu(beta1: float, t: int, momentum_decay: float) -> float:
 def adabound_bounds(final_lr: float, lr: float, initial_lr: float, gamma: float, t: int) -> tuple[float, float]:
     fl = final_lr * lr / initial_lr
     return fl * (1.0 - 1.0 / (gamma * t + 1.0)), fl * (1.0 + 1.0 / (gamma * t))
+
+
+def friction(g_prev, g):
+    """diffGrad's xi = 1/(1 + exp(-|g_prev - g|)), in [0.5, 1) (ALGORITHMS.md section 10)."""
+    return 1.0 / (1.0 + np.exp(-np.abs(g_prev - g)))
 
 
 def reference_step(algorithm: str, params: Mapping[str, Any], step: int, hp: Mapping[str, Any] | None = None) -> dict:
@@ -192,6 +202,16 @@ def reference_step(algorithm: str, params: Mapping[str, Any], step: int, hp: Map
         s = float(h["beta3"]) * _f64(params["exp_avg_lr"]) + (1.0 - float(h["beta3"])) * eta
         out["exp_avg_lr"] = s
         upd = np.minimum(eta, s) * m
+    elif algorithm in ("diffgrad", "diffmod"):
+        # g here is the transformed gradient (negated, L2 added): g_prev stores it (diffGrad v2 code)
+        xi = friction(_f64(params["previous_grad"]), g)
+        out["previous_grad"] = g.copy()
+        eta = (lr * math.sqrt(bc2) / bc1) / (np.sqrt(v) + eps)              # E0, 1/bc1 folded in
+        if algorithm == "diffmod":
+            s = float(h["beta3"]) * _f64(params["exp_avg_lr"]) + (1.0 - float(h["beta3"])) * eta
+            out["exp_avg_lr"] = s
+            eta = np.minimum(eta, s)
+        upd = eta * (xi * m)
     elif algorithm == "adabound":
         eta = (lr * math.sqrt(bc2) / bc1) / (np.sqrt(v_use) + eps)          # E0
         lo, hi = adabound_bounds(float(h["final_lr"]), lr, float(h["initial_lr"]), float(h["gamma"]), t)

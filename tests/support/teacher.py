@@ -17,7 +17,13 @@ Tolerance model (float32 compute against exact math on the same float32 inputs; 
   eps additions, the division and the fp32-cast host scalar 0.5 ulp each: about 8 * 2^-23 of
   ``U = |step| * M / denom`` (plus ``|c_g| * G / denom`` for NAdam).  We allow 12 * 2^-23 * U.
 * s (AdaMod's exp_avg_lr): an EMA of positive eta, eta carrying ~4 * 2^-23 relative error: 6 * 2^-23 of
-  ``beta3*s + (1-beta3)*eta`` plus 1 ulp.
+  ``beta3*s + (1-beta3)*eta`` plus 1 ulp.  With L2, v also carries the propagated ``dv = (1-beta2)*2G*dG``, which
+  is not small relative to v where g' cancels (v fresh at t = 1 is ``(1-beta2)*g'^2``): eta = step/(sqrt(v)+eps)
+  then moves by ``eta * dv / (2 sqrt(v) (sqrt(v) + eps))``, times (1-beta3) in s.
+* g_prev (diffGrad's previous_grad) is the kernel's g': exact without L2, else ``dG``.  The friction
+  ``xi = 1/(1 + exp(-|D|))``, ``D = g_prev - g'``: D carries 0.5 ulp(|g_prev| + G) (the subtraction) plus ``dG``;
+  ``dxi/xi = (1 - xi) dD <= dD/2`` since xi >= 0.5; exp, add and divide round once each and ``xi*m`` once more:
+  ``xi`` scales the update by a factor with relative error ``dD/2 + 4 * 2^-23``, added to the update's tolerance.
 """
 from __future__ import annotations
 
@@ -27,8 +33,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from tests.support.numerics import EPS32, to64, ulp32
-from tests.support.reference import (adabound_bounds, nadam_mu, radam_rect, reference_step, resolve_hp,
+from tests.support.numerics import EPS32, TINY32, to64, ulp32
+from tests.support.reference import (adabound_bounds, friction, nadam_mu, radam_rect, reference_step, resolve_hp,
                                      state_keys)
 
 N_ELEM = 35   # one size throughout, so compiled kernels are not re-specialised per test
@@ -55,6 +61,10 @@ def random_state(algorithm: str, hp: Mapping[str, Any], p: np.ndarray, g: np.nda
             bc = math.sqrt(1 - h["betas"][1] ** t) / (1 - h["betas"][0] ** t) if h["bias_correction"] else 1.0
             eta = h["lr"] * bc / (gs + h["eps"])
             st[k] = (eta * 10.0 ** rng.uniform(-1, 1, n)).astype(np.float32)
+        elif k == "previous_grad":
+            # around g, so that |g_prev - g| spans ~0 (xi near 0.5) to large (xi near 1)
+            st[k] = (g * rng.uniform(0.5, 1.5, n) + rng.normal(size=n) * gs * 10.0 ** rng.uniform(-4, 1, n)
+                     ).astype(np.float32)
         elif k == "mu_product":
             b1, psi = h["betas"][0], h["momentum_decay"]
             st[k] = math.prod(nadam_mu(b1, i, psi) for i in range(1, t)) if t <= 2000 else 1e-30
@@ -95,7 +105,14 @@ def tolerances(algorithm: str, hp: Mapping[str, Any], inp: Mapping[str, Any], ou
         tol["max_exp_avg_sq"] = np.maximum(tol["exp_avg_sq"], 3 * ulp32(to64(inp["max_exp_avg_sq"])))
     vuse = to64(out["max_exp_avg_sq"] if "max_exp_avg_sq" in out else out.get("exp_avg_sq", 0.0))
 
+    def s_tolerance(S: np.ndarray, eta: np.ndarray) -> np.ndarray:
+        dv = (1 - b2) * 2 * G * dG  # the propagated L2 error of v (0 without L2)
+        root = np.sqrt(vuse)
+        eta_from_v = eta * dv / np.maximum(2 * root * (root + eps), np.finfo(np.float64).tiny)
+        return 6 * EPS32 * S + ulp32(S) + (1 - h["beta3"]) * eta_from_v
+
     decay = np.zeros_like(p)
+    friction_extra = np.zeros_like(p)
     if wd and dec:
         decay = (wd if algorithm == "adabound" else lr * wd) * np.abs(p)
     if algorithm in ("adam", "adamw"):
@@ -119,11 +136,23 @@ def tolerances(algorithm: str, hp: Mapping[str, Any], inp: Mapping[str, Any], ou
         else:
             U = np.zeros_like(p)
             decay = np.zeros_like(p)
+    elif algorithm in ("diffgrad", "diffmod"):
+        gp = to64(inp["previous_grad"])
+        tol["previous_grad"] = np.maximum(dG, TINY32)
+        xi = friction(gp, to64(out["previous_grad"]))
+        xi_rel = 0.5 * (0.5 * ulp32(np.abs(gp) + G) + dG) + 4 * EPS32
+        eta = (lr * math.sqrt(bc2) / bc1) / (np.sqrt(vuse) + eps)
+        if algorithm == "diffmod":
+            S = h["beta3"] * to64(inp["exp_avg_lr"]) + (1 - h["beta3"]) * eta
+            tol["exp_avg_lr"] = s_tolerance(S, eta)
+            eta = np.minimum(eta, to64(out["exp_avg_lr"]))
+        U = eta * xi * M
+        friction_extra = U * xi_rel
     elif algorithm in ("adamod", "adabound"):
         eta = (lr * math.sqrt(bc2) / bc1) / (np.sqrt(vuse) + eps)
         if algorithm == "adamod":
             S = h["beta3"] * to64(inp["exp_avg_lr"]) + (1 - h["beta3"]) * eta
-            tol["exp_avg_lr"] = 6 * EPS32 * S + ulp32(S)
+            tol["exp_avg_lr"] = s_tolerance(S, eta)
             eta = np.minimum(eta, to64(out["exp_avg_lr"]))
         else:
             lo, hi = adabound_bounds(h["final_lr"], lr, h["initial_lr"], h["gamma"], t)
@@ -132,7 +161,7 @@ def tolerances(algorithm: str, hp: Mapping[str, Any], inp: Mapping[str, Any], ou
     else:  # pragma: no cover
         raise AssertionError(algorithm)
     pmax = np.maximum(np.abs(p), np.abs(to64(out["p"])))
-    tol["p"] = 2 * ulp32(pmax) + EPS32 * decay + 12 * EPS32 * U
+    tol["p"] = 2 * ulp32(pmax) + EPS32 * decay + 12 * EPS32 * U + friction_extra
     return tol
 
 

@@ -21,6 +21,7 @@ CASES = [
     ("radam", {}), ("radam", {"degenerated_to_sgd": False, "weight_decay": 1e-2, "decoupled_weight_decay": True}),
     ("adamod", {}), ("adamod", {"amsgrad": True}), ("adabound", {}),
     ("adabound", {"amsgrad": True, "weight_decay": 1e-3, "decoupled_weight_decay": True}),
+    ("diffgrad", {"weight_decay": 1e-2}), ("diffmod", {"len_memory": 50}),
 ]
 
 

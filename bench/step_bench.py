@@ -16,7 +16,8 @@ device path), torch ``AdamW(fused=True)``, torch ``AdamW(foreach=True)``, and wi
 compiled optimizer (``torch.compile(opt.step)`` over foreach AdamW; its compile time is reported).  Workloads: one
 big tensor, a GPT-like parameter list (CUDA: GPT-2-medium shapes, 289 tensors, 354M; CPU: 100 tensors, 8.9M), a
 small model (20 tensors, 0.66M) for latency, each with and without clipping, and ours with statistics every step
-against none.  On CUDA the small model is also timed as a CUDA-graph replay (ours ``capturable=True``, torch
+against none; DiffGrad and DiffMod (which torch lacks) against torch-optimizer's DiffGrad and the DiffMod
+reference, both eager.  On CUDA the small model is also timed as a CUDA-graph replay (ours ``capturable=True``, torch
 ``fused=True, capturable=True``).  Ratios are peer time / our time: above 1 means we are faster.
 
     python bench/step_bench.py                       # CPU, results in bench/results/step_bench_cpu.*
@@ -88,11 +89,26 @@ class Loop:
         self.step_fn()
 
 
-def ours(stats_interval: int = 0, capturable: bool = False) -> Callable:
+def ours(stats_interval: int = 0, capturable: bool = False, algorithm: str = "adamw") -> Callable:
     def make(params: list[torch.Tensor]) -> tuple:
-        opt = ShardedOptimizer(params, algorithm="adamw", lr=LR, weight_decay=WD, stats_interval=stats_interval,
-                               capturable=capturable)
+        wd = {"weight_decay": WD} if algorithm == "adamw" else {}
+        opt = ShardedOptimizer(params, algorithm=algorithm, lr=LR, stats_interval=stats_interval,
+                               capturable=capturable, **wd)
         return opt, opt.clip_grad_norm_, opt.step
+    return make
+
+
+def eager_peer(algorithm: str) -> Callable:
+    """The peers of the algorithms torch lacks: torch-optimizer's DiffGrad, the DiffMod reference (both eager)."""
+    def make(params: list[torch.Tensor]) -> tuple:
+        if algorithm == "diffgrad":
+            import torch_optimizer
+            opt = torch_optimizer.DiffGrad(params, lr=LR)
+        else:
+            from reference_optim import ReferenceDiffMod
+            opt = ReferenceDiffMod(params, lr=LR)
+        clip = lambda m: torch.nn.utils.clip_grad_norm_(params, m, foreach=True)   # noqa: E731
+        return opt, clip, opt.step
     return make
 
 
@@ -190,6 +206,14 @@ def run(device: str, quick: bool, compiled_peer: bool, rounds: int) -> dict[str,
             del loops
             if device == "cuda":
                 torch.cuda.empty_cache()
+    for algorithm in ("diffgrad", "diffmod"):   # the family members torch lacks, against their eager peers
+        loops = {"ours": Loop("ours", loads["gpt"], device, False, ours(algorithm=algorithm)),
+                 "eager_peer": Loop("eager_peer", loads["gpt"], device, False, eager_peer(algorithm))}
+        times = time_loops(loops, device, rounds, iters["gpt"], warmup=2)
+        results[f"gpt_{algorithm}"] = {"seconds": {n: spread(t) for n, t in times.items()},
+                                       "peer_over_ours": median(times["eager_peer"]) / median(times["ours"])}
+        print(f"gpt_{algorithm}", f"{results[f'gpt_{algorithm}']['peer_over_ours']:.2f}x", flush=True)
+        del loops
     shapes = loads["gpt"]
     loops = {"stats_0": Loop("stats_0", shapes, device, False, ours(0)),
              "stats_1": Loop("stats_1", shapes, device, False, ours(1))}
@@ -216,7 +240,7 @@ def report(device: str, results: dict[str, Any], args: argparse.Namespace) -> No
     write_json(name, {"command": cmd, "environment": env, "results": results})
     rows = []
     for key, r in results.items():
-        if "ratio_vs_ours" not in r or key == "small_graph":
+        if "ratio_vs_ours" not in r or key == "small_graph" or "tensors" not in r:
             continue
         ours_ms = r["seconds"]["ours"]["median"] * 1e3
         rows.append([key, r["tensors"], f"{r['numel'] / 1e6:.2f}M", f"{ours_ms:.3f}"] +
@@ -229,6 +253,12 @@ def report(device: str, results: dict[str, Any], args: argparse.Namespace) -> No
             md_table(["workload", "tensors", "params", "ours ms", "torch fused", "torch foreach", "torch compiled"],
                      rows), "",
             f"Statistics every step (GPT-like list): {results['gpt_stats']['stats_1_over_0']:.3f}x the time of none."]
+    peers = {"gpt_diffgrad": "torch-optimizer DiffGrad (eager)", "gpt_diffmod": "the DiffMod reference (eager)"}
+    for key, peer in peers.items():
+        if key in results:
+            text += ["", f"{key[4:]} on the GPT-like list: ours {results[key]['seconds']['ours']['median'] * 1e3:.2f} "
+                         f"ms, {peer} {results[key]['seconds']['eager_peer']['median'] * 1e3:.2f} ms "
+                         f"({results[key]['peer_over_ours']:.2f}x)."]
     if "small_graph" in results:
         g = results["small_graph"]
         text += ["", f"Small model as a CUDA graph replay: ours {g['seconds']['ours']['median'] * 1e6:.1f} us, torch "

@@ -761,7 +761,7 @@ class ShardedOptimizer(Optimizer):
         Usually one scalar kernel per runtime: its counters agree.  After a step that left some parameters out (no
         gradient, one rank) they differ, and each run computes its own (still on the device)."""
         max_norm = math.inf if decision.max_norm is None else decision.max_norm
-        h = self._hyper.get(rules.hyperparameters(group, float(group.get("base_lr", 0.0))) + [max_norm], id(group),
+        h = self._hyper.get(rules.hyperparameters(self.algorithm, group, float(group.get("base_lr", 0.0))) + [max_norm], id(group),
                             rt.device)
         compiled = self.kernel_mode != "eager" and rt.device.type == "cuda"
         diverged = id(rt) in self._diverged

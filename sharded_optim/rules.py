@@ -254,13 +254,19 @@ HYPER_KEYS = ("lr", "beta1", "beta2", "eps", "weight_decay", "beta3", "final_lr"
               "initial_lr")
 
 
-def hyperparameters(group: Mapping[str, Any], initial_lr: float) -> list[float]:
-    """The ``HYPER_KEYS`` values of a param group as host floats (options an algorithm lacks are 0)."""
+def hyperparameters(algorithm: str, group: Mapping[str, Any], initial_lr: float) -> list[float]:
+    """The ``HYPER_KEYS`` values of a param group as host floats.
+
+    Options the algorithm does not have are 0 whatever the group holds: a key another algorithm uses (a user's
+    ``group["beta3"] = None`` on Adam) is not read, as ``validate_group`` does not check it."""
+    options = SPECS[algorithm].options
+
+    def option(name: str) -> float:
+        return float(group[name]) if name in options else 0.0
     lr = float(group["lr"].item() if hasattr(group["lr"], "item") else group["lr"])
     beta1, beta2 = (float(b) for b in group["betas"])
-    return [lr, beta1, beta2, float(group["eps"]), float(group["weight_decay"]), float(group.get("beta3", 0.0)),
-            float(group.get("final_lr", 0.0)), float(group.get("gamma", 0.0)),
-            float(group.get("momentum_decay", 0.0)), float(initial_lr)]
+    return [lr, beta1, beta2, float(group["eps"]), float(group["weight_decay"]), option("beta3"),
+            option("final_lr"), option("gamma"), option("momentum_decay"), float(initial_lr)]
 
 
 class _HostMath:
@@ -369,6 +375,6 @@ def host_scalars(algorithm: str, group: Mapping[str, Any], step: int, *, initial
     so LR schedulers move the bounds, as in the authors' code).  ``mu_product`` is NAdam's running product of
     mu before this step.
     """
-    values, rectification, mu_after = step_scalars(algorithm, group, hyperparameters(group, initial_lr),
+    values, rectification, mu_after = step_scalars(algorithm, group, hyperparameters(algorithm, group, initial_lr),
                                                     float(int(step)), mu_product)
     return HostScalars([float(v) for v in values], rectification, mu_after)

@@ -404,11 +404,14 @@ def _reddi(amsgrad: bool, steps: int) -> float:
 
 
 def test_reddi_online_problem():
+    # Adam sits at the worst point well before 10,000 steps (0.993 there, measured; 0.946 at 5,000); AMSGrad's
+    # approach to -1 is slow (-0.80 at 10,000, -0.88 at 20,000) and needs the full 50,000.  Each step is ~0.7 ms of
+    # host time (one element: the optimizer's own overhead), so Adam's share was 33 s of the suite for nothing.
     t0 = time.perf_counter()
-    adam = _reddi(False, 50_000)
+    adam = _reddi(False, 10_000)
     ams = _reddi(True, 50_000)
     elapsed = time.perf_counter() - t0
-    print(f"Reddi problem, 2 x 50,000 steps: {elapsed:.1f} s")
+    print(f"Reddi problem, 10,000 + 50,000 steps: {elapsed:.1f} s")
     assert adam > 0.9, adam      # Adam converges to the worst point +1
     assert ams < -0.9, ams       # AMSGrad to the optimum -1
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from typing import Any
+
+REPORTED_EXIT = 2  # sharded_optim.job_exit.CONFIG_EXIT; not imported: that pulls in torch before torchrun parses
 
 
 class _DropReportedLines(logging.Filter):
@@ -23,6 +26,18 @@ class _DropReportedLines(logging.Filter):
         return not str(record.msg).startswith(self.PREFIXES)
 
 
+def _root_cause(exc: Any) -> tuple[int, Any]:
+    """The failure to report: a rank that exited with :data:`REPORTED_EXIT` if any, else torchrun's first.
+
+    Status 2 means the job itself printed an expected error (a bad configuration, an unloadable checkpoint);
+    every rank raises those.  Once one rank exits, torchrun sends SIGTERM to the others, and a rank caught in its
+    teardown then dies by a signal in the same second: torchrun's "first failure" (ordered by whole-second
+    timestamps) may name that secondary death instead of the error the user has to fix.
+    """
+    reported = [rank for rank, failure in exc.failures.items() if failure.exitcode == REPORTED_EXIT]
+    return (min(reported), exc.failures[min(reported)]) if reported else exc.get_first_failure()
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -33,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        rank, failure = _root_cause(exc)
         code = failure.exitcode
         if code < 0:  # killed by a signal
             try:

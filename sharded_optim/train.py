@@ -183,7 +183,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
             raise
         except expected_errors() as exc:
             report_once(exc, info)
-            cleanup(barrier=False)
+            # Every rank raised it and report_once was a collective, so every peer is alive: end as a finished
+            # run does (barrier, then destroy).  Without the barrier a rank that leaves first can tear down its
+            # connections while a peer is still in its last collective, and that peer aborts (SIGABRT).
+            cleanup(barrier=True)
             raise
         except BaseException:
             cleanup(barrier=False)

@@ -88,6 +88,23 @@ def test_checkpoint_error_inside_the_run_prints_once(stopped_run):
     assert "torchrun: rank" in out and "exited with status 2" in out  # the launcher's one line
 
 
+def test_launcher_reports_the_rank_that_printed_the_error_not_a_peer_killed_in_teardown():
+    # torchrun's own "first failure" is ordered by whole-second timestamps: a peer that died by a signal in the
+    # same second (torchrun SIGTERMs the others once one rank exits) must not hide the reported error (status 2)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from sharded_optim.torchrun import _root_cause
+
+    def failure(rank: int, exitcode: int) -> ProcessFailure:
+        return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file="<N/A>")
+
+    torn_down = ChildFailedError("job", {1: failure(1, -6), 0: failure(0, 2), 2: failure(2, 2)})
+    rank, chosen = _root_cause(torn_down)
+    assert (rank, chosen.exitcode) == (0, 2)
+    crashed = ChildFailedError("job", {1: failure(1, -11)})  # no reported error: torchrun's choice stands
+    assert _root_cause(crashed)[0] == 1 and _root_cause(crashed)[1].exitcode == -11
+
+
 def test_resume_drops_records_past_the_checkpoint_then_a_finished_run_is_left_alone(stopped_run, tmp_path):
     run_dir = shutil.copytree(stopped_run, tmp_path / "run")
     logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""Rank function for tests/test_engine_issues.py: engine behaviours found while building checkpoints."""
+"""Rank function for tests/test_zero_edge_cases.py: the ZeRO edge cases it checks, run on every rank."""
 from __future__ import annotations
 
 import traceback

@@ -1,10 +1,10 @@
-"""Regression tests for engine behaviours found while building checkpoints (issue 6): each states the contract
-it checks (they failed on the engine of commit 5e9f663)."""
+"""ZeRO edge cases on 2 ranks: a rank whose slice is only padding, the full logical state_dict on every rank,
+model weights loaded after construction.  Each test states the contract it checks (all three were once broken)."""
 from __future__ import annotations
 
 import pytest
 
-from tests.support.engine_issue_scenarios import scenarios
+from tests.support.zero_edge_scenarios import scenarios
 from tests.support.multiproc import run_ranks
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ interleaved, timed with CUDA events (medians):
 * ``twin``: the traffic twin of ``bench/kernel_bench.py`` (same tensors read and written, trivial math);
 * ``peer``: torch ``fused=True`` (adam, adamw, amsgrad), torch ``foreach=True`` (adamax, nadam, radam), and for
   adamod/adabound/amsbound, which torch does not have, the eager transcription of the authors' code
-  (``bench/reference_optim.py``);
+  (``bench/authors_optim.py``);
 * a device-to-device copy of one shard (``dst.copy_(src)``, 8 bytes per element moved), measured in the same
   run: the practical HBM ceiling.
 

@@ -7,7 +7,7 @@ For each algorithm, on flat fp32 buffers of ``--numel`` elements (default 16M), 
 * ``class``: ``ShardedOptimizer.step()`` on one parameter of the same size (single process, no sharding), to
   show what the class adds around the kernel;
 * ``peer``: torch ``fused=True`` (adam, adamw, amsgrad), torch ``foreach=True`` (adamax, nadam, radam), the
-  eager transcription of the authors' code in ``bench/reference_optim.py`` (adamod, adabound, amsbound, diffmod),
+  eager transcription of the authors' code in ``bench/authors_optim.py`` (adamod, adabound, amsbound, diffmod),
   or torch-optimizer's eager ``DiffGrad`` (diffgrad);
 * ``twin``: a compiled in-place kernel reading and writing exactly the tensors the variant does, with trivial
   arithmetic (``p += g; m += g; v += g; ...``): the memory-traffic floor of this machine.
@@ -29,7 +29,7 @@ import torch
 from torch._inductor import metrics as inductor_metrics
 
 from common import environment, interleaved, md_table, median, plot_path, spread, write_json, write_markdown
-from reference_optim import ReferenceAdaBound, ReferenceAdaMod, ReferenceDiffMod
+from authors_optim import AuthorsAdaBound, AuthorsAdaMod, AuthorsDiffMod
 from sharded_optim import rules
 from sharded_optim.kernels import dispatch
 from sharded_optim.optimizer import ShardedOptimizer
@@ -89,21 +89,21 @@ CASES = {
     "adamax": ("adamax", {}, "torch.optim.Adamax(foreach=True)", _torch(torch.optim.Adamax, foreach=True), 3.0),
     "nadam": ("nadam", {}, "torch.optim.NAdam(foreach=True)", _torch(torch.optim.NAdam, foreach=True), 3.0),
     "radam": ("radam", {}, "torch.optim.RAdam(foreach=True)", _torch(torch.optim.RAdam, foreach=True), 3.0),
-    "adamod": ("adamod", {}, "authors' AdaMod (eager, bench/reference_optim.py)",
-               lambda params, h: ReferenceAdaMod(params, lr=h["lr"], betas=h["betas"], beta3=h["beta3"],
+    "adamod": ("adamod", {}, "authors' AdaMod (eager, bench/authors_optim.py)",
+               lambda params, h: AuthorsAdaMod(params, lr=h["lr"], betas=h["betas"], beta3=h["beta3"],
                                                  eps=h["eps"], weight_decay=h["weight_decay"]), 10.0),
-    "adabound": ("adabound", {}, "authors' AdaBound (eager, bench/reference_optim.py)",
-                 lambda params, h: ReferenceAdaBound(params, lr=h["lr"], betas=h["betas"], final_lr=h["final_lr"],
+    "adabound": ("adabound", {}, "authors' AdaBound (eager, bench/authors_optim.py)",
+                 lambda params, h: AuthorsAdaBound(params, lr=h["lr"], betas=h["betas"], final_lr=h["final_lr"],
                                                      gamma=h["gamma"], eps=h["eps"],
                                                      weight_decay=h["weight_decay"]), 10.0),
     "amsbound": ("adabound", {"amsgrad": True}, "authors' AdaBound(amsbound=True) (eager)",
-                 lambda params, h: ReferenceAdaBound(params, lr=h["lr"], betas=h["betas"], final_lr=h["final_lr"],
+                 lambda params, h: AuthorsAdaBound(params, lr=h["lr"], betas=h["betas"], final_lr=h["final_lr"],
                                                      gamma=h["gamma"], eps=h["eps"], weight_decay=h["weight_decay"],
                                                      amsbound=True), 10.0),
     "diffgrad": ("diffgrad", {}, "torch_optimizer.DiffGrad (eager)", lambda params, h: _diffgrad_peer(params, h),
                  None),
-    "diffmod": ("diffmod", {}, "lessw2020's DiffMod (eager, bench/reference_optim.py)",
-                lambda params, h: ReferenceDiffMod(params, lr=h["lr"], betas=h["betas"],
+    "diffmod": ("diffmod", {}, "lessw2020's DiffMod (eager, bench/authors_optim.py)",
+                lambda params, h: AuthorsDiffMod(params, lr=h["lr"], betas=h["betas"],
                                                    len_memory=1 / (1 - h["beta3"]), eps=h["eps"],
                                                    weight_decay=h["weight_decay"]), None),
 }

@@ -105,8 +105,8 @@ def eager_peer(algorithm: str) -> Callable:
             import torch_optimizer
             opt = torch_optimizer.DiffGrad(params, lr=LR)
         else:
-            from reference_optim import ReferenceDiffMod
-            opt = ReferenceDiffMod(params, lr=LR)
+            from authors_optim import AuthorsDiffMod
+            opt = AuthorsDiffMod(params, lr=LR)
         clip = lambda m: torch.nn.utils.clip_grad_norm_(params, m, foreach=True)   # noqa: E731
         return opt, clip, opt.step
     return make

@@ -5,7 +5,8 @@ authors' reference code (lancopku/AdaMod ``adamod/adamod.py``, Luolc/AdaBound ``
 lessw2020's ``diffmod/diffmod.py`` with ``version=0`` and ``average_step=False``).  Same
 math and the same sequence of eager tensor operations per parameter (one op per line of the rule, temporaries
 allocated as the reference code allocates them), in current torch API spelling.  These are the "authors'
-reference implementation" peers of DESIGN.md section 5; they are not part of the library.
+reference implementation" peers of DESIGN.md section 5; they are not part of the library, and not the float64
+oracle the tests compare against (``tests/support/reference.py``): these are peers to time, that one is the truth.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 
-class ReferenceAdaMod(Optimizer):
+class AuthorsAdaMod(Optimizer):
     """AdaMod as in the authors' code: E0 epsilon, 1/bc1 folded into the step size, decoupled decay lr*wd."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), beta3=0.999, eps=1e-8, weight_decay=0.0):
@@ -57,7 +58,7 @@ class ReferenceAdaMod(Optimizer):
         return m
 
 
-class ReferenceAdaBound(Optimizer):
+class AuthorsAdaBound(Optimizer):
     """AdaBound / AMSBound as in the authors' code: L2 decay, E0 epsilon, step size clamped to bounds that
     converge to ``final_lr * lr / base_lr``."""
 
@@ -105,7 +106,7 @@ class ReferenceAdaBound(Optimizer):
 
 
 
-class ReferenceDiffMod(ReferenceAdaMod):
+class AuthorsDiffMod(AuthorsAdaMod):
     """DiffMod as in lessw2020's code: AdaMod (E0, 1/bc1 folded into the step size, decoupled lr*wd decay) with
     diffGrad's friction xi = 1/(1 + exp(-|g_prev - g|)) on the first moment, beta3 = 1 - 1/len_memory.
 

@@ -26,9 +26,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .flat import FlatLayout, merge_runs, run_counters
+from .serialization import MASTER_KEY
 from .zero import DIRECT_MIN_NUMEL, LOW_PRECISION
-
-MASTER_KEY = "master_param"  # the fp32 master copy of bf16/fp16 parameters in state_dict() (as in optimizer.py)
 
 
 def _shard_dims(p: DTensor) -> tuple[int, ...]:

@@ -84,7 +84,6 @@ def _check_groups(path: Path, meta: dict[str, Any], opt: Any, params: list[_Para
     if not isinstance(saved_groups, list) or len(saved_groups) != len(opt.param_groups):
         raise CheckpointError(f"checkpoint {path}: {len(saved_groups)} param groups saved, the optimizer has "
                               f"{len(opt.param_groups)}")
-    spec = rules.SPECS[opt.algorithm]
     new = []
     for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
         names = [e.name for e in params if e.gi == gi]
@@ -96,7 +95,7 @@ def _check_groups(path: Path, meta: dict[str, Any], opt: Any, params: list[_Para
             raise CheckpointError(f"checkpoint {path}: param group {gi} has state keys {saved.get('state_keys')} "
                                   f"in the checkpoint but {keys} here (amsgrad differs?)")
         hp = {k: v for k, v in saved.items() if k not in ("params", "state_keys")}
-        foreign = [k for k in rules.OPTION_DEFAULTS if k in hp and k not in spec.options]
+        foreign = rules.foreign_options(opt.algorithm, hp)
         if foreign:
             raise CheckpointError(f"checkpoint {path}: param group {gi} has option(s) {foreign} that "
                                   f"{opt.algorithm!r} does not use")

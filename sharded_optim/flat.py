@@ -12,11 +12,13 @@ With one rank there is a single bucket and the local shard is the whole buffer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Container, Iterable
 
 import torch
 from torch import Tensor
 from torch._C import TensorBase
 
+Run = tuple[slice, list[int]]   # a local range updated by one kernel call, and the parameter slots it covers
 ALIGN = 64  # elements; every slice boundary is 256-byte aligned for fp32, which keeps vector loads aligned
 
 
@@ -159,3 +161,36 @@ def refresh_master_pieces(layout: FlatLayout, master: Tensor, slot_index: int, f
             value = flat[piece.lo: piece.hi]
             changed = value != dst.to(value.dtype)
             dst.copy_(torch.where(changed, value.to(dst.dtype), dst))
+
+
+def run_counters(steps: Tensor, mu_products: Tensor, uniform_steps: bool) -> tuple[list[int], list[float]]:
+    """The per-slot step counts and NAdam products that decide where runs split.
+
+    ``uniform_steps`` (the device path: the counters agree and reading them would synchronise): all equal.
+    """
+    if uniform_steps:
+        return [0] * len(steps), [1.0] * len(steps)
+    return steps.tolist(), mu_products.tolist()
+
+
+def merge_runs(pieces: Iterable[tuple[int, int, int]], has_grad: list[bool], steps: list[int], mus: list[float],
+               alone: Container[int] = ()) -> list[Run]:
+    r"""Merge local pieces ``(lo, hi, slot)``, in increasing ``lo`` order, into runs for one kernel call each.
+
+    A piece joins the previous run when it starts where that run stops and its slot has the same step count
+    :math:`t` and NAdam product :math:`\prod_{i \le t} \mu_i` as the run's first slot (the host scalars of an
+    update depend on both); pieces of slots without a gradient are left out, and slots in ``alone`` (updated
+    where their gradient lies) always run on their own.
+    """
+    runs: list[Run] = []
+    for lo, hi, s in pieces:
+        if not has_grad[s]:
+            continue
+        if runs and s not in alone and runs[-1][1][-1] not in alone:
+            rng, slots = runs[-1]
+            first = slots[0]
+            if rng.stop == lo and steps[first] == steps[s] and mus[first] == mus[s]:
+                runs[-1] = (slice(rng.start, hi), slots + [s])
+                continue
+        runs.append((slice(lo, hi), [s]))
+    return runs

@@ -25,10 +25,9 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from .flat import FlatLayout
+from .flat import FlatLayout, merge_runs, run_counters
+from .serialization import MASTER_KEY
 from .zero import DIRECT_MIN_NUMEL, LOW_PRECISION
-
-MASTER_KEY = "master_param"  # the fp32 master copy of bf16/fp16 parameters in state_dict() (as in optimizer.py)
 
 
 def _shard_dims(p: DTensor) -> tuple[int, ...]:
@@ -212,25 +211,13 @@ class DTensorParamGroup:
         Empty local shards are kept in the runs (an empty range costs nothing) so that their step counters move
         with everyone else's: ``step`` must agree on all ranks for DCP.
         """
-        if uniform_steps:  # the device path: counters agree and are not read (that would synchronise)
-            steps, mus = [0] * len(self.layout.slots), [1.0] * len(self.layout.slots)
-        else:
-            steps, mus = self.steps.tolist(), self.mu_products.tolist()
+        # uniform_steps: the device path, counters agree and are not read (that would synchronise)
+        steps, mus = run_counters(self.steps, self.mu_products, uniform_steps)
         if all(has_grad) and len(set(steps)) <= 1 and len(set(mus)) <= 1 and not self._direct:
             return [(slice(0, self.layout.local_numel), list(range(len(self.layout.slots))))]
-        runs: list[tuple[slice, list[int]]] = []
-        for s in range(len(self.layout.slots)):   # slots are in increasing offset order
-            if not has_grad[s]:
-                continue
-            rng = self._range(s)
-            if runs and s not in self._direct and runs[-1][1][-1] not in self._direct:
-                last, slots = runs[-1]
-                first = slots[0]
-                if last.stop == rng.start and steps[first] == steps[s] and mus[first] == mus[s]:
-                    runs[-1] = (slice(last.start, rng.stop), slots + [s])
-                    continue
-            runs.append((rng, [s]))
-        return runs
+        # slots are in increasing offset order; in-place slots run alone
+        pieces = ((slot.offset, slot.offset + slot.numel, s) for s, slot in enumerate(self.layout.slots))
+        return merge_runs(pieces, has_grad, steps, mus, alone=self._direct)
 
     def prepare_update(self) -> None:
         """Make ``master`` agree with the local shards, which others may have written (a model checkpoint load).

@@ -203,6 +203,12 @@ def resolve_options(algorithm: str, options: Mapping[str, Any]) -> dict[str, Any
     return resolved
 
 
+def foreign_options(algorithm: str, group: Mapping[str, Any]) -> list[str]:
+    """Options in ``group`` that belong to other algorithms than ``algorithm`` (a group saved or written for
+    another algorithm), in :data:`OPTION_DEFAULTS` order."""
+    return [k for k in OPTION_DEFAULTS if k in group and k not in SPECS[algorithm].options]
+
+
 def state_keys(algorithm: str, group: Mapping[str, Any]) -> tuple[str, ...]:
     """Names of the per-element state tensors, in torch.optim spelling, in kernel argument order."""
     if algorithm == "adamax":

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .flat import FlatLayout, bound_views, flatten_into_views, refresh_master_pieces
+from .flat import FlatLayout, bound_views, flatten_into_views, merge_runs, refresh_master_pieces, run_counters
 from .kernels.stats import sumsq
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -58,6 +58,8 @@ class FlatParamGroup:
     ``grad`` (this rank's averaged gradient shard) and ``state[key]`` are 1-D tensors of ``layout.local_numel``
     elements, so each fused update is a single kernel call.
     """
+
+    keeps_dtensor_state = False   # state_dict() gathers the shards into full tensors (fsdp.py's runtime does not)
 
     def __init__(self, params: list[Tensor], *, state_keys: tuple[str, ...], process_group: Any, world: int,
                  rank: int, zero_stage: int, bucket_numel: int | None, master_weights: bool, reduce_grads: bool,
@@ -395,25 +397,12 @@ class FlatParamGroup:
             # sharded: every rank advances every parameter's counter (load_state_dict keeps them equal); the
             # device path keeps one count per runtime and reads no counter here (it would synchronise)
             return whole
-        if uniform_steps:  # parameters without a gradient are left out, as below; counters agree
-            steps, mus = [0] * len(self.layout.slots), [1.0] * len(self.layout.slots)
-        else:
-            steps, mus = self.steps.tolist(), self.mu_products.tolist()
-            if all(has_grad) and len(set(steps)) <= 1 and len(set(mus)) <= 1:
-                return whole
-        runs: list[tuple[slice, list[int]]] = []
-        for piece in sorted(self.layout.pieces, key=lambda q: q.local_lo):
-            if not has_grad[piece.slot]:
-                continue
-            lo, hi = piece.local_lo, piece.local_lo + piece.hi - piece.lo
-            if runs:
-                rng, slots = runs[-1]
-                first = slots[0]
-                if rng.stop == lo and steps[first] == steps[piece.slot] and mus[first] == mus[piece.slot]:
-                    runs[-1] = (slice(rng.start, hi), slots + [piece.slot])
-                    continue
-            runs.append((slice(lo, hi), [piece.slot]))
-        return runs
+        # uniform_steps: parameters without a gradient are left out, as below; counters agree
+        steps, mus = run_counters(self.steps, self.mu_products, uniform_steps)
+        if not uniform_steps and all(has_grad) and len(set(steps)) <= 1 and len(set(mus)) <= 1:
+            return whole
+        pieces = sorted(self.layout.pieces, key=lambda q: q.local_lo)
+        return merge_runs(((q.local_lo, q.local_lo + q.hi - q.lo, q.slot) for q in pieces), has_grad, steps, mus)
 
     def prepare_update(self) -> None:
         """Refresh the master copy of any parameter written from outside since the last step.

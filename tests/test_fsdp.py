@@ -270,7 +270,8 @@ def _protocol(mesh: Any) -> dict:
     from sharded_optim import ShardedOptimizer
     package = Path(sharded_optim.__file__).parent
     used = set()
-    for source in ("optimizer.py", "lookahead.py", "rebind.py"):
+    for source in ("optimizer.py", "runtime.py", "update.py", "step_stats.py", "serialization.py", "lookahead.py",
+                   "rebind.py"):
         used |= set(re.findall(r"\brt\.([A-Za-z_]\w*)", (package / source).read_text()))
     opt = ShardedOptimizer(shard(make_model(0), mesh).parameters(), zero_stage=0)
     opt.memory_report()   # builds the runtimes

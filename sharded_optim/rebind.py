@@ -6,11 +6,16 @@ Clients replace that storage behind the optimizer's back: ``model.to(device)`` a
 ``param.data``, ``load_state_dict(assign=True)`` under ``torch.__future__.set_swap_module_params_on_conversion``
 swaps the tensors, user code assigns ``p.data = t``.  :func:`rebind_replaced_storage` runs at the start of
 ``step()``, ``clip_grad_norm_()`` and ``state_dict()``; what it does per runtime is
-:meth:`FlatParamGroup.rebind_replaced_storage <sharded_optim.zero.FlatParamGroup.rebind_replaced_storage>`.
+:func:`rebind_flat_group` (and, for FSDP2's DTensor runtime, ``DTensorParamGroup.rebind_replaced_storage``).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
+
+from .flat import bound_views, refresh_master_pieces
+
+if TYPE_CHECKING:
+    from .zero import FlatParamGroup
 
 
 def describe(group: dict[str, Any], group_index: int, rt: Any, index: int) -> str:
@@ -50,3 +55,47 @@ def rebind_replaced_storage(opt: Any) -> None:
             rt.remove_hooks()
         opt._runtimes[id(group)] = opt._build_runtimes(group)
         opt._state_bytes = None
+
+
+def rebind_flat_group(flat: FlatParamGroup, name_of: Callable[[int], str] | None = None) -> bool:
+    """Re-bind parameters whose storage a client replaced (``model.to()``, ``p.data = t``, ``swap_tensors``);
+    True if the caller must rebuild this group (docs/ARCHITECTURE.md, "Parameters stay views").
+
+    Common path: compare each parameter's ``data_ptr`` and shape with its view's (no per-element work; a new
+    allocation cannot share an address of our live buffer, so the pointer stands for device and dtype too).
+    Same shape/device/dtype: the new values become the master and the parameter is re-pointed into ``full``.
+    Device or dtype changed before any step: True.  Otherwise ``RuntimeError`` naming ``name_of(index)``.
+    """
+    current = bound_views(flat.params)
+    if current == flat._bound:
+        return False
+    flat.wait_params()  # an in-flight all-gather still targets the flat buffer
+    rebuild = False
+    ptrs, shapes = flat._bound
+    for s, slot in enumerate(flat.layout.slots):
+        if (current[0][slot.index], current[1][slot.index]) == (ptrs[slot.index], shapes[slot.index]):
+            continue
+        p = flat.params[slot.index]
+        name = name_of(slot.index) if name_of is not None else f"parameter {slot.index} of its group"
+        if p.shape != slot.shape:
+            raise RuntimeError(f"{name} changed shape from {tuple(slot.shape)} to {tuple(p.shape)} after the "
+                               "optimizer was built; its optimizer state has the old shape: build a new optimizer")
+        if p.device != flat.device or p.dtype != flat.dtype:
+            taken = int(flat.steps.max()) if len(flat.steps) else 0
+            if taken > 0 or any(flat._reduced) or flat._pending:
+                when = f"after {taken} step(s)" if taken else "after backward reduced its gradients"
+                raise RuntimeError(f"{name} moved from {flat.device}/{flat.dtype} to {p.device}/{p.dtype} {when}; "
+                                   f"its optimizer state stays on {flat.device}/{flat.dtype}. Move or cast the "
+                                   "model before building the optimizer, or build a new optimizer")
+            rebuild = True
+            continue
+        value = p.detach().reshape(-1)
+        view = flat.full[slot.offset: slot.offset + slot.numel]
+        view.copy_(value)
+        if flat.master is not flat.full:
+            refresh_master_pieces(flat.layout, flat.master, s, value)
+        p.data = view.view(slot.shape)
+        ptrs[slot.index], shapes[slot.index] = p.data_ptr(), p.shape
+        flat._versions[slot.index] = p._version
+        flat.rebinds += 1
+    return rebuild

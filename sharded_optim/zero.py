@@ -15,7 +15,6 @@ CUDA-specific.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from .flat import FlatLayout, bound_views, flatten_into_views, merge_runs, refresh_master_pieces, run_counters
 from .kernels.stats import sumsq
+from .zero_grads import GradientReduction, _Pending
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -36,22 +36,10 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 DIRECT_MIN_NUMEL = {"cpu": 1 << 20, "cuda": 1 << 25}
 
 # torch 2.13 renamed the tensor collectives (the old names warn); older torch has only the old names.
-reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-@dataclass
-class _Pending:
-    """An in-flight gradient reduction of one bucket."""
-
-    work: Any
-    staging: Tensor         # the full bucket being reduced (kept alive until the collective completes)
-    out: Tensor | None      # where this rank's averaged slice lands (reduce-scatter only)
-    accumulate: bool        # add the result into the shard (a later micro-batch) instead of overwriting it
-    bucket: int
-
-
-class FlatParamGroup:
+class FlatParamGroup(GradientReduction):
     """Flat buffers and communication for the parameters of one (param group, dtype, device).
 
     ``master`` (the compute-dtype copy of this rank's shard; a view of the parameter buffer when no copy is needed),
@@ -147,163 +135,6 @@ class FlatParamGroup:
             if n:
                 ranges.append(slice(bucket.local_start, bucket.local_start + n))
         return ranges
-
-    # ------------------------------------------------------------------------------------ gradient reduction
-    def _register_hooks(self) -> None:
-        for slot_index, slot in enumerate(self.layout.slots):
-            p = self.params[slot.index]
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(slot.bucket)))
-
-    def _make_hook(self, bucket_index: int):
-        def hook(_param: Tensor) -> None:
-            if not self.sync_enabled:
-                return  # inside no_sync(): gradients accumulate in p.grad until the last micro-batch
-            self._ready[bucket_index] += 1
-            if self._ready[bucket_index] == len(self.layout.buckets[bucket_index].slots):
-                self._launch(bucket_index)
-        return hook
-
-    def _launch(self, bucket_index: int) -> None:
-        """Average bucket ``bucket_index``'s gradients into this rank's slice, asynchronously."""
-        bucket = self.layout.buckets[bucket_index]
-        self._ready[bucket_index] = 0
-        staging = torch.zeros(bucket.numel, dtype=self.grad_dtype, device=self.device)
-        for s in bucket.slots:
-            slot = self.layout.slots[s]
-            p = self.params[slot.index]
-            if p.grad is not None:
-                # pre-divide by the world size (as DDP does): gloo has no AVG reduction, and it keeps sums small
-                torch.div(p.grad.reshape(-1), self.world,
-                          out=staging[slot.offset - bucket.start: slot.offset - bucket.start + slot.numel])
-                p.grad = None  # the full gradient is no longer needed: only the shard is kept (ZeRO-2 memory)
-        accumulate = self._reduced[bucket_index]
-        out = None
-        if self._scatters:
-            # a later micro-batch lands in a temporary that wait() adds to the shard; the first writes in place
-            out = torch.empty(bucket.shard_numel, dtype=self.grad_dtype, device=self.device) if accumulate \
-                else self.grad[self.layout.bucket_local_range(bucket)]
-            work = reduce_scatter(out, staging, group=self.process_group, async_op=True)
-        else:  # ZeRO-1, or ZeRO-2 on gloo: all-reduce the transient bucket; wait() keeps this rank's slice
-            work = dist.all_reduce(staging, group=self.process_group, async_op=True)
-        self._pending.append(_Pending(work, staging, out, accumulate, bucket_index))
-        self._reduced[bucket_index] = True
-
-    def collect_grads(self, in_place: bool = True) -> list[bool]:
-        """Make ``self.grad`` hold this rank's averaged gradient shard; return which params had a gradient.
-
-        One rank: large parameters' gradients are not copied but read in place by the update (``in_place=False``
-        copies them too: a statistics step reads ``grad`` only).
-
-        With one rank, parameters without a gradient are reported so the optimizer can skip them (torch.optim
-        semantics).  With several ranks every parameter is updated, a missing gradient counting as zero (as in
-        DeepSpeed): whether a gradient exists is a per-rank fact and the shards must stay in lock-step.
-        """
-        has_grad = [True] * len(self.layout.slots)
-        if self.world == 1 or not self.reduce_grads:
-            dsts: list[Tensor] = []
-            srcs: list[Tensor] = []
-            for s, slot in enumerate(self.layout.slots):
-                g = self.params[slot.index].grad
-                if g is None:
-                    has_grad[s] = False
-                    self._zero_local_pieces(s)  # no stale gradient may reach the norm or the statistics
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(f"parameter {slot.index} of its group has a sparse gradient; "
-                                       "ShardedOptimizer supports dense gradients only")
-                if in_place and s in self._direct_slots and g.is_contiguous():
-                    self._direct[s] = g.view(-1)   # read by the update where autograd left it: no copy
-                    if s in self._stale_direct:   # copied by a statistics step: zero, or norms count it twice
-                        self._zero_local_pieces(s)
-                        self._stale_direct.discard(s)
-                    continue
-                if s in self._direct_slots:
-                    self._stale_direct.add(s)
-                for dst, lo, hi in self._grad_pieces[s]:
-                    if lo is None:  # the whole parameter: the shapes match, no reshape
-                        if g.data_ptr() != dst.data_ptr():  # else p.grad already is our buffer: no copy at all
-                            dsts.append(dst)
-                            srcs.append(g)
-                    else:
-                        dsts.append(dst)
-                        srcs.append(g.reshape(-1)[lo:hi])
-            # one multi-tensor copy instead of a Python loop of copies: the loop cost ~10 us of host time per
-            # parameter, which on a GPU left the device idle for most of the step
-            if dsts:
-                torch._foreach_copy_(dsts, srcs)
-            if self.world == 1:
-                self._hand_over_grad_views(has_grad)
-            return has_grad
-        for b, reduced in enumerate(self._reduced):
-            if not reduced:  # no hook fired (hooks disabled, or no gradient reached this bucket on this rank)
-                self._launch(b)
-        self.wait()
-        return has_grad
-
-    def wait(self) -> None:
-        """Wait for every in-flight reduction and fold its result into the gradient shard."""
-        for pending in self._pending:
-            pending.work.wait()
-            bucket = self.layout.buckets[pending.bucket]
-            local = self.layout.bucket_local_range(bucket)
-            if self._scatters:
-                result = pending.out
-            else:
-                result = pending.staging[self.layout.bucket_rank_range(bucket).start - bucket.start:][:bucket.shard_numel]
-            if pending.accumulate:
-                self.grad[local].add_(result)
-            elif not self._scatters:
-                self.grad[local].copy_(result)
-        self._pending.clear()
-
-    def end_step(self) -> None:
-        """Forget this step's reductions: the next backward starts a new accumulation cycle."""
-        self._reduced = [False] * len(self.layout.buckets)
-        self._ready = [0] * len(self.layout.buckets)
-        self._direct = {}
-
-    def grad_of(self, rng: slice, slots: list[int]) -> Tensor:
-        """The gradient the update of run ``rng`` reads: the parameter's own when read in place, else ``grad``."""
-        if len(slots) == 1 and slots[0] in self._direct:
-            return self._direct[slots[0]]
-        return self.grad[rng]
-
-    def param_of(self, rng: slice, slots: list[int]) -> Tensor:
-        """The parameter values a run's update writes: always the flat ``master`` (parameters are its views)."""
-        del slots
-        return self.master[rng]
-
-    def grad_tensors(self) -> list[Tensor]:
-        """Every tensor holding this step's gradient elements (``grad`` and the in-place gradients)."""
-        return [self.grad, *self._direct.values()]
-
-    def _gradient_pieces(self) -> list[list[tuple[Tensor, int | None, int | None]]]:
-        """Per slot: (destination in ``grad``, lo, hi) for each local piece of its gradient; ``lo is None`` when
-        the destination is the whole parameter, shaped like it (one rank)."""
-        out: list[list[tuple[Tensor, int | None, int | None]]] = [[] for _ in self.layout.slots]
-        if self.world == 1:
-            for s, slot in enumerate(self.layout.slots):
-                out[s].append((self.grad[slot.offset: slot.offset + slot.numel].view(slot.shape), None, None))
-            return out
-        for piece in self.layout.pieces:
-            out[piece.slot].append((self.grad[piece.local_lo: piece.local_lo + piece.hi - piece.lo],
-                                    piece.lo, piece.hi))
-        return out
-
-    def _hand_over_grad_views(self, has_grad: list[bool]) -> None:
-        """Give each parameter our buffer as its ``.grad`` (one rank): after ``zero_grad(set_to_none=False)`` later
-        backwards accumulate straight into it and the next step copies nothing."""
-        for s, slot in enumerate(self.layout.slots):
-            p = self.params[slot.index]
-            view = self._grad_pieces[s][0][0]
-            if has_grad[s] and s not in self._direct and p.grad is not view and p.grad.dtype == view.dtype \
-                    and not p.grad.requires_grad:
-                p.grad = view
-
-    def _zero_local_pieces(self, slot_index: int) -> None:
-        for piece in self.layout.pieces:
-            if piece.slot == slot_index:
-                self.grad[piece.local_lo: piece.local_lo + piece.hi - piece.lo].zero_()
 
     # ------------------------------------------------------------------------------------ parameter gather
     def gather_params(self, wait: bool = True) -> None:
@@ -423,47 +254,11 @@ class FlatParamGroup:
 
     # --------------------------------------------------------------------------------- replaced storage
     def rebind_replaced_storage(self, describe: Callable[[int], str] | None = None) -> bool:
-        """Re-bind parameters whose storage a client replaced (``model.to()``, ``p.data = t``, ``swap_tensors``);
-        True if the caller must rebuild this group (docs/ARCHITECTURE.md, "Parameters stay views").
+        """Re-bind parameters whose storage a client replaced; True if the caller must rebuild this group
+        (:func:`sharded_optim.rebind.rebind_flat_group`)."""
+        from .rebind import rebind_flat_group
 
-        Common path: compare each parameter's ``data_ptr`` and shape with its view's (no per-element work; a new
-        allocation cannot share an address of our live buffer, so the pointer stands for device and dtype too).
-        Same shape/device/dtype: the new values become the master and the parameter is re-pointed into ``full``.
-        Device or dtype changed before any step: True.  Otherwise ``RuntimeError`` naming ``describe(index)``.
-        """
-        current = bound_views(self.params)
-        if current == self._bound:
-            return False
-        self.wait_params()  # an in-flight all-gather still targets the flat buffer
-        rebuild = False
-        ptrs, shapes = self._bound
-        for s, slot in enumerate(self.layout.slots):
-            if (current[0][slot.index], current[1][slot.index]) == (ptrs[slot.index], shapes[slot.index]):
-                continue
-            p = self.params[slot.index]
-            name = describe(slot.index) if describe is not None else f"parameter {slot.index} of its group"
-            if p.shape != slot.shape:
-                raise RuntimeError(f"{name} changed shape from {tuple(slot.shape)} to {tuple(p.shape)} after the "
-                                   "optimizer was built; its optimizer state has the old shape: build a new optimizer")
-            if p.device != self.device or p.dtype != self.dtype:
-                taken = int(self.steps.max()) if len(self.steps) else 0
-                if taken > 0 or any(self._reduced) or self._pending:
-                    when = f"after {taken} step(s)" if taken else "after backward reduced its gradients"
-                    raise RuntimeError(f"{name} moved from {self.device}/{self.dtype} to {p.device}/{p.dtype} {when}; "
-                                       f"its optimizer state stays on {self.device}/{self.dtype}. Move or cast the "
-                                       "model before building the optimizer, or build a new optimizer")
-                rebuild = True
-                continue
-            value = p.detach().reshape(-1)
-            view = self.full[slot.offset: slot.offset + slot.numel]
-            view.copy_(value)
-            if self.master is not self.full:
-                refresh_master_pieces(self.layout, self.master, s, value)
-            p.data = view.view(slot.shape)
-            ptrs[slot.index], shapes[slot.index] = p.data_ptr(), p.shape
-            self._versions[slot.index] = p._version
-            self.rebinds += 1
-        return rebuild
+        return rebind_flat_group(self, describe)
 
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of this rank's gradient shard, in float64 (padding is zero and adds nothing)."""

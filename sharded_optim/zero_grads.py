@@ -1,0 +1,218 @@
+"""Gradient reduction of a ZeRO param group: each gradient reaches this rank's shard of ``grad``, averaged.
+
+ZeRO-2 reduce-scatters each bucket as soon as backward has produced every gradient in it (post-accumulate-grad
+hooks, so communication overlaps the rest of backward) and frees the full gradients; ZeRO-1 all-reduces the
+bucket and keeps this rank's slice; with ``reduce_grads=False`` (a DDP-wrapped model, gradients already averaged)
+the slice is copied; on one rank large gradients are read where autograd left them.  With ``world`` ranks the
+shard holds
+
+    grad = sum_r g_r / world        (pre-divided by ``world`` as DDP does: gloo has no AVG, and sums stay small)
+
+over the rank's slice of each bucket.  :class:`GradientReduction` is the gradient half of
+:class:`~sharded_optim.zero.FlatParamGroup`; the buffers and the layout it works on are made there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .flat import FlatLayout
+
+# torch 2.13 renamed the tensor collectives (the old names warn); older torch has only the old names.
+reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class _Pending:
+    """An in-flight gradient reduction of one bucket."""
+
+    work: Any
+    staging: Tensor         # the full bucket being reduced (kept alive until the collective completes)
+    out: Tensor | None      # where this rank's averaged slice lands (reduce-scatter only)
+    accumulate: bool        # add the result into the shard (a later micro-batch) instead of overwriting it
+    bucket: int
+
+
+
+
+class GradientReduction:
+    """Hooks, bucket reductions and gradient collection over the attributes a :class:`FlatParamGroup` sets up."""
+
+    params: list[Tensor]
+    layout: FlatLayout
+    world: int
+    device: torch.device
+    grad_dtype: torch.dtype
+    grad: Tensor
+    process_group: Any
+    reduce_grads: bool
+    sync_enabled: bool
+    _ready: list[int]
+    _reduced: list[bool]
+    _pending: list[_Pending]
+    _hooks: list[Any]
+    _scatters: bool
+    _grad_pieces: list[list[tuple[Tensor, int | None, int | None]]]
+    _direct_slots: set[int]
+    _direct: dict[int, Tensor]
+    _stale_direct: set[int]
+
+    def _register_hooks(self) -> None:
+        for slot_index, slot in enumerate(self.layout.slots):
+            p = self.params[slot.index]
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(slot.bucket)))
+
+    def _make_hook(self, bucket_index: int):
+        def hook(_param: Tensor) -> None:
+            if not self.sync_enabled:
+                return  # inside no_sync(): gradients accumulate in p.grad until the last micro-batch
+            self._ready[bucket_index] += 1
+            if self._ready[bucket_index] == len(self.layout.buckets[bucket_index].slots):
+                self._launch(bucket_index)
+        return hook
+
+    def _launch(self, bucket_index: int) -> None:
+        """Average bucket ``bucket_index``'s gradients into this rank's slice, asynchronously."""
+        bucket = self.layout.buckets[bucket_index]
+        self._ready[bucket_index] = 0
+        staging = torch.zeros(bucket.numel, dtype=self.grad_dtype, device=self.device)
+        for s in bucket.slots:
+            slot = self.layout.slots[s]
+            p = self.params[slot.index]
+            if p.grad is not None:
+                # pre-divide by the world size (as DDP does): gloo has no AVG reduction, and it keeps sums small
+                torch.div(p.grad.reshape(-1), self.world,
+                          out=staging[slot.offset - bucket.start: slot.offset - bucket.start + slot.numel])
+                p.grad = None  # the full gradient is no longer needed: only the shard is kept (ZeRO-2 memory)
+        accumulate = self._reduced[bucket_index]
+        out = None
+        if self._scatters:
+            # a later micro-batch lands in a temporary that wait() adds to the shard; the first writes in place
+            out = torch.empty(bucket.shard_numel, dtype=self.grad_dtype, device=self.device) if accumulate \
+                else self.grad[self.layout.bucket_local_range(bucket)]
+            work = reduce_scatter(out, staging, group=self.process_group, async_op=True)
+        else:  # ZeRO-1, or ZeRO-2 on gloo: all-reduce the transient bucket; wait() keeps this rank's slice
+            work = dist.all_reduce(staging, group=self.process_group, async_op=True)
+        self._pending.append(_Pending(work, staging, out, accumulate, bucket_index))
+        self._reduced[bucket_index] = True
+
+    def collect_grads(self, in_place: bool = True) -> list[bool]:
+        """Make ``self.grad`` hold this rank's averaged gradient shard; return which params had a gradient.
+
+        One rank: large parameters' gradients are not copied but read in place by the update (``in_place=False``
+        copies them too: a statistics step reads ``grad`` only).
+
+        With one rank, parameters without a gradient are reported so the optimizer can skip them (torch.optim
+        semantics).  With several ranks every parameter is updated, a missing gradient counting as zero (as in
+        DeepSpeed): whether a gradient exists is a per-rank fact and the shards must stay in lock-step.
+        """
+        has_grad = [True] * len(self.layout.slots)
+        if self.world == 1 or not self.reduce_grads:
+            dsts: list[Tensor] = []
+            srcs: list[Tensor] = []
+            for s, slot in enumerate(self.layout.slots):
+                g = self.params[slot.index].grad
+                if g is None:
+                    has_grad[s] = False
+                    self._zero_local_pieces(s)  # no stale gradient may reach the norm or the statistics
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"parameter {slot.index} of its group has a sparse gradient; "
+                                       "ShardedOptimizer supports dense gradients only")
+                if in_place and s in self._direct_slots and g.is_contiguous():
+                    self._direct[s] = g.view(-1)   # read by the update where autograd left it: no copy
+                    if s in self._stale_direct:   # copied by a statistics step: zero, or norms count it twice
+                        self._zero_local_pieces(s)
+                        self._stale_direct.discard(s)
+                    continue
+                if s in self._direct_slots:
+                    self._stale_direct.add(s)
+                for dst, lo, hi in self._grad_pieces[s]:
+                    if lo is None:  # the whole parameter: the shapes match, no reshape
+                        if g.data_ptr() != dst.data_ptr():  # else p.grad already is our buffer: no copy at all
+                            dsts.append(dst)
+                            srcs.append(g)
+                    else:
+                        dsts.append(dst)
+                        srcs.append(g.reshape(-1)[lo:hi])
+            # one multi-tensor copy instead of a Python loop of copies: the loop cost ~10 us of host time per
+            # parameter, which on a GPU left the device idle for most of the step
+            if dsts:
+                torch._foreach_copy_(dsts, srcs)
+            if self.world == 1:
+                self._hand_over_grad_views(has_grad)
+            return has_grad
+        for b, reduced in enumerate(self._reduced):
+            if not reduced:  # no hook fired (hooks disabled, or no gradient reached this bucket on this rank)
+                self._launch(b)
+        self.wait()
+        return has_grad
+
+    def wait(self) -> None:
+        """Wait for every in-flight reduction and fold its result into the gradient shard."""
+        for pending in self._pending:
+            pending.work.wait()
+            bucket = self.layout.buckets[pending.bucket]
+            local = self.layout.bucket_local_range(bucket)
+            if self._scatters:
+                result = pending.out
+            else:
+                result = pending.staging[self.layout.bucket_rank_range(bucket).start - bucket.start:][:bucket.shard_numel]
+            if pending.accumulate:
+                self.grad[local].add_(result)
+            elif not self._scatters:
+                self.grad[local].copy_(result)
+        self._pending.clear()
+
+    def end_step(self) -> None:
+        """Forget this step's reductions: the next backward starts a new accumulation cycle."""
+        self._reduced = [False] * len(self.layout.buckets)
+        self._ready = [0] * len(self.layout.buckets)
+        self._direct = {}
+
+    def grad_of(self, rng: slice, slots: list[int]) -> Tensor:
+        """The gradient the update of run ``rng`` reads: the parameter's own when read in place, else ``grad``."""
+        if len(slots) == 1 and slots[0] in self._direct:
+            return self._direct[slots[0]]
+        return self.grad[rng]
+
+    def param_of(self, rng: slice, slots: list[int]) -> Tensor:
+        """The parameter values a run's update writes: always the flat ``master`` (parameters are its views)."""
+        del slots
+        return self.master[rng]
+
+    def grad_tensors(self) -> list[Tensor]:
+        """Every tensor holding this step's gradient elements (``grad`` and the in-place gradients)."""
+        return [self.grad, *self._direct.values()]
+
+    def _gradient_pieces(self) -> list[list[tuple[Tensor, int | None, int | None]]]:
+        """Per slot: (destination in ``grad``, lo, hi) for each local piece of its gradient; ``lo is None`` when
+        the destination is the whole parameter, shaped like it (one rank)."""
+        out: list[list[tuple[Tensor, int | None, int | None]]] = [[] for _ in self.layout.slots]
+        if self.world == 1:
+            for s, slot in enumerate(self.layout.slots):
+                out[s].append((self.grad[slot.offset: slot.offset + slot.numel].view(slot.shape), None, None))
+            return out
+        for piece in self.layout.pieces:
+            out[piece.slot].append((self.grad[piece.local_lo: piece.local_lo + piece.hi - piece.lo],
+                                    piece.lo, piece.hi))
+        return out
+
+    def _hand_over_grad_views(self, has_grad: list[bool]) -> None:
+        """Give each parameter our buffer as its ``.grad`` (one rank): after ``zero_grad(set_to_none=False)`` later
+        backwards accumulate straight into it and the next step copies nothing."""
+        for s, slot in enumerate(self.layout.slots):
+            p = self.params[slot.index]
+            view = self._grad_pieces[s][0][0]
+            if has_grad[s] and s not in self._direct and p.grad is not view and p.grad.dtype == view.dtype \
+                    and not p.grad.requires_grad:
+                p.grad = view
+
+    def _zero_local_pieces(self, slot_index: int) -> None:
+        for piece in self.layout.pieces:
+            if piece.slot == slot_index:
+                self.grad[piece.local_lo: piece.local_lo + piece.hi - piece.lo].zero_()

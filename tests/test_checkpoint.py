@@ -17,7 +17,7 @@ import torch
 
 from sharded_optim import Lookahead, ShardedOptimizer, checkpoint, ckpt_integrity
 from sharded_optim.checkpoint import CheckpointError
-from sharded_optim.cli import main as cli_main
+from sharded_optim.app.cli import main as cli_main
 from tests.support import ckpt_scenarios as S
 from tests.support.jobs import job_env
 

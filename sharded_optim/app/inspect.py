@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _verify(path: Path, as_json: bool) -> int:
-    from ..ckpt_verify import verify
+    from ..checkpoint.verify import verify
 
     report = verify(path)
     if as_json:

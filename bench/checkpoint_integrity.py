@@ -25,7 +25,9 @@ import crc32c
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
-from sharded_optim import ShardedOptimizer, checkpoint, ckpt_integrity, ckpt_load
+from sharded_optim import ShardedOptimizer, checkpoint
+from sharded_optim.checkpoint import integrity as ckpt_integrity
+from sharded_optim.checkpoint import loading as ckpt_load
 
 
 class PlainWriter(FileSystemWriter):

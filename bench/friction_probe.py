@@ -13,7 +13,7 @@ import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 
 from sharded_optim import ShardedOptimizer
-from sharded_optim.experiments.tasks import digits_model, load_digits
+from sharded_optim.app.experiments.tasks import digits_model, load_digits
 from sharded_optim.telemetry.finalize import finalize
 
 CASES = (("diffmod", 2.51e-2), ("diffgrad", 2.51e-2), ("diffmod", 1.58e-3))

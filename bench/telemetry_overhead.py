@@ -60,8 +60,8 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from sharded_optim import ShardedOptimizer, telemetry  # noqa: E402
-from sharded_optim.config import ModelConfig  # noqa: E402
-from sharded_optim.model import build_model, num_parameters  # noqa: E402
+from sharded_optim.app.config import ModelConfig  # noqa: E402
+from sharded_optim.app.model import build_model, num_parameters  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 SCRAPE_PERIOD_S = 1.0

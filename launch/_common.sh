@@ -1,7 +1,7 @@
 # Shared by the launch/*.sh scripts (sourced, not run).  Sets REPO, puts it on PYTHONPATH (so an
 # uninstalled checkout works), defaults OMP_NUM_THREADS and picks a free MASTER_PORT when none is given.
 # preflight ARGS: check the job's arguments, config and run directory before any rank starts (see
-# sharded_optim/preflight.py): a mistake exits here with one message and status 2; --resume of a finished
+# sharded_optim/app/preflight.py): a mistake exits here with one message and status 2; --resume of a finished
 # run exits 0 here.
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -16,7 +16,7 @@ export MASTER_PORT
 
 preflight() {
   local rc=0
-  "$PYTHON" -m sharded_optim.preflight "$@" || rc=$?
+  "$PYTHON" -m sharded_optim.app.preflight "$@" || rc=$?
   [ "$rc" = 3 ] && exit 0   # nothing to do: --resume of a finished run
   [ "$rc" = 0 ] || exit "$rc"
 }

@@ -22,4 +22,4 @@ else
   NUM_GPUS="${NUM_GPUS:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')}"
   ds_args+=(--num_gpus "$NUM_GPUS")
 fi
-exec deepspeed "${ds_args[@]}" --module sharded_optim.train "$@"
+exec deepspeed "${ds_args[@]}" --module sharded_optim.app.train "$@"

@@ -20,4 +20,4 @@ mpi_args=(-np "$NP" --oversubscribe --bind-to none -x PYTHONPATH -x OMP_NUM_THRE
 [ "$(id -u)" = 0 ] && mpi_args+=(--allow-run-as-root)
 [ -n "${HOSTFILE:-}" ] && mpi_args+=(--hostfile "$HOSTFILE")
 unset MASTER_PORT  # rank 0 chooses the port itself under MPI
-exec "${MPIRUN:-mpirun}" "${mpi_args[@]}" "$PYTHON" -m sharded_optim.train "$@"
+exec "${MPIRUN:-mpirun}" "${mpi_args[@]}" "$PYTHON" -m sharded_optim.app.train "$@"

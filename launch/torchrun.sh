@@ -12,7 +12,7 @@
 # Multi-node: use launch/slurm.sbatch, or run torchrun yourself with --nnodes/--rdzv_endpoint.
 #
 # torchrun parses every flag before the module name and takes unambiguous prefixes of its own options
-# (e.g. --even for --event-log-handler), so train flags must come after "-m sharded_optim.train", as
+# (e.g. --even for --event-log-handler), so train flags must come after "-m sharded_optim.app.train", as
 # below; none of the train flags (--config, --set, --resume) is a prefix of a torchrun option.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
@@ -23,7 +23,7 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')"
 fi
-# sharded_optim.torchrun is torch.distributed.run reporting a failed rank in one line (the job already printed
+# sharded_optim.app.torchrun is torch.distributed.run reporting a failed rank in one line (the job already printed
 # its error once) instead of a ChildFailedError traceback; see its docstring.
-exec "$PYTHON" -m sharded_optim.torchrun --nnodes 1 --nproc_per_node "$NPROC_PER_NODE" \
-  --master_addr 127.0.0.1 --master_port "$MASTER_PORT" -m sharded_optim.train "$@"
+exec "$PYTHON" -m sharded_optim.app.torchrun --nnodes 1 --nproc_per_node "$NPROC_PER_NODE" \
+  --master_addr 127.0.0.1 --master_port "$MASTER_PORT" -m sharded_optim.app.train "$@"

@@ -1,6 +1,6 @@
-"""``python -m sharded_optim ...`` is the ``sharded-optim`` command (see :mod:`sharded_optim.cli`)."""
+"""``python -m sharded_optim ...`` is the ``sharded-optim`` command (see :mod:`sharded_optim.app.cli`)."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 sys.exit(main())

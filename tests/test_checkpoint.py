@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from sharded_optim import Lookahead, ShardedOptimizer, checkpoint, ckpt_integrity
+from sharded_optim import Lookahead, ShardedOptimizer, checkpoint
+from sharded_optim.checkpoint import integrity as ckpt_integrity
 from sharded_optim.checkpoint import CheckpointError
-from sharded_optim.cli import main as cli_main
+from sharded_optim.app.cli import main as cli_main
 from tests.support import ckpt_scenarios as S
 from tests.support.jobs import job_env
 
@@ -259,6 +260,7 @@ def test_keep_last_and_latest(tmp_path):
 CRASH_SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
     from sharded_optim import ShardedOptimizer, checkpoint
+    from sharded_optim.checkpoint import saving
     root = sys.argv[1]
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -268,7 +270,7 @@ CRASH_SCRIPT = textwrap.dedent("""
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{root}/weights_1.pt")
     model(torch.ones(2, 4)).sum().backward(); opt.step(); opt.zero_grad()
     # die the hard way after every file of step_2 is written, before the rename that publishes it
-    checkpoint._commit = lambda tmp, path: os.kill(os.getpid(), signal.SIGKILL)
+    saving._commit = lambda tmp, path: os.kill(os.getpid(), signal.SIGKILL)
     checkpoint.save(f"{root}/step_2", model, opt, step=2, keep_last=1)
 """)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sharded_optim.config import (ConfigError, RunConfig, apply_overrides, dump_config, from_dict, load_config,
+from sharded_optim.app.config import (ConfigError, RunConfig, apply_overrides, dump_config, from_dict, load_config,
                                   parse_override)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 
-from sharded_optim.config import load_config
+from sharded_optim.app.config import load_config
 from tests.support.jobs import REPO
 
 try:

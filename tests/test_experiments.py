@@ -1,4 +1,4 @@
-"""The optimizer comparison experiments (sharded_optim.experiments): the CI variant of each runs end to end and
+"""The optimizer comparison experiments (sharded_optim.app.experiments): the CI variant of each runs end to end and
 writes its JSON + markdown + PNG, and the robust qualitative facts hold:
 
 * Reddi et al.'s online counterexample: Adam settles at the worst point x = +1, AMSGrad heads to x* = -1;
@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from sharded_optim import ALGORITHMS
-from sharded_optim.experiments import experiments, run_experiment
-from sharded_optim.experiments.common import Context
-from sharded_optim.experiments.one_cycle import schedule_trace
-from sharded_optim.experiments.reddi import simulate
-from sharded_optim.experiments.tasks import train_digits
+from sharded_optim.app.experiments import experiments, run_experiment
+from sharded_optim.app.experiments.common import Context
+from sharded_optim.app.experiments.one_cycle import schedule_trace
+from sharded_optim.app.experiments.reddi import simulate
+from sharded_optim.app.experiments.tasks import train_digits
 from tests.support.jobs import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_l2_adam_and_adamw_differ_for_nonzero_weight_decay():
 
 @pytest.mark.parametrize("label", sorted(set(ALGORITHMS) | {"amsgrad"}))
 def test_every_algorithm_lowers_the_digits_training_loss_at_its_default_lr(label):
-    from sharded_optim.experiments import common
+    from sharded_optim.app.experiments import common
     if label not in common.OPTIMIZERS:  # adamax, nadam: not in the comparison grids, still must train
         common.OPTIMIZERS.setdefault(label, (label, {}))
     # 300 steps: RAdam (rectification) and AdaMod (beta3 = 0.999 bound) damp their first ~100s of steps by design;
@@ -137,12 +137,12 @@ def test_two_ranks_give_the_single_process_numbers(tmp_path):
     """torchrun, 2 ranks, ZeRO-2 (each rank trains on its half of every global batch, the optimizer averages
     the gradients) against this process alone: every optimizer of the lr-sensitivity CI grid."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sharded_optim.experiments", "lr-sensitivity", "--ci", "--out", str(tmp_path)]
+           "-m", "sharded_optim.app.experiments", "lr-sensitivity", "--ci", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((tmp_path / "lr-sensitivity-ci.json").read_text())
     assert payload["environment"]["world_size"] == 2
-    assert payload["command"] == ("torchrun --standalone --nproc_per_node 2 -m sharded_optim.experiments "
+    assert payload["command"] == ("torchrun --standalone --nproc_per_node 2 -m sharded_optim.app.experiments "
                                   f"lr-sensitivity --ci --out {tmp_path}")
     two = payload["results"]["summary"]
     one = run_experiment("lr-sensitivity", ci=True, out_dir=None)["summary"]

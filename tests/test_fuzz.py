@@ -166,7 +166,7 @@ def test_coupled_l2_weight_decay_that_overflows_v_is_refused_before_a_step():
 
 
 # ------------------------------------------------------------------------------------------- config loader
-from sharded_optim import config  # noqa: E402  (the config loader is part of the package)
+from sharded_optim.app import config  # noqa: E402  (the config loader is part of the package)
 SECTIONS = ("model", "data", "optimizer", "schedule", "training", "telemetry", "checkpoint")
 scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**20), st.floats(allow_nan=True),
                    st.text(max_size=8), st.sampled_from(["adamw", "nadam", "cpu", "fp32", "bf16", "1e-3", "auto"]))

@@ -18,7 +18,7 @@ import torch
 
 from sharded_optim import ShardedOptimizer, checkpoint, telemetry
 from sharded_optim.checkpoint import CheckpointCorruptError, CheckpointError
-from sharded_optim.cli import main as cli_main
+from sharded_optim.app.cli import main as cli_main
 from tests.support import silent_scenarios
 from tests.support.jobs import REPO, job_env
 from tests.support.multiproc import run_ranks

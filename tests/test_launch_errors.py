@@ -93,7 +93,7 @@ def test_launcher_reports_the_rank_that_printed_the_error_not_a_peer_killed_in_t
     # same second (torchrun SIGTERMs the others once one rank exits) must not hide the reported error (status 2)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from sharded_optim.torchrun import _root_cause
+    from sharded_optim.app.torchrun import _root_cause
 
     def failure(rank: int, exitcode: int) -> ProcessFailure:
         return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file="<N/A>")

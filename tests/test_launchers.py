@@ -3,7 +3,7 @@ in launch/, plus a single process with no launcher, and --resume from a run stop
 
 Same seed, same world size, same backend: the math is identical, so the final parameters must be
 bitwise identical across launchers.  The single-process run sees the same data (batches are drawn
-globally, see sharded_optim.data) but sums gradients in a different order, so it agrees closely, not
+globally, see sharded_optim.app.data) but sums gradients in a different order, so it agrees closely, not
 bitwise.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def test_resume_same_world_size_is_exact(torchrun_run: JobResult, half_run_dir, 
 
 def test_resume_on_a_different_world_size(torchrun_run: JobResult, half_run_dir, tmp_path):
     run_dir = shutil.copytree(half_run_dir, tmp_path / "run")
-    resumed = run_job([sys.executable, "-m", "sharded_optim.train"], run_dir, extra_args=["--resume"])
+    resumed = run_job([sys.executable, "-m", "sharded_optim.app.train"], run_dir, extra_args=["--resume"])
     assert resumed.summary["world_size"] == 1 and resumed.summary["resumed_from"] == HALF
     single, pair = resumed.weights(), torchrun_run.weights()
     for name in single:
@@ -119,7 +119,7 @@ def test_resume_on_a_different_world_size(torchrun_run: JobResult, half_run_dir,
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
-    result = run_job([sys.executable, "-m", "sharded_optim.train"], tmp_path / "fresh",
+    result = run_job([sys.executable, "-m", "sharded_optim.app.train"], tmp_path / "fresh",
                      extra_args=["--resume", "--set", "training.steps=2", "--set", "training.eval_interval=0",
                                  "--set", "schedule.warmup_steps=1"])
     assert result.summary["steps"] == 2 and result.summary["resumed_from"] == 0

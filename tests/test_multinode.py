@@ -1,5 +1,5 @@
 """The multi-node path on one machine: two torchrun agents as two "nodes" (``--nnodes 2``, 2 ranks each), meeting
-at a c10d rendezvous on 127.0.0.1, as launch/slurm.sbatch starts them (``python -m sharded_optim.torchrun``).
+at a c10d rendezvous on 127.0.0.1, as launch/slurm.sbatch starts them (``python -m sharded_optim.app.torchrun``).
 
 The two nodes differ as real ones do in their address: node 0's metrics bind 127.0.0.1, node 1's 127.0.0.2 (both
 loopback), on the same ports (``base_port + local rank``).  One launch pair checks that the job trains, that ranks
@@ -58,7 +58,7 @@ def two_nodes(tmp_path_factory) -> dict:
     procs, logs = [], []
     t0 = time.perf_counter()
     for node, addr in enumerate(NODE_ADDRS):
-        cmd = [sys.executable, "-m", "sharded_optim.torchrun", "--nnodes", "2", "--node_rank", str(node),
+        cmd = [sys.executable, "-m", "sharded_optim.app.torchrun", "--nnodes", "2", "--node_rank", str(node),
                "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{rdzv_port}",
                "--rdzv_id", rdzv_id, "--rdzv_conf", f"is_host={int(node == 0)}", "--monitor-interval", "0.5",
                "-m", "tests.support.multinode_job", str(out), str(TINY_CONFIG),

@@ -1,4 +1,4 @@
-"""One run per directory (sharded_optim.run_dir), in one process: refusal, --overwrite, --resume of a finished run,
+"""One run per directory (sharded_optim.app.run_dir), in one process: refusal, --overwrite, --resume of a finished run,
 metrics.jsonl after a resume, strict-JSON summaries.  The same rules through the launch scripts and torchrun are in
 tests/test_launch_errors.py."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from sharded_optim import cli
-from sharded_optim.config import ConfigError, load_config
-from sharded_optim.run_dir import RunDirError, check_start, clear_run, existing_run, finished_run, truncate_metrics
+from sharded_optim.app import cli
+from sharded_optim.app.config import ConfigError, load_config
+from sharded_optim.app.run_dir import RunDirError, check_start, clear_run, existing_run, finished_run, truncate_metrics
 from tests.support.jobs import REPO, TINY_CONFIG, job_env
 
 # 6 steps, checkpoints at 3 and 6: seconds in one process
@@ -155,7 +155,7 @@ def test_set_errors_name_the_command_line_not_the_file(tmp_path):
 
 
 def test_python_m_train_prints_one_error_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sharded_optim.train", "--config", str(tmp_path / "missing.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "sharded_optim.app.train", "--config", str(tmp_path / "missing.yaml")],
                           cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharded_optim import ShardedOptimizer, cli, data
-from sharded_optim.config import load_config
-from sharded_optim.model import build_model, num_parameters, param_groups
-from sharded_optim.train import build_scheduler, fast_forward, train
+from sharded_optim import ShardedOptimizer
+from sharded_optim.app import cli, data
+from sharded_optim.app.config import load_config
+from sharded_optim.app.model import build_model, num_parameters, param_groups
+from sharded_optim.app.train import build_scheduler, fast_forward, train
 from tests.support.jobs import REPO, TINY_CONFIG, job_env
 
 TINY_MODEL = ["model.seq_len=32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sharded_optim import ShardedOptimizer  # noqa: E402
-from sharded_optim.experiments.tasks import digits_model, load_digits  # noqa: E402
+from sharded_optim.app.experiments.tasks import digits_model, load_digits  # noqa: E402
 
 
 def time_steps(kernel: str, algorithm: str, model_kind: str, steps: int, amsgrad: bool = False) -> float:

@@ -5,7 +5,7 @@ Every rank, in one process group (the agents' c10d rendezvous, 2 agents x 2 rank
 1. records where torchrun placed it (rank, local rank, group rank, which agent started it);
 2. checks the FSDP2 path on a 2x2 HSDP mesh, replicate across nodes and shard within a node, against an
    unsharded torch.optim.AdamW reference (tests/test_fsdp.py's scenario);
-3. runs the training job (``sharded_optim.train.train``) with telemetry, reading the file_sd targets file rank 0
+3. runs the training job (``sharded_optim.app.train.train``) with telemetry, reading the file_sd targets file rank 0
    writes at telemetry start (it is withdrawn again when the run ends), and a checkpoint every ``interval`` steps.
 
 Usage: ``-m tests.support.multinode_job OUT_DIR CONFIG [--set k=v ...]``; each rank writes ``OUT_DIR/rank_<r>.json``.
@@ -49,9 +49,9 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     import sharded_optim.telemetry as telemetry
-    from sharded_optim.config import load_config
+    from sharded_optim.app.config import load_config
     from sharded_optim.dist import init_distributed
-    from sharded_optim.train import train
+    from sharded_optim.app.train import train
 
     info = init_distributed(backend="gloo")
     result: dict[str, Any] = {

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..optimizer import ShardedOptimizer
+from ...optimizer import ShardedOptimizer
 
 # Relative to the current directory, like training.run_dir: an installed package has no checkout to write into,
 # and in a checkout runs/ is ignored by git, so a --ci run leaves no untracked files among the committed results.
@@ -67,9 +67,9 @@ class Context:
         flags = (" --ci" if self.ci else "") + (f" --steps {self.steps}" if self.steps else "")
         flags += f" --kernel {self.kernel}" if self.kernel != "eager" else ""
         flags += f" --reuse {Path(self.reuse).name}" if self.reuse is not None else ""
-        base = f"python -m sharded_optim.experiments {self.name}{flags}"
+        base = f"python -m sharded_optim.app.experiments {self.name}{flags}"
         if self.world_size > 1:
-            return (f"torchrun --standalone --nproc_per_node {self.world_size} -m sharded_optim.experiments "
+            return (f"torchrun --standalone --nproc_per_node {self.world_size} -m sharded_optim.app.experiments "
                     f"{self.name}{flags}")
         return base
 

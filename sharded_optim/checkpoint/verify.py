@@ -19,10 +19,11 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import ckpt_integrity, ckpt_io
-from .checkpoint import CheckpointCorruptError, CheckpointError
-from .ckpt_integrity import IntegrityError
-from .ckpt_load import _chunks, _files, _read_failure, _read_meta, finite
+from . import integrity as ckpt_integrity
+from . import io as ckpt_io
+from .format import CheckpointCorruptError, CheckpointError
+from .integrity import IntegrityError
+from .loading import _chunks, _files, _read_failure, _read_meta, finite
 
 
 def verify(path: str | os.PathLike) -> dict[str, Any]:

@@ -27,11 +27,13 @@ from torch import Tensor
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import ckpt_integrity, ckpt_io, rules
-from .checkpoint import (FORMAT_NAME, FORMAT_VERSION, MASTER_KEY, META_FILE, RNG_DIR, SLOW_KEY,
-                         CheckpointCorruptError, CheckpointError, _agree, _distributed, _Param, _params, _rank,
-                         _state_keys, _tensor_map, _unwrap, candidates)
-from .ckpt_integrity import IntegrityError
+from .. import rules
+from . import integrity as ckpt_integrity
+from . import io as ckpt_io
+from .format import (FORMAT_NAME, FORMAT_VERSION, MASTER_KEY, META_FILE, RNG_DIR, SLOW_KEY, CheckpointCorruptError,
+                     CheckpointError, candidates)
+from .integrity import IntegrityError
+from .state import _agree, _distributed, _Param, _params, _rank, _state_keys, _tensor_map, _unwrap
 
 log = logging.getLogger("sharded_optim.checkpoint")
 

@@ -99,7 +99,7 @@ def checkpoint_step(path: Path) -> int:
 
 def finished_run(cfg: RunConfig) -> FinishedRun | None:
     """The finished run in ``cfg``'s directory, when its latest checkpoint already reached the last step."""
-    from .checkpoint import latest
+    from ..checkpoint import latest
 
     path = latest(cfg.checkpoint_dir) if cfg.checkpoint_dir.is_dir() else None
     if path is None:

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadat
                                                    TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from . import ckpt_integrity
+from . import integrity as ckpt_integrity
 
 Box = tuple[tuple[int, ...], tuple[int, ...], int]  # (global offsets, sizes, first flat element)
 

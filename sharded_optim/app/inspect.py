@@ -20,7 +20,7 @@ from .cli import Command, register
 
 def resolve(path: str | Path) -> Path:
     """The checkpoint ``path`` names: itself, the latest one under it, or under its ``checkpoints/``."""
-    from .checkpoint import latest
+    from ..checkpoint import latest
 
     path = Path(path)
     if not path.exists():
@@ -39,7 +39,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
     """The facts ``inspect`` shows, as plain data."""
     import torch
 
-    from .checkpoint import read_checkpoint
+    from ..checkpoint import read_checkpoint
 
     path = resolve(path)
     meta, tensors = read_checkpoint(path)
@@ -99,7 +99,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError
 
     try:
         if args.verify:
@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _verify(path: Path, as_json: bool) -> int:
-    from .ckpt_verify import verify
+    from ..checkpoint.verify import verify
 
     report = verify(path)
     if as_json:

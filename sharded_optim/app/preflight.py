@@ -1,9 +1,9 @@
-"""``python -m sharded_optim.preflight [train args...]``: what the launch scripts check before starting any rank.
+"""``python -m sharded_optim.app.preflight [train args...]``: what the launch scripts check before starting any rank.
 
 A mistake caught inside a distributed run costs a launcher start, a process group and N copies of the message;
 caught here it is one message and exit status 2 before ``torchrun`` (or mpirun, deepspeed, srun) starts.  Checked:
-the arguments, the config file and every ``--set`` (:func:`sharded_optim.config.load_config`), a CUDA device
-when the config asks for one, and the run directory (:func:`sharded_optim.run_dir.check_start`: no second run
+the arguments, the config file and every ``--set`` (:func:`sharded_optim.app.config.load_config`), a CUDA device
+when the config asks for one, and the run directory (:func:`sharded_optim.app.run_dir.check_start`: no second run
 in a directory that holds one).  Exit status :data:`NOTHING_TO_DO` (3) means ``--resume`` of a finished run: the
 launch script says so and exits 0 without starting the job.  The job repeats the run-directory checks itself
 (on rank 0), so launching it without these scripts is just as safe, only noisier.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..dist import strip_launcher_args
 from .config import ConfigError, load_config
-from .dist import strip_launcher_args
 from .job_exit import CONFIG_EXIT
 from .run_dir import RunDirError, check_start, finished_message, finished_run
 
@@ -24,7 +24,7 @@ NOTHING_TO_DO = 3
 def main(argv: list[str] | None = None) -> int:
     from .train import add_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m sharded_optim.train", allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="python -m sharded_optim.app.train", allow_abbrev=False,
                                      description="check a training job's arguments before launching it")
     add_arguments(parser)
     args = parser.parse_args(strip_launcher_args(sys.argv[1:] if argv is None else argv))

@@ -1,8 +1,8 @@
 """How the training job ends when it does not finish: one message per mistake, and Ctrl-C as a clean stop.
 
-*Expected* errors are the user's to fix, not bugs: a bad configuration (:class:`~sharded_optim.config.ConfigError`),
+*Expected* errors are the user's to fix, not bugs: a bad configuration (:class:`~sharded_optim.app.config.ConfigError`),
 a checkpoint that cannot be loaded (:class:`~sharded_optim.checkpoint.CheckpointError`), a run directory that
-holds another run (:class:`~sharded_optim.run_dir.RunDirError`).  Every rank raises them (the job makes the ranks
+holds another run (:class:`~sharded_optim.app.run_dir.RunDirError`).  Every rank raises them (the job makes the ranks
 agree first), so printing them on every rank repeats the message N times, and a traceback only hides it: rank 0
 prints each distinct message once (:func:`report_once` gathers them, so a cause seen only on rank 3 is not lost),
 the process exits 2 and nothing else is printed.  Anything else is a bug and keeps its traceback.
@@ -22,8 +22,8 @@ import threading
 import time
 from typing import Any
 
+from ..dist import DistInfo
 from .config import ConfigError
-from .dist import DistInfo
 from .run_dir import RunDirError
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
@@ -39,7 +39,7 @@ class TrainingInterrupted(Exception):
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError  # imported on use: the checkpoint module pulls in the optimizer
+    from ..checkpoint import CheckpointError  # imported on use: the checkpoint module pulls in the optimizer
 
     return ConfigError, CheckpointError, RunDirError
 

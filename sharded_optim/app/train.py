@@ -2,14 +2,14 @@
 
 Run it under any launcher (each rank runs this same file)::
 
-    torchrun --nproc_per_node 2 -m sharded_optim.train --config configs/quickstart.yaml
-    mpirun -np 2 python -m sharded_optim.train --config configs/quickstart.yaml
-    deepspeed --num_gpus 2 --master_port 29600 --module sharded_optim.train --config configs/quickstart.yaml
-    python -m sharded_optim.train --config configs/quickstart.yaml --set training.steps=50   # one process
+    torchrun --nproc_per_node 2 -m sharded_optim.app.train --config configs/quickstart.yaml
+    mpirun -np 2 python -m sharded_optim.app.train --config configs/quickstart.yaml
+    deepspeed --num_gpus 2 --master_port 29600 --module sharded_optim.app.train --config configs/quickstart.yaml
+    python -m sharded_optim.app.train --config configs/quickstart.yaml --set training.steps=50   # one process
 
 The model is replicated; the optimizer shards its state and reduces the gradients itself (ZeRO-1/2), so
 there is no DDP wrapper.  Everything random is a function of ``training.seed``: the initial weights, and the
-batch of every step (see :mod:`sharded_optim.data`), so a run is reproducible, independent of the launcher,
+batch of every step (see :mod:`sharded_optim.app.data`), so a run is reproducible, independent of the launcher,
 and resumable without saved data-loader state.
 
 Outputs in ``training.run_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per log
@@ -35,10 +35,10 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
+from ..dist import DistInfo, cleanup, describe_timeout, init_distributed, strip_launcher_args
 from . import data as data_lib
 from . import run_dir as run_dir_lib
 from .config import ConfigError, RunConfig, dump_config, load_config
-from .dist import DistInfo, cleanup, describe_timeout, init_distributed, strip_launcher_args
 from .job_exit import (CONFIG_EXIT, INTERRUPTED_EXIT, StopRequest, TrainingInterrupted, env_rank, expected_errors,
                        interrupted_message, print_unreported, report_once)
 from .model import build_model, num_parameters, param_groups
@@ -48,7 +48,7 @@ from .train_log import emit, log, progress_bar, strict_json
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """``ShardedOptimizer`` over the model's parameter groups, configured from ``cfg.optimizer``."""
-    from . import ShardedOptimizer  # imported here so `--help` and config errors need no optimizer build
+    from .. import ShardedOptimizer  # imported here so `--help` and config errors need no optimizer build
 
     o = cfg.optimizer
     groups = param_groups(model, o.weight_decay, o.no_decay_norm_and_bias)
@@ -128,14 +128,14 @@ def evaluate(model: torch.nn.Module, val: data_lib.ByteDataset, cfg: RunConfig, 
 def save_checkpoint(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     extra: dict) -> Path:
     """Collective: every rank writes its shard to ``<checkpoint dir>/step_<step>``; older ones are pruned."""
-    from . import checkpoint
+    from .. import checkpoint
 
     return checkpoint.save(cfg.checkpoint_dir / f"step_{step:08d}", model, optimizer, step=step, extra=extra,
                            keep_last=cfg.checkpoint.keep_last or None)
 
 
 def latest_checkpoint(cfg: RunConfig) -> Path | None:
-    from . import checkpoint
+    from .. import checkpoint
 
     return checkpoint.latest(cfg.checkpoint_dir) if cfg.checkpoint_dir.is_dir() else None
 
@@ -144,7 +144,7 @@ def load_checkpoint(cfg: RunConfig, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> tuple[int, dict, Path]:
     """Load the newest checkpoint that verifies (any world size), skipping damaged ones with a warning that
     names each and why (``checkpoint.fallback: false``: refuse instead); return (step, extra, its path)."""
-    from . import checkpoint
+    from .. import checkpoint
 
     meta = checkpoint.load(cfg.checkpoint_dir, model, optimizer, latest=True, fallback=cfg.checkpoint.fallback)
     return int(meta["step"]), meta.get("extra") or {}, Path(meta["path"])
@@ -157,8 +157,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
 
     ``resume``: continue from the latest checkpoint (a finished run is left as it is and its summary returned).
     ``overwrite``: delete the previous run in ``training.run_dir`` first; without either, a run directory that
-    holds a run is refused (:class:`~sharded_optim.run_dir.RunDirError`).  Expected errors are printed once, on
-    rank 0 (see :mod:`sharded_optim.job_exit`); SIGINT stops at the end of a step (:class:`TrainingInterrupted`).
+    holds a run is refused (:class:`~sharded_optim.app.run_dir.RunDirError`).  Expected errors are printed once, on
+    rank 0 (see :mod:`sharded_optim.app.job_exit`); SIGINT stops at the end of a step (:class:`TrainingInterrupted`).
     """
     t_start = time.perf_counter()
     t = cfg.training
@@ -245,7 +245,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool, want_c
 
     telemetry = None
     if cfg.telemetry.enabled:
-        from . import telemetry as telemetry_lib
+        from .. import telemetry as telemetry_lib
         telemetry = telemetry_lib.start(optimizer, base_port=cfg.telemetry.base_port, addr=cfg.telemetry.addr,
                                         stats_interval=cfg.telemetry.stats_interval,
                                         # dashboards/prometheus.yml discovers runs/targets/*.json (a file_sd
@@ -360,7 +360,7 @@ def _train(cfg: RunConfig, info: DistInfo, resume: bool, overwrite: bool, want_c
 # --- command line ---------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The train command's flags (shared by ``python -m sharded_optim.train`` and ``sharded-optim train``).
+    """The train command's flags (shared by ``python -m sharded_optim.app.train`` and ``sharded-optim train``).
 
     No flag is a prefix of a torchrun option (torchrun would take it): keep it that way.
     """
@@ -391,7 +391,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sharded_optim.train", allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="python -m sharded_optim.app.train", allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(strip_launcher_args(sys.argv[1:] if argv is None else argv))

@@ -1,7 +1,7 @@
 """Optimizer comparison experiments (issue 8): one module per experiment, a registry, one command.
 
-``sharded-optim experiment NAME [--ci] [--steps N] [--kernel eager|compiled] [--out DIR]`` or
-``python -m sharded_optim.experiments NAME ...``; under ``torchrun --nproc_per_node 2 -m sharded_optim.experiments
+``sharded-optim experiment NAME [--ci] [--steps N] [--kernel eager|compiled] [--out DIR]`` or ``python -m
+sharded_optim.app.experiments NAME ...``; under ``torchrun --nproc_per_node 2 -m sharded_optim.app.experiments
 NAME`` every rank trains on its slice of each global batch and the ZeRO optimizer averages the gradients (same
 numerics as one process up to float summation order).  Results: ``NAME.{json,md,png}`` (``NAME-ci.*`` for ``--ci``)
 in ``--out``, by default ``runs/experiments/`` under the current directory; the committed results are in
@@ -61,9 +61,9 @@ def command_line(program: str, argv: list[str], launcher: str, world_size: int) 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point: initialise torch.distributed if a launcher started us, run, clean up."""
-    from ..dist import cleanup, init_distributed
+    from ...dist import cleanup, init_distributed
     info = init_distributed(num_threads=args.threads)
-    program, argv = getattr(args, "invocation", ("python -m sharded_optim.experiments", None))
+    program, argv = getattr(args, "invocation", ("python -m sharded_optim.app.experiments", None))
     typed = None if argv is None else command_line(program, argv, info.launcher, info.world_size)
     try:
         run_experiment(args.name, ci=args.ci, steps=args.steps, kernel=args.kernel, out_dir=args.out,

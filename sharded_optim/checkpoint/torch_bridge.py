@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from . import rules
-from .checkpoint import CheckpointError, _unwrap
-from .ckpt_verify import read_checkpoint
+from .. import rules
+from .format import CheckpointError
+from .state import _unwrap
+from .verify import read_checkpoint
 
 
 def export_torch_optim(ckpt_dir: str | os.PathLike, out_file: str | os.PathLike) -> Path:

@@ -5,7 +5,7 @@ subcommand from your own module, register it at import time and list the module 
 :data:`COMMAND_MODULES` (modules named there that do not exist yet are skipped)::
 
     # sharded_optim/inspect_cmd.py
-    from sharded_optim.cli import Command, register
+    from sharded_optim.app.cli import Command, register
 
     def _add_arguments(parser): parser.add_argument("path")
     def _run(args) -> int: ...; return 0
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .dist import strip_launcher_args
+from ..dist import strip_launcher_args
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ _REGISTRY: dict[str, Command] = {}
 # Modules that register subcommands when imported.  Missing ones are skipped, so a module can be listed
 # before it is written.
 COMMAND_MODULES: tuple[str, ...] = (
-    "sharded_optim.inspect",
-    "sharded_optim.experiments.cli",
+    "sharded_optim.app.inspect",
+    "sharded_optim.app.experiments.cli",
 )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..optimizer import ShardedOptimizer
+from ...optimizer import ShardedOptimizer
 from .common import Context, fmt, md_table, new_figure, write_outputs
 from .grid import aggregate, run_grid
 from .registry import Experiment, register

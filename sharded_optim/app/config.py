@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from .rules import ALGORITHMS, LEN_MEMORY_ALGORITHMS, SPECS
-from .telemetry import DEFAULT_STATS_INTERVAL
+from ..rules import ALGORITHMS, LEN_MEMORY_ALGORITHMS, SPECS
+from ..telemetry import DEFAULT_STATS_INTERVAL
 
 # Options of ShardedOptimizer that only some algorithms accept (rules.SPECS[alg].options says which).
 ALGORITHM_OPTIONS = ("decoupled_weight_decay", "amsgrad", "bias_correction", "maximize", "beta3", "len_memory",
@@ -60,7 +60,7 @@ def _plain(default: Any, doc: str = "") -> Any:
 
 @dataclass
 class ModelConfig:
-    """A small GPT-style byte-level transformer (see :mod:`sharded_optim.model`)."""
+    """A small GPT-style byte-level transformer (see :mod:`sharded_optim.app.model`)."""
 
     vocab_size: int = _num(256, 256, 1 << 20, doc="256 for the byte-level corpus")
     seq_len: int = _num(128, 2, 1 << 16, doc="context length in tokens")

@@ -1,6 +1,6 @@
 """``warmup``: Adam with and without linear learning-rate warmup, against RAdam, AdaMod, diffGrad and DiffMod
 without warmup, on the
-project's small transformer (``sharded_optim.model`` on the shipped byte corpus) at several peak learning rates.
+project's small transformer (``sharded_optim.app.model`` on the shipped byte corpus) at several peak learning rates.
 
 Claims tested (docs/EXPERIMENTS.md): without warmup Adam trains worse early on / can be unusable (seeds 003 and
 004); RAdam's rectification (seed 003) and AdaMod's step-size memory (seed 004) remove the need for warmup, and

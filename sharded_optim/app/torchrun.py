@@ -1,4 +1,4 @@
-"""``python -m sharded_optim.torchrun [torchrun args...]``: torchrun, with one line instead of a report on failure.
+"""``python -m sharded_optim.app.torchrun [torchrun args...]``: torchrun, with one line instead of a report on failure.
 
 This is ``torch.distributed.run`` (what the ``torchrun`` command runs), called without the ``@record`` wrapper
 that turns a failed rank into ~40 lines of ``ChildFailedError`` traceback and table, and a Ctrl-C into a
@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Any
 
-REPORTED_EXIT = 2  # sharded_optim.job_exit.CONFIG_EXIT; not imported: that pulls in torch before torchrun parses
+REPORTED_EXIT = 2  # sharded_optim.app.job_exit.CONFIG_EXIT; not imported: that pulls in torch before torchrun parses
 
 
 class _DropReportedLines(logging.Filter):

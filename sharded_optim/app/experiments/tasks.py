@@ -145,8 +145,8 @@ def _evaluate_lm(model: nn.Module, val: Any) -> tuple[float, float]:
 
 def train_transformer(ctx: Context, label: str, lr: float, steps: int, seed: int, *, eval_every: int = 0,
                       scheduler: SchedulerFactory | None = None, **optimizer_options: Any) -> dict[str, Any]:
-    """Train the project's small GPT (``sharded_optim.model``, 2 layers, d=48, 32-byte context, 70k parameters) on the shipped
-    corpus; the usual GPT parameter groups (no decay on norms, biases and embeddings)."""
+    """Train the project's small GPT (``sharded_optim.app.model``, 2 layers, d=48, 32-byte context, 70k parameters)
+    on the shipped corpus; the usual GPT parameter groups (no decay on norms, biases and embeddings)."""
     from ..config import ModelConfig
     from ..data import train_batch
     from ..model import build_model, param_groups

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..optimizer import ShardedOptimizer
+from ...optimizer import ShardedOptimizer
 from .common import Context, fmt, md_table, new_figure, write_outputs
 from .registry import Experiment, register
 

@@ -1,5 +1,5 @@
 """Registers the ``sharded-optim experiment NAME`` subcommand (this module is listed in
-:data:`sharded_optim.cli.COMMAND_MODULES`)."""
+:data:`sharded_optim.app.cli.COMMAND_MODULES`)."""
 from __future__ import annotations
 
 import argparse

@@ -8,7 +8,7 @@ seeded with ``(seed, s)`` and each rank takes its contiguous slice.  Consequence
   training at 1, 2 or 4 ranks (up to floating-point summation order);
 * resuming at step ``s`` needs no saved data-loader state.
 
-The shipped corpus is ``sharded_optim/data/*.txt`` (the project's own documentation and notes on
+The shipped corpus is ``sharded_optim/app/data/*.txt`` (the project's own documentation and notes on
 optimizers and distributed training, written for this purpose), concatenated in name order.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ import math
 import sys
 from typing import Any
 
-from .dist import DistInfo
+from ..dist import DistInfo
 
 
 def strict_json(value: Any) -> Any:

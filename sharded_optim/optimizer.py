@@ -132,6 +132,14 @@ class ShardedOptimizer(Optimizer):
             self._ensure_runtimes()  # the gradient hooks must exist before the first backward
             agreement.verify(self)  # every rank lays out the same flat buffers, or every rank raises
 
+    @classmethod
+    def from_config(cls, params: Iterable[Tensor] | Iterable[dict[str, Any]], config: Any, *,
+                    exclude: Iterable[str] = (), **overrides: Any) -> ShardedOptimizer:
+        """Build from a config dataclass whose fields are constructor arguments (``None``: the default), e.g.
+        the run config's ``OptimizerConfig`` with ``exclude=OptimizerConfig.LOOP_FIELDS``; ``overrides`` win.
+        A field that is not an argument raises ``TypeError`` naming it (:func:`options.config_kwargs`)."""
+        return cls(params, **{**options.config_kwargs(cls.__init__, config, exclude), **overrides})
+
     # ---------------------------------------------------------------------------------------- setup
     @property
     def sharded(self) -> bool:
@@ -189,18 +197,9 @@ class ShardedOptimizer(Optimizer):
             rt.wait_params()
 
     # ---------------------------------------------------------------------------------------- gradients
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
         """Gradient accumulation: inside this context backward does not reduce; the next backward outside does."""
-        self._ensure_runtimes()
-        runtimes = [rt for _, rt in self._all_runtimes()]
-        for rt in runtimes:
-            rt.sync_enabled = False
-        try:
-            yield
-        finally:
-            for rt in runtimes:
-                rt.sync_enabled = True
+        return runtime.no_sync(self)
 
     def _collect(self) -> dict[int, list[bool]]:
         self._finish_deferred_stats()  # before waiting: the reduce-scatters launched by backward are in flight

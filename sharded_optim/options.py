@@ -5,7 +5,9 @@ The hyperparameters themselves are :func:`sharded_optim.rules.validate_group`'s 
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import inspect
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -147,3 +149,21 @@ def revalidate_group(algorithm: str, group: dict[str, Any], validated: dict[int,
     if runtimes and tuple(runtimes[0].state) != rules.state_keys(algorithm, group):
         raise ValueError("amsgrad of a param group was changed after construction; the state set of a group "
                          "is fixed (create a new optimizer to switch amsgrad on or off)")
+
+
+def config_kwargs(init: Callable[..., Any], config: Any, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """Keyword arguments for ``init`` from the fields of dataclass ``config``: ``None`` fields are left out (the
+    constructor's default, "the algorithm's default"), ``exclude`` names fields that are not arguments; any other
+    field that ``init`` neither names nor takes as an algorithm option raises ``TypeError`` naming it."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config must be a dataclass instance (e.g. an OptimizerConfig), got {type(config).__name__}")
+    named = set(inspect.signature(init).parameters) - {"self", "params"}
+    accepted = named | set(rules.OPTION_DEFAULTS) | {"decoupled_weight_decay", "len_memory"}
+    skip = set(exclude)
+    fields = [f.name for f in dataclasses.fields(config) if f.name not in skip]
+    unknown = [name for name in fields if name not in accepted]
+    if unknown:
+        raise TypeError(f"{type(config).__name__} fields {unknown} are not ShardedOptimizer arguments or algorithm "
+                        "options (pass exclude=... for fields of your own)")
+    return {name: getattr(config, name) for name in fields if getattr(config, name) is not None}
+

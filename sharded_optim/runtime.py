@@ -9,8 +9,9 @@ implementation per (param group, dtype, device) and exposes the buffers as torch
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import Tensor
@@ -238,3 +239,19 @@ def memory_report(opt: Any) -> dict[str, Any]:
     return {"rank": opt.rank, "world_size": opt.world_size, "zero_stage": opt.zero_stage,
             "by_key": per_key, "state_bytes": state_bytes, "unsharded_state_bytes": unsharded,
             "padding_elements": padding}
+
+
+@contextlib.contextmanager
+def no_sync(opt: Any) -> Iterator[None]:
+    """``opt.no_sync()``: gradient hooks do not reduce inside the context (gradients accumulate in ``p.grad``);
+    the next backward outside it reduces the accumulated sum."""
+    opt._ensure_runtimes()
+    runtimes = [rt for _, rt in opt._all_runtimes()]
+    for rt in runtimes:
+        rt.sync_enabled = False
+    try:
+        yield
+    finally:
+        for rt in runtimes:
+            rt.sync_enabled = True
+

@@ -52,15 +52,8 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
 
     o = cfg.optimizer
     groups = param_groups(model, o.weight_decay, o.no_decay_norm_and_bias)
-    return ShardedOptimizer(
-        groups, algorithm=o.algorithm, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-        zero_stage=o.zero_stage, bucket_mb=o.bucket_mb, overlap=o.overlap,
-        grad_reduce_dtype=o.grad_reduce_dtype, param_gather_dtype=o.param_gather_dtype,
-        master_weights=o.master_weights, nonfinite_policy=o.nonfinite_policy, spike_sigma=o.spike_sigma,
-        spike_window=o.spike_window, kernel=o.kernel,
-        stats_interval=cfg.telemetry.stats_interval if cfg.telemetry.enabled else 0,
-        **o.algorithm_options(),
-    )
+    return ShardedOptimizer.from_config(groups, o, exclude=o.LOOP_FIELDS,
+                                        stats_interval=cfg.telemetry.stats_interval if cfg.telemetry.enabled else 0)
 
 
 def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> LRScheduler | None:
@@ -164,7 +157,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict
     t = cfg.training
     want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     if t.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError([f"training.device: got 'cuda' but no CUDA device is available; allowed here: "
+        raise ConfigError(["training.device: got 'cuda' but no CUDA device is available; allowed here: "
                            "'cpu' or 'auto'"])
     with StopRequest() as stop:
         info = init_distributed(backend="nccl" if want_cuda else "gloo", timeout_s=t.timeout_s,

@@ -47,7 +47,7 @@ def test_shipped_configs_cover_every_algorithm_family():
 @pytest.mark.parametrize("raw, path, value_text, allowed_text", [
     ({"optimizer": {"betas": [0.9, 1.5]}}, "optimizer.betas[1]", "1.5", "[0, 1)"),
     ({"optimizer": {"betas": [0.9]}}, "optimizer.betas", "[0.9]", "a list of 2 numbers"),
-    ({"optimizer": {"lr": -1.0}}, "optimizer.lr", "-1.0", "a finite number >= 0"),
+    ({"optimizer": {"lr": -1.0}}, "optimizer.lr", "-1.0 (float)", "a finite number >= 0"),
     ({"optimizer": {"lr": "fast"}}, "optimizer.lr", "'fast'", "a number"),
     ({"optimizer": {"algorithm": "sgd"}}, "optimizer.algorithm", "'sgd'", "'adamw'"),
     ({"optimizer": {"zero_stage": 3}}, "optimizer.zero_stage", "3", "one of 0, 1, 2"),

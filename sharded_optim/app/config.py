@@ -192,7 +192,7 @@ def _optimizer_limits(o: OptimizerConfig, errors: list[str]) -> None:
             options.resolve_defaults(o.algorithm, h["lr"], h["betas"], h["eps"], h["weight_decay"], opts)
             options.check_arguments(**r, stats_interval=0, capturable=False)
         except (ValueError, TypeError) as exc:
-            errors.append(_optimizer_error(str(exc)))
+            errors.append(_optimizer_error(o, str(exc)))
             return False
         return True
 
@@ -203,12 +203,14 @@ def _optimizer_limits(o: OptimizerConfig, errors: list[str]) -> None:
         check({name: getattr(o, name) for name in hyper}, given, {name: getattr(o, name) for name in run})
 
 
-def _optimizer_error(text: str) -> str:
-    said = re.fullmatch(r"(\S+) must be (.*?)[,;] got (.*)", text, re.DOTALL)
-    known = {f.name for f in dataclasses.fields(OptimizerConfig)}
-    if said and said[1].split("[", 1)[0] in known:   # "lr must be X, got Y": the other fields' form
-        return f"optimizer.{said[1]}: got {said[3]}; allowed: {said[2]}"
-    return f"optimizer: {text}"
+def _optimizer_error(o: OptimizerConfig, text: str) -> str:
+    """``lr must be X, got Y`` as the other fields say it: ``optimizer.lr: got Y (float); allowed: X``."""
+    said = re.fullmatch(r"(\w+)(?:\[(\d)\])? must be (.*?)[,;] got .*", text, re.DOTALL)
+    if not said or said[1] not in {f.name for f in dataclasses.fields(OptimizerConfig)}:
+        return f"optimizer: {text}"
+    value = getattr(o, said[1]) if said[2] is None else getattr(o, said[1])[int(said[2])]
+    name = said[1] if said[2] is None else f"{said[1]}[{said[2]}]"
+    return f"optimizer.{name}: got {_describe(value)}; allowed: {said[3]}"
 
 
 def from_dict(raw: Any, source: str | None = None) -> RunConfig:
@@ -225,8 +227,7 @@ def from_dict(raw: Any, source: str | None = None) -> RunConfig:
     hints = typing.get_type_hints(RunConfig)
     sections = {name: _build_section(name, hints[name], raw.get(name), errors) for name in section_names()}
     cfg = RunConfig(**sections)
-    if not any(line.startswith("optimizer.") for line in errors):   # once its fields have their types
-        _optimizer_limits(cfg.optimizer, errors)
+    _optimizer_limits(cfg.optimizer, errors)   # a field that failed its type check holds its default here
     if not errors:
         _cross_checks(cfg, errors)
     if errors:

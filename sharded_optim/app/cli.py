@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..dist import strip_launcher_args
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Command:
     run: Callable[[argparse.Namespace], int | None]
 
 
-_REGISTRY: dict[str, Command] = {}
+_REGISTRY = Registry("subcommand")  # name -> Command
 
 # Modules that register subcommands when imported.  Missing ones are skipped, so a module can be listed
 # before it is written.
@@ -48,11 +49,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 def register(command: Command) -> Command:
     """Add a subcommand; a second registration of the same name is a bug and raises."""
-    existing = _REGISTRY.get(command.name)
-    if existing is not None and existing != command:
-        raise ValueError(f"subcommand {command.name!r} is already registered")
-    _REGISTRY[command.name] = command
-    return command
+    return _REGISTRY.add(command)
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:

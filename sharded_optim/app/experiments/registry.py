@@ -5,6 +5,8 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..registry import Registry
+
 if TYPE_CHECKING:
     from .common import Context
 
@@ -23,16 +25,12 @@ class Experiment:
     run: Callable[["Context"], dict[str, Any]]
 
 
-_REGISTRY: dict[str, Experiment] = {}
+_REGISTRY = Registry("experiment")  # name -> Experiment
 
 
 def register(experiment: Experiment) -> Experiment:
     """Add an experiment; registering a different one under a taken name raises."""
-    existing = _REGISTRY.get(experiment.name)
-    if existing is not None and existing != experiment:
-        raise ValueError(f"experiment {experiment.name!r} is already registered")
-    _REGISTRY[experiment.name] = experiment
-    return experiment
+    return _REGISTRY.add(experiment)
 
 
 def experiments() -> dict[str, Experiment]:

@@ -2,7 +2,7 @@
 
 Times whole training steps (forward, backward, optimizer step) of the digits MLP, interleaving the two kernels
 so machine load affects both alike, after a warm-up that absorbs the one-off torch.compile cost.  Run from the
-repository root: ``python bench/experiments/kernel_choice.py``.  Prints a markdown table.
+repository root: ``python bench/kernel_choice.py``.  Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sharded_optim import ShardedOptimizer  # noqa: E402
 from sharded_optim.app.experiments.tasks import digits_model, load_digits  # noqa: E402

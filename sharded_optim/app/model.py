@@ -82,7 +82,8 @@ class GPT(nn.Module):
             else:  # layer-norm weights
                 nn.init.ones_(p)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor,
+                targets: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(b, t, vocab)``; with ``targets`` returns ``(logits, mean cross-entropy)``."""
         t = idx.shape[1]
         if t > self.cfg.seq_len:

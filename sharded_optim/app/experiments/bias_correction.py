@@ -8,7 +8,7 @@ advantage over Adam (seeds 000, 002).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,7 +21,7 @@ FULL = {"tasks": ["logreg", "mlp"], "lrs": [1e-4, 1e-3, 1e-2], "beta2s": [0.99, 
 CI = {"tasks": ["mlp"], "lrs": [1e-2], "beta2s": [0.999], "steps": 20, "seeds": (0,), "eval_every": 10}
 
 
-def linear_decay(total_steps: int):
+def linear_decay(total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
     """Scheduler factory: lr decays linearly from its initial value to 0 at ``total_steps``."""
     def factory(opt: torch.optim.Optimizer) -> Any:
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total_steps))

@@ -8,7 +8,7 @@ Claim tested (docs/EXPERIMENTS.md, seed 002): AdamW + 1cycle trains to a given q
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -22,7 +22,7 @@ FULL = {"digits_lrs": [1e-3, 3e-3, 1e-2, 3e-2], "digits_budgets": [100, 400], "s
 CI = {"digits_lrs": [1e-2], "digits_budgets": [20], "seeds": (0,), "lm_lrs": [], "lm_budget": 0, "lm_seeds": ()}
 
 
-def one_cycle(max_lr: float, total_steps: int):
+def one_cycle(max_lr: float, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
     """Scheduler factory for OneCycleLR with torch's defaults and beta1 cycling."""
     def factory(opt: torch.optim.Optimizer) -> Any:
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps,

@@ -25,6 +25,7 @@ def strict_json(value: Any) -> Any:
 
 
 def log(info: DistInfo, text: str) -> None:
+    """Print ``text`` on rank 0 only."""
     if info.is_main:
         print(text, flush=True)
 
@@ -39,6 +40,8 @@ def progress_bar(info: DistInfo, total: int, initial: int) -> tqdm:
 
 
 def emit(info: DistInfo, progress: tqdm, metrics_file: TextIO | None, record: dict) -> None:
+    """On rank 0: append ``record`` to ``metrics.jsonl`` and print it above the progress bar (a training step's line, or
+    a validation loss)."""
     if not info.is_main:
         return
     metrics_file.write(json.dumps(record) + "\n")

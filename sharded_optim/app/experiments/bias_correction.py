@@ -50,6 +50,8 @@ def _plot(summary: list[dict[str, Any]], cfg: dict[str, Any]) -> Any:
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    """Train every grid point (task x lr x beta2 x Adam/AMSGrad x bias correction on/off) over the seeds, write the
+    table and figure, and return the config and the per-point summary."""
     cfg = CI if ctx.ci else FULL
     steps = ctx.steps or cfg["steps"]
     points = [{"task": task, "label": label, "lr": lr, "beta2": b2, "bias_correction": bc}

@@ -70,6 +70,8 @@ def _plot(summary: list[dict[str, Any]], trace: dict[str, list[float]]) -> Any:
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    """Train AdamW with a constant lr and with one-cycle at every budget and peak lr, trace the schedule, write the
+    tables and figure, and return the summary and each schedule's best lr per budget."""
     cfg = CI if ctx.ci else FULL
     points = [{"task": "mlp", "label": "adamw", "lr": lr, "schedule": s, "budget": b, "steps": b}
               for b in cfg["digits_budgets"] for lr in cfg["digits_lrs"] for s in ("constant", "one-cycle")]

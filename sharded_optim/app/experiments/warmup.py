@@ -52,6 +52,8 @@ def _plot(summary: list[dict[str, Any]], lrs: list[float]) -> Any:
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    """Train (or reuse) every variant at every peak lr on the small transformer, write the table and figure, and return
+    the summary with early and final validation losses."""
     cfg = CI if ctx.ci else FULL
     steps = ctx.steps or cfg["steps"]
     points = [{"task": "transformer", "variant": v, "label": label, "lr": lr, "warmup_steps": int(frac * steps)}

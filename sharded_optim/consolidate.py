@@ -95,5 +95,7 @@ def held(opt: Any) -> dict[str, Any] | None:
 
 
 def validate_to(opt: Any, to: int) -> None:
+    """Refuse (``ValueError``) a ``to`` that is not a rank of ``opt``'s process group: an int in ``[0, world_size)``,
+    not a bool."""
     if isinstance(to, bool) or not isinstance(to, int) or not 0 <= to < opt.world_size:
         raise ValueError(f"to must be a rank of the optimizer's process group (0..{opt.world_size - 1}), got {to!r}")

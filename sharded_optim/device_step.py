@@ -105,6 +105,8 @@ class HyperparameterBuffers:
         self._buffers: dict[tuple[int, torch.device], tuple[list[float], Tensor]] = {}
 
     def get(self, values: list[float], group_id: int, device: torch.device) -> Tensor:
+        """The float64 device buffer holding ``values`` for param group ``group_id`` on ``device``: the same buffer
+        every call, copied into only when ``values`` changed."""
         key = (group_id, torch.device(device))
         cached = self._buffers.get(key)
         if cached is not None and cached[0] == values:

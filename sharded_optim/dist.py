@@ -53,6 +53,7 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """True on global rank 0."""
         return self.rank == 0
 
 
@@ -91,6 +92,7 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def default_backend() -> str:
+    """``nccl`` when CUDA is available, else ``gloo``."""
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 

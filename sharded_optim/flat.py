@@ -115,9 +115,11 @@ class FlatLayout:
         return pieces
 
     def bucket_local_range(self, bucket: Bucket) -> slice:
+        """``bucket``'s slice of this rank's local shard buffers."""
         return slice(bucket.local_start, bucket.local_start + bucket.shard_numel)
 
     def bucket_full_range(self, bucket: Bucket) -> slice:
+        """``bucket``'s slice of the full flat buffer (every rank's part and the padding)."""
         return slice(bucket.start, bucket.start + bucket.numel)
 
     def bucket_rank_range(self, bucket: Bucket) -> slice:

@@ -110,6 +110,8 @@ class DTensorParamGroup:
 
     @property
     def has_master_copy(self) -> bool:
+        """True when the update runs on an fp32 copy of bf16/fp16 parameters (``compute_dtype`` differs from
+        ``dtype``)."""
         return self.compute_dtype != self.dtype
 
     def _as_dtensor(self, buffer: Tensor, slot_index: int) -> Tensor:
@@ -286,10 +288,13 @@ class DTensorParamGroup:
         return total
 
     def stat_ranges(self) -> list[slice]:
+        """The local range holding parameter elements, ``[0, real numel)`` (alignment padding excluded); none when this
+        rank holds no elements."""
         real = self.layout.local_real_numel()
         return [slice(0, real)] if real else []
 
     def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds, by buffer: each state tensor, ``master`` and ``grad_shard``."""
         out = {key: t.numel() * t.element_size() for key, t in self.state.items()}
         out["master"] = self.master.numel() * self.master.element_size()
         out["grad_shard"] = self.grad.numel() * self.grad.element_size()

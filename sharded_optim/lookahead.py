@@ -67,26 +67,32 @@ class Lookahead(Optimizer):
     # ----------------------------------------------------------------------- the torch.optim surface, shared
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The inner optimizer's ``param_groups`` (the same list: what a scheduler writes reaches it)."""
         return self.optimizer.param_groups
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
+        """Replace the inner optimizer's ``param_groups``."""
         self.optimizer.param_groups = value
 
     @property
     def state(self) -> Any:  # type: ignore[override]
+        """The inner optimizer's per-parameter ``state`` (the same dict)."""
         return self.optimizer.state
 
     @state.setter
     def state(self, value: Any) -> None:
+        """Replace the inner optimizer's ``state``."""
         self.optimizer.state = value
 
     @property
     def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        """The inner optimizer's ``defaults`` (the same dict)."""
         return self.optimizer.defaults
 
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
+        """Replace the inner optimizer's ``defaults``."""
         self.optimizer.defaults = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -95,6 +101,7 @@ class Lookahead(Optimizer):
         self._sync_slow_buffers()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero (or with ``set_to_none``, drop) the gradients through the inner optimizer."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def __repr__(self) -> str:
@@ -121,6 +128,8 @@ class Lookahead(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One inner step; on every ``k``-th step taken (skipped steps do not count) also, on the local shard,
+        ``slow <- slow + alpha * (fast - slow)`` and ``fast <- slow``.  Returns the closure's loss."""
         self.optimizer._rebind_replaced_storage()  # a runtime rebuilt here needs its slow weights before the update
         self._sync_slow_buffers()
         before = self.optimizer.steps_attempted
@@ -159,6 +168,8 @@ class Lookahead(Optimizer):
             self._consolidated = (consolidate.marker(self.optimizer), slow) if self.optimizer.rank == to else None
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The inner state dict plus ``k``, ``alpha``, ``inner_steps`` and the full slow weights per parameter index (a
+        collective when sharded, unless consolidated onto this rank)."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         inner = self.optimizer.state_dict()  # sharded and not consolidated: the rendezvous with the other ranks
@@ -176,6 +187,8 @@ class Lookahead(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a :meth:`state_dict`: the inner state, ``k``, ``alpha``, ``inner_steps``, and this rank's part of each
+        parameter's slow weights (all of them checked for presence and size first)."""
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:

@@ -143,6 +143,7 @@ class ShardedOptimizer(Optimizer):
     # ---------------------------------------------------------------------------------------- setup
     @property
     def sharded(self) -> bool:
+        """True when the state is split across ranks (ZeRO stage > 0, world > 1)."""
         return self.zero_stage > 0 and self.world_size > 1
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

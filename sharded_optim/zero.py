@@ -183,6 +183,7 @@ class FlatParamGroup(GradientReduction):
                 full.copy_(out)
 
     def buckets_of(self, params: Iterable[Tensor]) -> set[int]:
+        """Indices of the buckets that hold any of ``params``."""
         ids = {id(p) for p in params}
         return {slot.bucket for slot in self.layout.slots if id(self.params[slot.index]) in ids}
 
@@ -273,6 +274,8 @@ class FlatParamGroup(GradientReduction):
 
     # --------------------------------------------------------------------------------------------- memory
     def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds, by buffer: each state tensor, ``master`` (when not the parameters' own flat buffer)
+        and ``grad_shard``."""
         out = {key: t.numel() * t.element_size() for key, t in self.state.items()}
         if self.master is not self.full:
             out["master"] = self.master.numel() * self.master.element_size()
@@ -280,6 +283,7 @@ class FlatParamGroup(GradientReduction):
         return out
 
     def remove_hooks(self) -> None:
+        """Remove the post-accumulate-grad hooks that start bucket reductions during backward."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

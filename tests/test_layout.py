@@ -151,3 +151,89 @@ def test_checkpoint_modules_have_no_import_cycle():
 def test_no_flat_checkpoint_modules_are_left():
     assert not sorted(p.name for p in PACKAGE.glob("ckpt_*.py")), "checkpoint modules belong in checkpoint/"
     assert not (PACKAGE / "checkpoint.py").exists()
+
+
+# ------------------------------------------------------------------------------- documented and typed (issue 18)
+def _is_setter(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    return any(isinstance(d, ast.Attribute) and d.attr == "setter" for d in node.decorator_list)
+
+
+def api_problems(source: str, where: str) -> list[str]:
+    """Public classes, functions and methods (at module level and in public classes; names not starting with
+    ``_``, plus ``__init__``) of one module that lack a docstring, a parameter annotation or a return annotation.
+
+    ``__init__`` needs no docstring (the class has one) and no return annotation, but annotated parameters; a
+    property setter (``@x.setter``) is documented by its getter.  ``self`` and ``cls`` need no annotation."""
+    problems: list[str] = []
+
+    def visit(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                if not ast.get_docstring(node):
+                    problems.append(f"{where}:{node.lineno}: class {prefix}{node.name}: no docstring")
+                visit(node.body, f"{prefix}{node.name}.")
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.name.startswith("_") and node.name != "__init__":
+                    continue
+                name = f"{where}:{node.lineno}: {prefix}{node.name}"
+                if node.name != "__init__" and not _is_setter(node) and not ast.get_docstring(node):
+                    problems.append(f"{name}: no docstring")
+                a = node.args
+                params = a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x is not None]
+                untyped = [p.arg for p in params if p.annotation is None and p.arg not in ("self", "cls")]
+                if untyped:
+                    problems.append(f"{name}: parameters without annotation: {', '.join(untyped)}")
+                if node.returns is None and node.name != "__init__":
+                    problems.append(f"{name}: no return annotation")
+
+    visit(ast.parse(source, filename=where).body, "")
+    return problems
+
+
+def test_api_checker_applies_the_rules():
+    source = '''
+class Public:
+    def __init__(self, a: int, b):
+        pass
+
+    @property
+    def value(self) -> int:
+        """Documented."""
+
+    @value.setter
+    def value(self, v: int) -> None:
+        pass
+
+    def method(self, *args, **kwargs: int):
+        pass
+
+    def _private(self, x):
+        pass
+
+
+class _Private:
+    def method(self):
+        pass
+
+
+def function(x: int) -> int:
+    """Documented and typed."""
+
+
+async def coroutine(*, key) -> None:
+    """Documented."""
+'''
+    assert api_problems(source, "m.py") == [
+        "m.py:2: class Public: no docstring",
+        "m.py:3: Public.__init__: parameters without annotation: b",
+        "m.py:14: Public.method: no docstring",
+        "m.py:14: Public.method: parameters without annotation: args",
+        "m.py:14: Public.method: no return annotation",
+        "m.py:30: coroutine: parameters without annotation: key",
+    ]
+
+
+def test_every_public_class_and_function_is_documented_and_typed():
+    problems = [problem for path in sorted(PACKAGE.rglob("*.py"))
+                for problem in api_problems(path.read_text(), str(path.relative_to(REPO)))]
+    assert not problems, f"{len(problems)} public definitions undocumented or untyped:\n" + "\n".join(problems)

@@ -31,6 +31,9 @@ from .registry import Registry
 
 @dataclass(frozen=True)
 class Command:
+    """One ``sharded-optim`` subcommand: its name and help line, a function that adds its arguments to its subparser,
+    and the function run with the parsed arguments (its return value is the exit status; None means 0)."""
+
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -78,6 +81,8 @@ def _import_command_modules() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sharded-optim`` parser, one subparser per registered command (the modules of :data:`COMMAND_MODULES` and of
+    the ``sharded_optim.commands`` entry points are imported first)."""
     _import_command_modules()
     parser = argparse.ArgumentParser(prog="sharded-optim", allow_abbrev=False,
                                      description="ZeRO-style sharded Adam-family optimizers for PyTorch")
@@ -95,6 +100,8 @@ def program_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the subcommand named in ``argv`` (default ``sys.argv[1:]``, launcher arguments stripped); return its exit
+    status."""
     argv = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.invocation = (program_name(), argv)  # what a command that records its own command line reads

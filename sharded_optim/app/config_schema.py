@@ -52,6 +52,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The training text (see :mod:`sharded_optim.app.data`) and the share of it held out for validation."""
+
     path: str | None = _plain(None, "a UTF-8 text file or a directory of .txt files; None: the shipped corpus")
     val_fraction: float = _num(0.1, 0.0, 0.5, lo_open=True, doc="tail of the corpus held out for eval")
 
@@ -121,6 +123,9 @@ class ScheduleConfig:
 
 @dataclass
 class TrainingConfig:
+    """The training loop: length, global batch and accumulation, seed, logging and evaluation cadence, precision,
+    device, threads, and the run directory."""
+
     steps: int = _num(100, 1, None, doc="length of the run (the schedule spans all of it)")
     stop_at: int | None = _num(None, 1, None, doc="end this invocation after this step (resume later); None: steps")
     batch_size: int = _num(16, 1, None, doc="global sequences per optimizer step (all ranks, all micro-batches)")
@@ -139,6 +144,9 @@ class TrainingConfig:
 
 @dataclass
 class TelemetryConfig:
+    """The Prometheus metrics server each rank runs, and how often the optimizer computes its statistics (see
+    :mod:`sharded_optim.telemetry`)."""
+
     enabled: bool = _plain(False)
     base_port: int = _num(9400, 0, 65535, doc="rank r serves metrics on base_port + local_rank; 0: ephemeral")
     addr: str = _plain("127.0.0.1", "address the metrics servers bind (0.0.0.0 for a cluster)")
@@ -147,6 +155,9 @@ class TelemetryConfig:
 
 @dataclass
 class CheckpointConfig:
+    """When checkpoints are saved and where, how many are kept, and whether ``--resume`` may fall back past a damaged
+    one."""
+
     interval: int = _num(0, 0, None, doc="save every N steps; 0: only at the end if enabled")
     at_end: bool = _plain(False, "save after the last step")
     dir: str | None = _plain(None, "None: <training.run_dir>/checkpoints")
@@ -157,6 +168,8 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
+    """A whole run's configuration: one field per section (the top-level keys of a config file)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -167,6 +180,7 @@ class RunConfig:
 
     @property
     def checkpoint_dir(self) -> Path:
+        """``checkpoint.dir`` if set, else ``<training.run_dir>/checkpoints``."""
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.training.run_dir) / "checkpoints"
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,4 +192,5 @@ class RunConfig:
 
 
 def section_names() -> list[str]:
+    """The sections of :class:`RunConfig`, in declaration order."""
     return [f.name for f in dataclasses.fields(RunConfig)]

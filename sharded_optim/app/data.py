@@ -13,6 +13,7 @@ optimizers and distributed training, written for this purpose), concatenated in 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def train_batch(ds: ByteDataset, seed: int, step: int, micro: int, micro_batch: 
     return ds.windows(starts[_rank_slice(micro_batch, rank, world_size)])
 
 
-def eval_batches(ds: ByteDataset, num_batches: int, batch: int, rank: int, world_size: int):
+def eval_batches(ds: ByteDataset, num_batches: int, batch: int, rank: int,
+                 world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The fixed validation set: ``num_batches * batch`` evenly spaced windows, identical every eval;
     yields this rank's share of each batch."""
     total = num_batches * batch

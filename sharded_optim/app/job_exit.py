@@ -39,6 +39,8 @@ class TrainingInterrupted(Exception):
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that are the user's to fix (configuration, checkpoint, run directory): printed once without a
+    traceback, exit status :data:`CONFIG_EXIT`."""
     from ..checkpoint import CheckpointError  # imported on use: the checkpoint module pulls in the optimizer
 
     return ConfigError, CheckpointError, RunDirError
@@ -81,6 +83,8 @@ def print_unreported(exc: BaseException) -> None:
 
 
 def interrupted_message(exc: TrainingInterrupted, run_dir: str) -> str:
+    """The line printed when SIGINT stopped the run: at which step, and the checkpoint ``--resume`` continues from (or
+    that there is none yet)."""
     where = f"at step {exc.step}" if exc.step is not None else "before the first step"
     if exc.checkpoint is None:
         ckpt = "no checkpoint was written yet, so --resume would start again from step 0"

@@ -16,6 +16,9 @@ from .config import ModelConfig
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: one ``qkv`` projection, ``F.scaled_dot_product_attention(is_causal=True)`` per
+    head, and an output projection."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -23,6 +26,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(b, t, d) -> (b, t, d)``: per head, position ``i`` attends to positions ``<= i`` with
+        ``softmax(q k^T / sqrt(head_dim)) v``; the heads are concatenated and projected."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         # (b, t, d) -> (b, heads, t, head_dim)
@@ -32,6 +37,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The feed-forward sublayer ``proj(gelu(fc(x)))``, hidden width ``mlp_ratio * d_model``."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = max(1, int(cfg.mlp_ratio * cfg.d_model))
@@ -39,6 +46,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward map, applied to every position independently."""
         return self.proj(F.gelu(self.fc(x)))
 
 
@@ -53,11 +61,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x <- x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
+    """The byte-level language model: token and learned position embeddings, ``n_layers`` blocks (:class:`Block`),
+    a final layer norm and a linear head (sharing the token embedding's weight when ``tie_embeddings``)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -82,7 +94,8 @@ class GPT(nn.Module):
             else:  # layer-norm weights
                 nn.init.ones_(p)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor,
+                targets: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(b, t, vocab)``; with ``targets`` returns ``(logits, mean cross-entropy)``."""
         t = idx.shape[1]
         if t > self.cfg.seq_len:
@@ -99,6 +112,7 @@ class GPT(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> GPT:
+    """A freshly initialised :class:`GPT` as ``cfg`` describes it."""
     return GPT(cfg)
 
 

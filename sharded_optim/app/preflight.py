@@ -22,6 +22,8 @@ NOTHING_TO_DO = 3
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Check the training arguments, config, CUDA device and run directory; return 0 to launch, :data:`CONFIG_EXIT`
+    after printing what is wrong, or :data:`NOTHING_TO_DO` when ``--resume`` finds the run finished."""
     from .train import add_arguments
 
     parser = argparse.ArgumentParser(prog="python -m sharded_optim.app.train", allow_abbrev=False,

@@ -15,6 +15,8 @@ class Registry(dict[str, Any]):
         self.kind = kind
 
     def add(self, entry: Entry) -> Entry:
+        """Register ``entry`` under ``entry.name`` and return it; a different entry under a taken name raises
+        ``ValueError``."""
         name = entry.name  # type: ignore[attr-defined]
         existing = self.get(name)
         if existing is not None and existing != entry:

@@ -112,6 +112,8 @@ def finished_run(cfg: RunConfig) -> FinishedRun | None:
 
 
 def finished_message(cfg: RunConfig, done: FinishedRun) -> str:
+    """What ``--resume`` of the finished run ``done`` prints: its last checkpoint and step, its summary, and how to
+    train further or start again."""
     last = "training.stop_at" if cfg.training.stop_at else "training.steps"
     text = (f"--resume: {cfg.training.run_dir} already finished: its latest checkpoint {done.checkpoint} is at "
             f"step {done.step} ({last} = {cfg.training.stop_at or cfg.training.steps}); nothing to train.")

@@ -39,6 +39,8 @@ def _root_cause(exc: Any) -> tuple[int, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``torch.distributed.run`` with ``argv``; when a rank fails, print one line naming it and return its exit
+    status (128 + N for signal N)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

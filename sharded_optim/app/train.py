@@ -128,6 +128,7 @@ def save_checkpoint(cfg: RunConfig, model: torch.nn.Module, optimizer: torch.opt
 
 
 def latest_checkpoint(cfg: RunConfig) -> Path | None:
+    """The newest complete checkpoint in ``cfg.checkpoint_dir``; None if there is none."""
     from .. import checkpoint
 
     return checkpoint.latest(cfg.checkpoint_dir) if cfg.checkpoint_dir.is_dir() else None
@@ -384,6 +385,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``python -m sharded_optim.app.train`` entry point: parse ``argv``, run the job, return its exit status."""
     parser = argparse.ArgumentParser(prog="python -m sharded_optim.app.train", allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0])
     add_arguments(parser)

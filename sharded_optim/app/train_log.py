@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ..dist import DistInfo
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def strict_json(value: Any) -> Any:
@@ -22,11 +25,12 @@ def strict_json(value: Any) -> Any:
 
 
 def log(info: DistInfo, text: str) -> None:
+    """Print ``text`` on rank 0 only."""
     if info.is_main:
         print(text, flush=True)
 
 
-def progress_bar(info: DistInfo, total: int, initial: int):
+def progress_bar(info: DistInfo, total: int, initial: int) -> tqdm:
     """tqdm on rank 0 (to stderr); disabled on the other ranks."""
     from tqdm import tqdm
 
@@ -35,7 +39,9 @@ def progress_bar(info: DistInfo, total: int, initial: int):
                 mininterval=0.5 if sys.stderr.isatty() else 60.0, desc="train", unit="step")
 
 
-def emit(info: DistInfo, progress, metrics_file, record: dict) -> None:
+def emit(info: DistInfo, progress: tqdm, metrics_file: TextIO | None, record: dict) -> None:
+    """On rank 0: append ``record`` to ``metrics.jsonl`` and print it above the progress bar (a training step's line, or
+    a validation loss)."""
     if not info.is_main:
         return
     metrics_file.write(json.dumps(record) + "\n")

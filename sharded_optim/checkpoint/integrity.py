@@ -40,6 +40,7 @@ class IntegrityError(ValueError):
 
 
 def crc(data: bytes | bytearray | memoryview) -> int:
+    """CRC-32C (Castagnoli) of ``data``."""
     return crc32c.crc32c(data)
 
 
@@ -49,6 +50,7 @@ def chunk_key(index: MetadataIndex) -> str:
 
 
 def file_entry(path: Path) -> list[int]:
+    """``[crc, nbytes]`` of the whole file at ``path``, as recorded under ``integrity.files``."""
     data = path.read_bytes()
     return [crc(data), len(data)]
 
@@ -65,6 +67,8 @@ def seal(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_seal(meta: dict[str, Any], where: str) -> None:
+    """Check ``meta['checksum']`` against the CRC of the canonical JSON of ``meta``'s other fields; a missing or
+    different checksum raises :class:`IntegrityError` naming ``where``."""
     want = meta.get("checksum")
     if isinstance(want, bool) or not isinstance(want, int):
         raise IntegrityError(f"{where}: meta.json has no checksum (expected for format version 2)")
@@ -149,6 +153,8 @@ class ChecksumWriter(FileSystemWriter):
     checksums: dict[str, list[int]]
 
     def write_data(self, plan: Any, planner: Any) -> Any:
+        """Write ``plan``'s items as ``FileSystemWriter`` does, then read each back and attach its ``[crc, nbytes]`` to
+        its storage info (a completed future)."""
         results = super().write_data(plan, planner).wait()
         by_file: dict[str, list[int]] = {}
         for i, result in enumerate(results):
@@ -165,6 +171,8 @@ class ChecksumWriter(FileSystemWriter):
         return fut
 
     def finish(self, metadata: Any, results: list[list[Any]]) -> None:
+        """Take the checksums off the write results (so DCP writes the standard ``.metadata``), keep them in
+        :attr:`checksums` by chunk key, and finish as DCP does."""
         self.checksums = {}
         for per_rank in results:
             for i, result in enumerate(per_rank):

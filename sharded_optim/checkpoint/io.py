@@ -227,6 +227,8 @@ class SafeReader(FileSystemReader):
     metadata_checksum: list[int] | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """The DCP ``.metadata``: its bytes checked against :attr:`metadata_checksum` when set, then unpickled allowing
+        DCP's metadata classes and torch dtypes only; an unreadable, refused or corrupted file raises ``ValueError``."""
         path = Path(self.path) / ".metadata"
         try:
             raw = path.read_bytes()
@@ -299,6 +301,8 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Restore the RNG states :func:`capture_rng` captured (CUDA only when CUDA is available, numpy only when it is
+    installed)."""
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
@@ -334,6 +338,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path, what: str) -> Any:
+    """The parsed JSON file ``path``; a missing or corrupted file raises ``ValueError`` naming the checkpoint and
+    ``what`` the file holds."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

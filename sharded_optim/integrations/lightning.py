@@ -29,6 +29,8 @@ class ShardedOptimizerCallback(Callback):
     """Refuse, when fitting starts, a sharded optimizer that would reduce gradients DDP already averaged."""
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Under a DDP strategy with two or more processes, refuse a sharded optimizer built with
+        ``reduce_grads=True``."""
         if not isinstance(trainer.strategy, DDPStrategy) or trainer.world_size < 2:
             return
         for optimizer in trainer.optimizers:

@@ -31,6 +31,7 @@ class ShardedOptimizerCallback(TrainerCallback):
         self.to = to
 
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        """In distributed (DDP) training, refuse a sharded optimizer built with ``reduce_grads=True``."""
         opt = find_sharded(optimizer)
         if opt is not None and args.world_size > 1 and args.parallel_mode.value == "distributed":
             check_under_ddp(opt, "Trainer")
@@ -41,13 +42,16 @@ class ShardedOptimizerCallback(TrainerCallback):
             opt.consolidate_state_dict(to=self.to)
 
     def on_step_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        """Consolidate the state onto rank ``to`` when ``Trainer`` saves after this step."""
         if control.should_save:  # set by DefaultFlowCallback, which runs before user callbacks
             self._consolidate(args, optimizer)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        """Consolidate the state onto rank ``to`` when ``Trainer`` saves at this epoch's end."""
         if control.should_save:
             self._consolidate(args, optimizer)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        """With ``save_strategy='best'``, consolidate now: whether to save is decided after this callback."""
         if str(getattr(args.save_strategy, "value", args.save_strategy)) == "best":
             self._consolidate(args, optimizer)  # whether it saves is decided after this callback

@@ -27,40 +27,54 @@ from .stats import _post
 
 
 def adam_mv_post(p: Tensor, m: Tensor, v: Tensor, sc: Tensor, edges: Tensor) -> Tensor:
+    """Sums after :func:`.adam_family.adam_mv` (Adam, AdamW, L2-Adam, NAdam, RAdam): step size
+    ``step / (sqrt(v) * dscale + eps)``."""
     return _post("adam_mv", p, m, v, None, None, sc, edges)
 
 
 def adam_mvx_post(p: Tensor, m: Tensor, v: Tensor, vmax: Tensor, sc: Tensor, edges: Tensor) -> Tensor:
+    """Sums after AMSGrad: the step size from ``vmax``, and the count of elements where ``vmax > v``."""
     return _post("adam_mvx", p, m, v, vmax, None, sc, edges)
 
 
 def bound_mv_post(p: Tensor, m: Tensor, v: Tensor, sc: Tensor, edges: Tensor) -> Tensor:
+    """Sums after AdaBound: step size ``step / d`` clamped to ``[lo, hi]``, and the count of elements the clamp
+    changed."""
     return _post("bound_mv", p, m, v, None, None, sc, edges)
 
 
 def bound_mvx_post(p: Tensor, m: Tensor, v: Tensor, vmax: Tensor, sc: Tensor, edges: Tensor) -> Tensor:
+    """Sums after AMSBound: as :func:`bound_mv_post` with ``vmax`` in the denominator."""
     return _post("bound_mvx", p, m, v, vmax, None, sc, edges)
 
 
 def bound_mvs_post(p: Tensor, m: Tensor, v: Tensor, s: Tensor, sc: Tensor, edges: Tensor) -> Tensor:
+    """Sums after AdaMod: step size ``min(step / d, s)`` clamped to ``[lo, hi]``, and the count of elements where the
+    memory ``s`` capped it."""
     return _post("bound_mvs", p, m, v, None, s, sc, edges)
 
 
 def bound_mvxs_post(p: Tensor, m: Tensor, v: Tensor, vmax: Tensor, s: Tensor, sc: Tensor, edges: Tensor) -> Tensor:
+    """Sums after AdaMod with AMSGrad's ``vmax`` in the denominator."""
     return _post("bound_mvxs", p, m, v, vmax, s, sc, edges)
 
 
 def adamax_mu_post(p: Tensor, m: Tensor, u: Tensor, sc: Tensor, edges: Tensor) -> Tensor:
+    """Sums after AdaMax: step size ``step / u`` (``u`` the infinity-norm moment, eps inside the max)."""
     return _post("adamax_mu", p, m, u, None, None, sc, edges)
 
 
 def adam_mvg_post(p: Tensor, m: Tensor, v: Tensor, g_prev: Tensor, g_before: Tensor, sc: Tensor,
                   edges: Tensor) -> Tensor:
+    """Sums after diffGrad: the step size and update include the friction ``xi = 1 / (1 + exp(-|g_before - g_prev|))``
+    the update used (``g_prev``: this step's gradient, now stored)."""
     return _post("adam_mvg", p, m, v, None, None, sc, edges, g_prev, g_before)
 
 
 def bound_mvsg_post(p: Tensor, m: Tensor, v: Tensor, s: Tensor, g_prev: Tensor, g_before: Tensor, sc: Tensor,
                     edges: Tensor) -> Tensor:
+    """Sums after DiffMod: AdaMod's bounded step size times the friction ``xi`` (``g_prev``, ``g_before`` as in
+    :func:`adam_mvg_post`)."""
     return _post("bound_mvsg", p, m, v, None, s, sc, edges, g_prev, g_before)
 
 

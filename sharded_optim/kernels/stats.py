@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..rules import DSCALE, EPS, HI, LO, STEP
-from ..telemetry.fields import EFF_LR_EDGES, FIELD_INDEX, FRICTION_NEAR_HALF, NUM_FIELDS
+from ..telemetry.fields import EFF_LR_EDGES, FIELD_INDEX, FRICTION_NEAR_HALF
 from .adam_family import friction
 
 _F64 = torch.float64

@@ -68,6 +68,7 @@ class Telemetry:
 
     @property
     def port(self) -> int:
+        """The port this rank's metrics server is bound to."""
         return self.server.port
 
     def stop(self) -> None:

@@ -44,6 +44,7 @@ class MetricsServer:
 
     @property
     def thread(self) -> threading.Thread:
+        """The thread serving the HTTP endpoint."""
         return self._thread
 
     def stop(self) -> None:

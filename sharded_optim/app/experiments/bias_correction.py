@@ -8,7 +8,7 @@ advantage over Adam (seeds 000, 002).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,7 +21,7 @@ FULL = {"tasks": ["logreg", "mlp"], "lrs": [1e-4, 1e-3, 1e-2], "beta2s": [0.99, 
 CI = {"tasks": ["mlp"], "lrs": [1e-2], "beta2s": [0.999], "steps": 20, "seeds": (0,), "eval_every": 10}
 
 
-def linear_decay(total_steps: int):
+def linear_decay(total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
     """Scheduler factory: lr decays linearly from its initial value to 0 at ``total_steps``."""
     def factory(opt: torch.optim.Optimizer) -> Any:
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total_steps))
@@ -50,6 +50,8 @@ def _plot(summary: list[dict[str, Any]], cfg: dict[str, Any]) -> Any:
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    """Train every grid point (task x lr x beta2 x Adam/AMSGrad x bias correction on/off) over the seeds, write the
+    table and figure, and return the config and the per-point summary."""
     cfg = CI if ctx.ci else FULL
     steps = ctx.steps or cfg["steps"]
     points = [{"task": task, "label": label, "lr": lr, "beta2": b2, "bias_correction": bc}

@@ -54,9 +54,11 @@ class Context:
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the rank that prints and writes files."""
         return self.rank == 0
 
     def log(self, message: str) -> None:
+        """Print ``message``, prefixed with the experiment's name, on rank 0 only."""
         if self.is_main:
             print(f"[{self.name}] {message}", flush=True)
 
@@ -104,6 +106,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table: a header row from ``headers``, then one row per item of ``rows`` (cells through ``str``)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -123,6 +126,8 @@ def _clean(obj: Any) -> Any:
 
 
 def environment(ctx: Context) -> dict[str, Any]:
+    """What a result was measured on: torch and Python versions, world size, threads per rank, kernel mode and CPU
+    count."""
     return {"torch": torch.__version__, "python": platform.python_version(), "world_size": ctx.world_size,
             "threads_per_rank": torch.get_num_threads(), "kernel": ctx.kernel, "cpu_count": os.cpu_count()}
 

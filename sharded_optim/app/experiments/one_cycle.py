@@ -8,7 +8,7 @@ Claim tested (docs/EXPERIMENTS.md, seed 002): AdamW + 1cycle trains to a given q
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -22,7 +22,7 @@ FULL = {"digits_lrs": [1e-3, 3e-3, 1e-2, 3e-2], "digits_budgets": [100, 400], "s
 CI = {"digits_lrs": [1e-2], "digits_budgets": [20], "seeds": (0,), "lm_lrs": [], "lm_budget": 0, "lm_seeds": ()}
 
 
-def one_cycle(max_lr: float, total_steps: int):
+def one_cycle(max_lr: float, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
     """Scheduler factory for OneCycleLR with torch's defaults and beta1 cycling."""
     def factory(opt: torch.optim.Optimizer) -> Any:
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps,
@@ -70,6 +70,8 @@ def _plot(summary: list[dict[str, Any]], trace: dict[str, list[float]]) -> Any:
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    """Train AdamW with a constant lr and with one-cycle at every budget and peak lr, trace the schedule, write the
+    tables and figure, and return the summary and each schedule's best lr per budget."""
     cfg = CI if ctx.ci else FULL
     points = [{"task": "mlp", "label": "adamw", "lr": lr, "schedule": s, "budget": b, "steps": b}
               for b in cfg["digits_budgets"] for lr in cfg["digits_lrs"] for s in ("constant", "one-cycle")]

@@ -145,6 +145,8 @@ def _plot(res: dict[str, Any]) -> Any:
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    """Simulate Adam and AMSGrad on every setting for ``T`` steps, write the table and figure, and return the
+    per-setting final iterates, regret per step and last step outside the band."""
     steps = ctx.steps or (CI_STEPS if ctx.ci else FULL_STEPS)
     ctx.log(f"{steps} steps, Adam and AMSGrad, {len(SETTINGS)} settings")
     res = simulate(ctx, steps)

@@ -41,6 +41,7 @@ def experiments() -> dict[str, Experiment]:
 
 
 def get(name: str) -> Experiment:
+    """The experiment registered as ``name``; an unknown name raises ``KeyError`` listing the known ones."""
     found = experiments()
     if name not in found:
         raise KeyError(f"unknown experiment {name!r}; choose from {', '.join(sorted(found))}")

@@ -8,7 +8,7 @@ DiffMod (AdaMod with diffGrad's friction, seed 004) keeps that; diffGrad, with n
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,7 +29,7 @@ FULL = {"lrs": [1e-3, 3e-3, 1e-2], "steps": 300, "seeds": (0, 1, 2), "eval_every
 CI = {"lrs": [3e-3], "steps": 8, "seeds": (0,), "eval_every": 4}
 
 
-def linear_warmup(warmup_steps: int):
+def linear_warmup(warmup_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
     """A scheduler factory: lr ramps linearly from lr/W to lr over ``warmup_steps`` steps, then stays."""
     def factory(opt: torch.optim.Optimizer) -> Any:
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps))
@@ -52,6 +52,8 @@ def _plot(summary: list[dict[str, Any]], lrs: list[float]) -> Any:
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    """Train (or reuse) every variant at every peak lr on the small transformer, write the table and figure, and return
+    the summary with early and final validation losses."""
     cfg = CI if ctx.ci else FULL
     steps = ctx.steps or cfg["steps"]
     points = [{"task": "transformer", "variant": v, "label": label, "lr": lr, "warmup_steps": int(frac * steps)}

@@ -39,6 +39,8 @@ def _plot(summary: list[dict[str, Any]], wds: list[float]) -> Any:
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    """Train L2-Adam and AdamW at every weight decay on the small digits training set, write the table and figure, and
+    return the summary (with parameter norms) and each mode's best decay."""
     from .common import mean_std
     cfg = CI if ctx.ci else FULL
     steps = ctx.steps or cfg["steps"]

@@ -237,3 +237,13 @@ def test_every_public_class_and_function_is_documented_and_typed():
     problems = [problem for path in sorted(PACKAGE.rglob("*.py"))
                 for problem in api_problems(path.read_text(), str(path.relative_to(REPO)))]
     assert not problems, f"{len(problems)} public definitions undocumented or untyped:\n" + "\n".join(problems)
+
+
+MAX_MODULE_LINES = 400  # one module, one job (issue 18): a module past this is doing two
+
+
+def test_no_module_is_over_the_size_limit():
+    sizes = {str(path.relative_to(PACKAGE.parent)): len(path.read_text().splitlines())
+             for path in PACKAGE.rglob("*.py")}
+    assert sizes, "no modules found"
+    assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}

@@ -36,6 +36,5 @@ from .saving import save
 from .torch_bridge import export_torch_optim, import_torch_optim
 from .verify import read_checkpoint
 
-__all__ = ["CheckpointCorruptError", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION", "candidates", "export_torch_optim",
-           "import_torch_optim", "latest", "load",
-           "read_checkpoint", "save"]
+__all__ = ["CheckpointCorruptError", "CheckpointError", "FORMAT_NAME", "FORMAT_VERSION", "candidates",
+           "export_torch_optim", "import_torch_optim", "latest", "load", "read_checkpoint", "save"]

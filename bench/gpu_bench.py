@@ -3,7 +3,7 @@
 For each algorithm, on flat fp32 shards of ``--numel`` elements (default 256M = 1 GiB per tensor), in one process,
 interleaved, timed with CUDA events (medians):
 
-* ``kernel``: our compiled update, ``sharded_optim.kernels.dispatch.run(variant, "compiled", ...)`` (Triton),
+* ``kernel``: our compiled update, ``sharded_optim.kernels.dispatch.run(dispatch.update(variant), "compiled", ...)`` (Triton),
   with the host scalars of :func:`sharded_optim.rules.host_scalars`;
 * ``twin``: the traffic twin of ``bench/kernel_bench.py`` (same tensors read and written, trivial math);
 * ``peer``: torch ``fused=True`` (adam, adamw, amsgrad), torch ``foreach=True`` (adamax, nadam, radam), and for
@@ -88,7 +88,7 @@ def copy_bandwidth(numel: int, device: torch.device, clock: Clock, reps: int) ->
 def stats_step_callable(kernel: KernelCandidate, algorithm: str, group: dict):
     """A statistics step on the kernel's shard, exactly the kernels ShardedOptimizer runs when stats_interval hits:
     the norm pass with the sums of the gradient and the state before the update (``PRE_SUMS``), the update, then
-    the sums of the updated state (``variant + POST_SUFFIX``; sharded, the optimizer runs it while the next step's
+    the sums of the updated state (``dispatch.post_sums(variant)``; sharded, the optimizer runs it while the next step's
     gradients are reduced, here it runs alone)."""
     from sharded_optim.kernels import dispatch
     hs = rules.host_scalars(algorithm, group, max(kernel.t, 1), initial_lr=group["base_lr"], mu_product=1.0)
@@ -99,7 +99,7 @@ def stats_step_callable(kernel: KernelCandidate, algorithm: str, group: dict):
     def step_with_stats():
         dispatch.run(dispatch.PRE_SUMS, "compiled", kernel.g, kernel.state[0], gscale, True)  # finite gradients
         kernel.step()
-        dispatch.run(kernel.variant + dispatch.POST_SUFFIX, "compiled", kernel.p, *kernel.state, sc, edges)
+        dispatch.run(dispatch.post_sums(kernel.variant), "compiled", kernel.p, *kernel.state, sc, edges)
     return step_with_stats
 
 

@@ -2,7 +2,7 @@
 
 For each algorithm, on flat fp32 buffers of ``--numel`` elements (default 16M), in one process, interleaved:
 
-* ``kernel``: ``sharded_optim.kernels.dispatch.run(variant, "compiled", ...)`` on flat buffers with the host
+* ``kernel``: ``sharded_optim.kernels.dispatch.run(dispatch.update(variant), "compiled", ...)`` on flat buffers with the host
   scalars of :func:`sharded_optim.rules.host_scalars` (building the scalar tensor is inside the timing);
 * ``class``: ``ShardedOptimizer.step()`` on one parameter of the same size (single process, no sharding), to
   show what the class adds around the kernel;
@@ -142,7 +142,7 @@ class KernelCandidate:
         if hs.mu_product is not None:
             self.mu = hs.mu_product
         sc = torch.tensor(hs.values, dtype=self.p.dtype, device=self.p.device)
-        dispatch.run(self.variant, "compiled", self.p, self.g, *self.state, sc)
+        dispatch.run(dispatch.update(self.variant), "compiled", self.p, self.g, *self.state, sc)
 
 
 class TwinCandidate:
@@ -302,7 +302,7 @@ def markdown(payload: dict) -> str:
                       "ok" if r["check_after_step_1"]["ok"] else "MISMATCH"])
     out.append(md_table(header, table))
     out.append("\nTargets: kernel/twin >= 0.9 for every algorithm; kernel/peer as listed.  'kernel' calls "
-               "`dispatch.run(variant, 'compiled', ...)` on flat buffers; 'class' is `ShardedOptimizer.step()` "
+               "`dispatch.run(dispatch.update(variant), 'compiled', ...)` on flat buffers; 'class' is `ShardedOptimizer.step()` "
                "on one parameter of the same size (one process).  'met' uses the medians; the best-of column "
                "gives the same ratios from each candidate's fastest repetition (the machine is shared: other jobs "
                "preempt one of the two OpenMP threads and stall a whole kernel call).\n")

@@ -235,7 +235,7 @@ class StepStats:
                                "update; the statistics pass did not keep it")
         for sub, sc in post:
             extra = () if before is None else (before[sub],)
-            sums = dispatch.run(variant + dispatch.POST_SUFFIX, self.opt.kernel_mode, rt.master[sub],
+            sums = dispatch.run(dispatch.post_sums(variant), self.opt.kernel_mode, rt.master[sub],
                                 *(rt.state[k][sub] for k in keys), *extra, sc, edges)
             stats_kernels.add_post_sums(stats, sums, lr)
 

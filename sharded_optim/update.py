@@ -175,7 +175,7 @@ def host_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Run]
                                 mu_product=mus[slots[0]])
         hs.values[rules.GSCALE] *= decision.coef
         sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
-        dispatch.run(variant, opt.kernel_mode, rt.param_of(rng, slots), rt.grad_of(rng, slots),
+        dispatch.run(dispatch.update(variant), opt.kernel_mode, rt.param_of(rng, slots), rt.grad_of(rng, slots),
                      *(rt.state[k][rng] for k in keys), sc)
         index = _index(slots)
         rt.steps[index] += 1
@@ -204,7 +204,7 @@ def device_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Ru
         sc, keep, mu_after = shared or device_step.prepare(
             opt.algorithm, group, skip, decision.sumsq, h, rt.steps[first], rt.mu_products[first],
             rt.compute_dtype, compiled)
-        dispatch.run(dispatch.GATED_PREFIX + variant, opt.kernel_mode, keep, rt.param_of(rng, slots),
+        dispatch.run(dispatch.gated(variant), opt.kernel_mode, keep, rt.param_of(rng, slots),
                      rt.grad_of(rng, slots), *(rt.state[k][rng] for k in keys), sc)
         covered += len(slots)
         if diverged:

@@ -14,6 +14,7 @@ from torch import nn
 
 from sharded_optim import ShardedOptimizer
 from sharded_optim.kernels import dispatch
+from sharded_optim.kernels.adam_family import VARIANTS
 
 CASES = [
     ("adam", {}), ("adam", {"amsgrad": True, "weight_decay": 1e-2}), ("adamw", {"maximize": True}),
@@ -99,18 +100,28 @@ def test_compiled_gated_kernel_equals_compiled_plain_kernel():
     sc = torch.tensor([1.0, 0.0, 1e-5, 0.1, 0.999, 0.001, 1e-3, 1.0, 1e-8, 0.0, float("inf"), 1.0, 0.0, 0.0])
     plain = [p.clone(), g, m.clone(), v.clone(), sc]
     gated = [p.clone(), g, m.clone(), v.clone(), sc]
-    dispatch.run("adam_mv", "compiled", *plain)
-    dispatch.run(dispatch.GATED_PREFIX + "adam_mv", "compiled", torch.tensor(True), *gated)
+    dispatch.run(dispatch.update("adam_mv"), "compiled", *plain)
+    dispatch.run(dispatch.gated("adam_mv"), "compiled", torch.tensor(True), *gated)
     assert all(torch.equal(a, b) for a, b in zip(plain, gated))
     skipped = [p.clone(), g * float("nan"), m.clone(), v.clone(), sc]
-    dispatch.run(dispatch.GATED_PREFIX + "adam_mv", "compiled", torch.tensor(False), *skipped)
+    dispatch.run(dispatch.gated("adam_mv"), "compiled", torch.tensor(False), *skipped)
     assert torch.equal(skipped[0], p) and torch.equal(skipped[2], m) and torch.equal(skipped[3], v)
 
 
 def test_unknown_kernel_name_is_an_error_not_a_fallback():
-    with pytest.raises(KeyError, match="unknown kernel 'adam_mvq'"):
-        dispatch.run("adam_mvq", "eager", torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1),
+    # the registry is typed: an unknown variant fails where the kernel is named, a string is not a kernel, and a
+    # role without variants takes none
+    with pytest.raises(KeyError, match="unknown kernel variant 'adam_mvq' for role 'update'"):
+        dispatch.update("adam_mvq")
+    with pytest.raises(KeyError, match="unknown kernel variant 'lookahead_sync' for role 'gated'"):
+        dispatch.gated("lookahead_sync")
+    with pytest.raises(ValueError, match="role 'pre_sums' takes no variant"):
+        dispatch.Kernel(dispatch.Role.PRE_SUMS, "adam_mv")
+    with pytest.raises(TypeError, match="kernel must be a sharded_optim.kernels.dispatch.Kernel"):
+        dispatch.run("adam_mv", "eager", torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1),
                      torch.zeros(14))
+    assert dispatch.update("adam_mv") is dispatch.update("adam_mv")   # interned: the compile cache hits
+    assert dispatch.update("adam_mv").function() is VARIANTS["adam_mv"]
 
 
 @pytest.mark.parametrize("kwargs", [{"nonfinite_policy": "raise"}, {"spike_sigma": 3.0}])

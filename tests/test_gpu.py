@@ -36,8 +36,8 @@ def test_compiled_cuda_kernel_matches_cpu_eager(algorithm: str, options: dict) -
     cpu = [torch.randn(n, generator=g), torch.randn(n, generator=g)] + \
         [torch.rand(n, generator=g) * (1e-3 if k != "exp_avg" else 1.0) for k in keys]
     gpu = [t.cuda() for t in cpu]
-    dispatch.run(variant, "eager", *cpu, torch.tensor(hs.values, dtype=torch.float32))
-    dispatch.run(variant, "compiled", *gpu, torch.tensor(hs.values, dtype=torch.float32, device="cuda"))
+    dispatch.run(dispatch.update(variant), "eager", *cpu, torch.tensor(hs.values, dtype=torch.float32))
+    dispatch.run(dispatch.update(variant), "compiled", *gpu, torch.tensor(hs.values, dtype=torch.float32, device="cuda"))
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(b.cpu(), a, rtol=0, atol=4 * torch.finfo(torch.float32).eps * 8)
 

@@ -1,16 +1,22 @@
-"""Choose how a fused update runs: compiled once per variant with ``torch.compile``, or eagerly.
+"""Choose how a fused update runs: compiled once per kernel with ``torch.compile``, or eagerly.
 
 ``kernel="auto"`` (the default) compiles and falls back to eager, with one warning, if compilation fails (no C++
 compiler on a CPU host, say).  ``kernel="compiled"`` makes such a failure an error; ``kernel="eager"`` never
 compiles (fast start, ~3-10x slower steps).  The environment variable ``SHARDED_OPTIM_KERNEL`` overrides
-``auto``.  One compiled function per variant, created lazily and shared by every optimizer in the process, with
+``auto``.
+
+The registry is typed: a :class:`Kernel` is a :class:`Role` plus, for per-variant roles, a variant, validated when
+it is made, so an unknown name fails where it is written and nothing falls back to another kernel.  One compiled
+function per kernel, created lazily and shared by every optimizer in the process, with
 ``dynamic=True`` so that new shard sizes do not recompile (sizes 0 and 1 always specialise; size 0 is skipped).
 """
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,15 +25,90 @@ from .adam_family import VARIANTS, lookahead_sync
 from .fused_stats import POST
 from .stats import pre_sums
 
-PRE_SUMS = "pre_sums"  # statistics step, norm pass: sums of the gradient and the state before the update
-POST_SUFFIX = "+post"  # statistics step, after the update: the sums of the updated state (reads only)
-GATED_PREFIX = "gated:"  # the update applied only where a device flag says so (sharded_optim.device_step)
-LOOKAHEAD_SYNC = "lookahead_sync"
-
 KERNEL_MODES = ("auto", "compiled", "eager")
 ENV_VAR = "SHARDED_OPTIM_KERNEL"
 
-_broken: set[str] = set()   # variants whose compilation failed in "auto" mode
+
+class Role(enum.Enum):
+    """What a kernel does; with a variant (a state set of :data:`.adam_family.VARIANTS`) it names one function."""
+
+    UPDATE = "update"                   # the fused update of one state set
+    GATED = "gated"                     # the update applied only where a device flag says so (device_step)
+    POST_SUMS = "post_sums"             # statistics step, after the update: sums of the updated state (reads only)
+    PRE_SUMS = "pre_sums"               # statistics step, norm pass: sums of the gradient and state before it
+    LOOKAHEAD_SYNC = "lookahead_sync"   # Lookahead's slow-weight synchronisation
+
+    @property
+    def per_variant(self) -> bool:
+        """Whether kernels of this role exist once per update variant."""
+        return self in (Role.UPDATE, Role.GATED, Role.POST_SUMS)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One entry of the kernel registry: a role and, for per-variant roles, the variant.
+
+    Construction validates: an unknown variant, a variant on a role that takes none, or none where one is needed
+    raise at once, so no call can reach a kernel it did not name.  Instances are hashable (the compile cache is
+    keyed by them); use :func:`update`, :func:`gated`, :func:`post_sums`, :data:`PRE_SUMS`, :data:`LOOKAHEAD_SYNC`.
+    """
+
+    role: Role
+    variant: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.role, Role):
+            raise TypeError(f"Kernel.role must be a Role, got {type(self.role).__name__} {self.role!r}")
+        if self.role.per_variant and self.variant not in VARIANTS:
+            raise KeyError(f"unknown kernel variant {self.variant!r} for role {self.role.value!r}; expected one "
+                           f"of {sorted(VARIANTS)}")
+        if not self.role.per_variant and self.variant is not None:
+            raise ValueError(f"kernel role {self.role.value!r} takes no variant, got {self.variant!r}")
+
+    def __str__(self) -> str:
+        return self.role.value if self.variant is None else f"{self.role.value}:{self.variant}"
+
+    def function(self) -> Callable[..., object]:
+        """The eager function of this kernel."""
+        if self.role is Role.UPDATE:
+            return VARIANTS[self.variant]
+        if self.role is Role.GATED:
+            from ..device_step import gated as gated_form
+            return gated_form(self.variant)
+        if self.role is Role.POST_SUMS:
+            return POST[self.variant]
+        if self.role is Role.PRE_SUMS:
+            return pre_sums
+        return lookahead_sync
+
+    @property
+    def returns_sums(self) -> bool:
+        """Statistics kernels return sums (and run on empty shards); the others return nothing."""
+        return self.role in (Role.PRE_SUMS, Role.POST_SUMS)
+
+
+@functools.cache
+def update(variant: str) -> Kernel:
+    """The fused update of ``variant`` (interned: one object per variant)."""
+    return Kernel(Role.UPDATE, variant)
+
+
+@functools.cache
+def gated(variant: str) -> Kernel:
+    """The device-gated update of ``variant``: takes a boolean flag first (:mod:`sharded_optim.device_step`)."""
+    return Kernel(Role.GATED, variant)
+
+
+@functools.cache
+def post_sums(variant: str) -> Kernel:
+    """The statistics of the state ``variant`` just updated (:mod:`.fused_stats`)."""
+    return Kernel(Role.POST_SUMS, variant)
+
+
+PRE_SUMS = Kernel(Role.PRE_SUMS)
+LOOKAHEAD_SYNC = Kernel(Role.LOOKAHEAD_SYNC)
+
+_broken: set[Kernel] = set()   # kernels whose compilation failed in "auto" mode
 
 
 def resolve_mode(mode: str) -> str:
@@ -42,45 +123,32 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def _function(name: str) -> Callable[..., object]:
-    if name == PRE_SUMS:
-        return pre_sums
-    if name.endswith(POST_SUFFIX):
-        return POST[name[: -len(POST_SUFFIX)]]
-    if name.startswith(GATED_PREFIX):
-        from ..device_step import gated
-        return gated(name[len(GATED_PREFIX):])
-    if name == LOOKAHEAD_SYNC:
-        return lookahead_sync
-    if name not in VARIANTS:
-        raise KeyError(f"unknown kernel {name!r}; expected one of {sorted(VARIANTS)}, {LOOKAHEAD_SYNC!r}, "
-                       f"{PRE_SUMS!r}, a variant + {POST_SUFFIX!r} or {GATED_PREFIX!r} + a variant")
-    return VARIANTS[name]
-
-
 @functools.cache
-def _compiled(name: str) -> Callable[..., object]:
-    return torch.compile(_function(name), dynamic=True, fullgraph=True)
+def _compiled(kernel: Kernel) -> Callable[..., object]:
+    return torch.compile(kernel.function(), dynamic=True, fullgraph=True)
 
 
-def run(name: str, mode: str, *tensors: torch.Tensor) -> object:
-    """Run kernel ``name`` on ``tensors`` (parameter, gradient, states..., scalars) in place.
+def run(kernel: Kernel, mode: str, *tensors: torch.Tensor) -> object:
+    """Run ``kernel`` on ``tensors`` (parameter, gradient, states..., scalars) in place.
 
-    ``PRE_SUMS`` (gradient, first moment, sign, finite flag) returns the statistics sums of the gradient and
-    the state before the update (:func:`.stats.pre_sums`), ``name + POST_SUFFIX`` those of the updated state
-    (:mod:`.fused_stats`); the other kernels return nothing."""
-    first = tensors[1] if name.startswith(GATED_PREFIX) else tensors[0]   # gated kernels take the flag first
-    if first.numel() == 0 and name != PRE_SUMS and not name.endswith(POST_SUFFIX):
+    :data:`PRE_SUMS` (gradient, first moment, sign, finite flag) returns the statistics sums of the gradient and
+    the state before the update (:func:`.stats.pre_sums`), :func:`post_sums` kernels those of the updated state
+    (:mod:`.fused_stats`); the other kernels return nothing.  Anything but a :class:`Kernel` is a ``TypeError``.
+    """
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"kernel must be a sharded_optim.kernels.dispatch.Kernel (update(variant), gated(variant), "
+                        f"post_sums(variant), PRE_SUMS, LOOKAHEAD_SYNC), got {type(kernel).__name__} {kernel!r}")
+    first = tensors[1] if kernel.role is Role.GATED else tensors[0]   # gated kernels take the flag first
+    if first.numel() == 0 and not kernel.returns_sums:
         return None  # an empty shard (FSDP2 gives some ranks 0 elements); size 0 would also compile apart
-    eager = _function(name)
-    if mode == "eager" or name in _broken:
-        return eager(*tensors)
+    if mode == "eager" or kernel in _broken:
+        return kernel.function()(*tensors)
     try:
-        return _compiled(name)(*tensors)
+        return _compiled(kernel)(*tensors)
     except Exception as exc:  # compilation problems surface at the first call
         if mode == "compiled":
             raise
-        _broken.add(name)
-        warnings.warn(f"sharded_optim: compiling kernel {name!r} failed ({type(exc).__name__}: {exc}); "
+        _broken.add(kernel)
+        warnings.warn(f"sharded_optim: compiling kernel {str(kernel)!r} failed ({type(exc).__name__}: {exc}); "
                       f"using the eager kernel", RuntimeWarning, stacklevel=2)
-        return eager(*tensors)
+        return kernel.function()(*tensors)

@@ -98,20 +98,41 @@ def validate_param_groups(algorithm: str, saved_groups: list[dict[str, Any]],
         absent = [k for k in rules.COMMON_HYPERPARAMETERS if k not in saved]
         if absent:
             raise ValueError(f"param group {gi} of the state_dict is missing hyperparameter(s) {absent}")
-        foreign = rules.foreign_options(algorithm, saved)
-        if foreign:
-            raise ValueError(f"param group {gi} of the state_dict has option(s) {foreign} that algorithm "
-                             f"{algorithm!r} does not use: it was saved by another algorithm")
-        merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
-        for key in ("betas",):
-            if isinstance(merged.get(key), list):
-                merged[key] = tuple(merged[key])
-        rules.validate_group(algorithm, merged)
+        try:
+            hparams = saved_hyperparameters(algorithm, {k: v for k, v in saved.items() if k != "params"}, group)
+        except (ValueError, TypeError) as exc:   # same type, with where the group came from
+            raise type(exc)(f"param group {gi} of the state_dict: {exc}") from None
+        merged = {**group, **hparams}
         if bool(merged.get("amsgrad", False)) != bool(group.get("amsgrad", False)):
             raise ValueError(f"param group {gi}: state_dict has amsgrad={merged.get('amsgrad')} but the "
                              f"optimizer has amsgrad={group.get('amsgrad')}")
         new_hparams.append({k: v for k, v in merged.items() if k != "params"})
     return new_hparams
+
+
+def saved_hyperparameters(algorithm: str, saved: dict[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of a saved param group (``saved``, without ``params``) as live ``group`` takes them.
+
+    Shared by :func:`load_state_dict` and the checkpoint loader (:mod:`sharded_optim.checkpoint.loading`), which
+    check their own framing (counts, parameter names, state keys) first.  Refuses options of another algorithm
+    (:func:`rules.foreign_options`); converts what serialization changed back to the group's types (a list where
+    the group holds a tuple, ``betas`` always; a number where the group holds a tensor, as in capturable groups);
+    validates the merged group for ``algorithm`` (:func:`rules.validate_group`).  Raises ``ValueError`` or
+    ``TypeError`` whose text the caller prefixes with where the group came from; writes nothing.
+    """
+    foreign = rules.foreign_options(algorithm, saved)
+    if foreign:
+        raise ValueError(f"option(s) {foreign} that algorithm {algorithm!r} does not use: it was saved by "
+                         "another algorithm")
+    hparams = dict(saved)
+    for k, v in saved.items():
+        current = group.get(k)
+        if isinstance(v, list) and (k == "betas" or isinstance(current, tuple)):
+            hparams[k] = tuple(v)
+        elif isinstance(current, Tensor) and isinstance(v, (int, float)) and not isinstance(v, bool):
+            hparams[k] = torch.tensor(v, dtype=current.dtype, device=current.device)
+    rules.validate_group(algorithm, {**{k: v for k, v in group.items() if k != "params"}, **hparams})
+    return hparams
 
 
 def validate_entries(algorithm: str, saved_groups: list[dict[str, Any]], param_groups: list[dict[str, Any]],

@@ -159,6 +159,8 @@ def _refusals(tmp_path: Path):
     edit_meta(newer, format_version=checkpoint.FORMAT_VERSION + 1)
     bad_lr = variant("bad_lr")
     edit_meta(bad_lr, param_groups__0__lr=-1.0)
+    foreign = variant("foreign")
+    edit_meta(foreign, param_groups__0__beta3=0.999)
     bad_step = variant("bad_step")
     edit_meta(bad_step, **{"params__0.weight__step": -3})
     truncated = variant("truncated")
@@ -189,7 +191,9 @@ def _refusals(tmp_path: Path):
         ("amsgrad differs", tmp_path / "ams", "max_exp_avg_sq"),
         ("lookahead checkpoint into a plain optimizer", tmp_path / "la", "Lookahead"),
         ("newer format", newer, f"format_version {checkpoint.FORMAT_VERSION + 1} is newer"),
-        ("invalid hyperparameter", bad_lr, "lr must be a finite number >= 0"),
+        ("invalid hyperparameter", bad_lr, "param group 0: lr must be a finite number >= 0"),
+        ("option of another algorithm", foreign, "param group 0: option(s) ['beta3'] that algorithm 'adamw' does "
+         "not use"),
         ("invalid step", bad_step, "'0.weight' has step -3"),
         ("truncated data file", truncated, "reading the tensors failed"),
         ("missing data file", no_data, "reading the tensors failed"),

@@ -611,6 +611,10 @@ def test_bad_group_value_set_after_construction():
     (lambda sd: sd["state"][0].pop("max_exp_avg_sq"), "max_exp_avg_sq"),
     (lambda sd: sd["state"][0].pop("step"), "step"),
     (lambda sd: sd["param_groups"][0].pop("betas"), "betas"),
+    # a torch-style dict (no "algorithm" key) of AdaMod: its beta3 is refused by the shared group check
+    (lambda sd: (sd.pop("algorithm"), sd["param_groups"][0].__setitem__("beta3", 0.999)),
+     "param group 0 of the state_dict: option(s) ['beta3'] that algorithm 'adam' does not use"),
+    (lambda sd: sd["param_groups"][0].__setitem__("betas", [0.9, 1.5]), "param group 0 of the state_dict: betas"),
 ])
 def test_load_state_dict_rejects_damaged_dicts(damage, culprit):
     opt, p = _trained(amsgrad=True)

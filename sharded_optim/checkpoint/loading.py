@@ -28,6 +28,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import rules
+from ..serialization import saved_hyperparameters
 from . import integrity as ckpt_integrity
 from . import io as ckpt_io
 from .format import (FORMAT_NAME, FORMAT_VERSION, MASTER_KEY, META_FILE, RNG_DIR, SLOW_KEY, CheckpointCorruptError,
@@ -96,23 +97,11 @@ def _check_groups(path: Path, meta: dict[str, Any], opt: Any, params: list[_Para
         if saved.get("state_keys") != keys:
             raise CheckpointError(f"checkpoint {path}: param group {gi} has state keys {saved.get('state_keys')} "
                                   f"in the checkpoint but {keys} here (amsgrad differs?)")
-        hp = {k: v for k, v in saved.items() if k not in ("params", "state_keys")}
-        foreign = rules.foreign_options(opt.algorithm, hp)
-        if foreign:
-            raise CheckpointError(f"checkpoint {path}: param group {gi} has option(s) {foreign} that "
-                                  f"{opt.algorithm!r} does not use")
-        for k, v in list(hp.items()):
-            current = group.get(k)
-            if isinstance(current, tuple) and isinstance(v, list):
-                hp[k] = tuple(v)
-            elif isinstance(current, Tensor) and isinstance(v, (int, float)) and not isinstance(v, bool):
-                hp[k] = torch.tensor(v, dtype=current.dtype, device=current.device)
-        merged = {**{k: v for k, v in group.items() if k != "params"}, **hp}
         try:
-            rules.validate_group(opt.algorithm, merged)
+            hp = saved_hyperparameters(opt.algorithm, {k: v for k, v in saved.items()
+                                                        if k not in ("params", "state_keys")}, group)
         except (ValueError, TypeError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint {path}: param group {gi} has invalid hyperparameters: {exc}") \
-                from None
+            raise CheckpointError(f"checkpoint {path}: param group {gi}: {exc}") from None
         new.append(hp)
     return new
 

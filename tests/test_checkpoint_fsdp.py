@@ -90,7 +90,7 @@ def full_state_gathered(model: torch.nn.Module, opt: ShardedOptimizer) -> dict[s
 
 
 def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: str) -> None:
-    assert sorted(got) == sorted(want)
+    assert sorted(got) == sorted(want), f"{what}: keys {sorted(set(got) ^ set(want))} in only one of them"
     for key in want:
         assert np.array_equal(got[key], want[key]), f"{what}: {key} differs (max {np.abs(got[key] - want[key]).max()})"
 

@@ -22,13 +22,15 @@ def assert_same(expected: dict, got: dict, what: str) -> None:
     for i, entry in expected["state"].items():
         assert sorted(got["state"][i]) == sorted(entry), f"{what}: state keys of parameter {i}"
         for key, value in entry.items():
-            assert value.dtype == got["state"][i][key].dtype and value.shape == got["state"][i][key].shape
+            assert value.dtype == got["state"][i][key].dtype and value.shape == got["state"][i][key].shape, \
+                f"{what}: state[{i}][{key!r}] is {got['state'][i][key].dtype} {got['state'][i][key].shape}, " \
+                f"saved {value.dtype} {value.shape}"
             assert np.array_equal(value, got["state"][i][key]), f"{what}: state[{i}][{key!r}] differs"
     assert got["groups"] == expected["groups"], f"{what}: hyperparameters differ"
     for key, value in expected["model"].items():
         assert np.array_equal(value, got["model"][key]), f"{what}: model[{key!r}] differs"
     if "slow" in expected:
-        assert got["lookahead"] == expected["lookahead"]
+        assert got["lookahead"] == expected["lookahead"], f"{what}: Lookahead (k, alpha, inner_steps) differ"
         for i, value in expected["slow"].items():
             assert np.array_equal(value, got["slow"][i]), f"{what}: slow weights of parameter {i} differ"
 
@@ -58,18 +60,19 @@ def test_reshard_and_resume(tmp_path):
         for name in S.CONFIGS:
             expected = expected_from(saved, name)
             for rank, result in enumerate(loaded):
-                assert result["loaded"][name]["info"]["step"] == 4
-                assert result["loaded"][name]["info"]["extra"] == {"name": name}
+                info = result["loaded"][name]["info"]
+                assert info["step"] == 4, f"{label} {name} rank {rank}: step {info['step']}"
+                assert info["extra"] == {"name": name}, f"{label} {name} rank {rank}: extra {info['extra']}"
                 assert_same(expected, result["loaded"][name]["snapshot"], f"{label} {name} rank {rank}")
     for name in S.CONFIGS:  # 4 -> 1, in this process again
         model, opt = S.build(name, seed=99)
         info = S.checkpoint.load(tmp_path / "w4" / name, model, opt)
-        assert info["world_size"] == 4 and not info["rng_restored"]
+        assert info["world_size"] == 4 and not info["rng_restored"], f"4->1 {name}: {info}"
         assert_same(expected_from([r["saved"] for r in d], name), S.snapshot(model, opt), f"4->1 {name}")
     for name in S.RESUME_CONFIGS:
         for rank in range(2):
             assert_same(a[rank]["resume"][name], c[rank]["resume"][name], f"resume {name} rank {rank}")
             # the runs really trained: the state moved away from a fresh optimizer's
-            assert a[rank]["resume"][name]["state"], name
+            assert a[rank]["resume"][name]["state"], f"resume {name} rank {rank}: no state"
     # keep_last=1 in the resume saves: only the newest checkpoint remains and `latest` names it
     assert sorted(p.name for p in (tmp_path / "resume" / "adamw_z1").iterdir()) == ["latest", "step_20"]

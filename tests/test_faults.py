@@ -56,20 +56,23 @@ def test_nonfinite_spike_and_hang_on_two_ranks(tmp_path):
     results = run_ranks(fault_scenarios.policies, 2, str(tmp_path), collective_timeout_s=COLLECTIVE_TIMEOUT_S)
     for rank, r in enumerate(results):
         for stage in ("adamw_z1", "amsgrad_z2"):
-            skip = r[f"{stage}/skip"]
-            assert skip["unchanged"], f"rank {rank} {stage}: a skipped step changed parameters or state"
-            assert skip["skipped"] == {"nonfinite": 1, "spike": 0}, (rank, stage, skip)
-            assert skip["next_step_taken"] and skip["finite"], (rank, stage, skip)
-            raised = r[f"{stage}/raise"]
-            assert raised["raised"] and "non-finite gradient norm" in raised["raised"], (rank, stage, raised)
-            assert raised["unchanged"], f"rank {rank} {stage}: 'raise' changed parameters or state"
-            spike = r[f"{stage}/spike"]
-            assert spike["normal_phase"] == {"nonfinite": 0, "spike": 0}, (rank, stage, spike)
-            assert spike["after_spike"] == {"nonfinite": 0, "spike": 1}, (rank, stage, spike)
-            assert spike["unchanged"] and spike["after_next"] == {"nonfinite": 0, "spike": 1}, (rank, stage, spike)
+            skip = r[f"skip {stage}"]
+            assert skip["unchanged"], f"skip {stage} rank {rank}: a skipped step changed parameters or state"
+            assert skip["skipped"] == {"nonfinite": 1, "spike": 0}, f"skip {stage} rank {rank}: {skip}"
+            assert skip["next_step_taken"] and skip["finite"], f"skip {stage} rank {rank}: {skip}"
+            raised = r[f"raise {stage}"]
+            assert raised["raised"] and "non-finite gradient norm" in raised["raised"], \
+                f"raise {stage} rank {rank}: {raised}"
+            assert raised["unchanged"], f"raise {stage} rank {rank}: 'raise' changed parameters or state"
+            spike = r[f"spike {stage}"]
+            assert spike["normal_phase"] == {"nonfinite": 0, "spike": 0}, f"spike {stage} rank {rank}: {spike}"
+            assert spike["after_spike"] == {"nonfinite": 0, "spike": 1}, f"spike {stage} rank {rank}: {spike}"
+            assert spike["unchanged"] and spike["after_next"] == {"nonfinite": 0, "spike": 1}, \
+                f"spike {stage} rank {rank}: {spike}"
     hung = results[0]["hang"]
-    assert hung["error"] is not None, "a step with a hung peer returned"
-    assert "timed out" in hung["error"].lower() or "timeout" in hung["error"].lower(), hung["error"]
-    assert hung["described"] and "did not complete within 10 s" in hung["described"]
-    assert COLLECTIVE_TIMEOUT_S * 0.9 <= hung["seconds"] < COLLECTIVE_TIMEOUT_S + 30, hung["seconds"]
-    assert results[1]["hang"]["released"]
+    assert hung["error"] is not None, "hang rank 0: a step with a hung peer returned"
+    assert "timed out" in hung["error"].lower() or "timeout" in hung["error"].lower(), f"hang rank 0: {hung['error']}"
+    assert hung["described"] and "did not complete within 10 s" in hung["described"], f"hang rank 0: {hung}"
+    assert COLLECTIVE_TIMEOUT_S * 0.9 <= hung["seconds"] < COLLECTIVE_TIMEOUT_S + 30, \
+        f"hang rank 0: {hung['seconds']} s"
+    assert results[1]["hang"]["released"], f"hang rank 1: {results[1]['hang']}"

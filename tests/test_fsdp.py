@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from tests.support.multiproc import run_ranks as _run_ranks
+from tests.support.scenarios import Scenarios
 
 pytestmark = pytest.mark.slow
 
@@ -279,10 +280,10 @@ def _protocol(mesh: Any) -> dict:
     return {"type": type(rt).__name__, "used": sorted(used), "missing": sorted(n for n in used if not hasattr(rt, n))}
 
 
-def _one_d_worker(rank: int, world: int, directory: str) -> dict:
+def _one_d_worker(rank: int, world: int, directory: str) -> Scenarios:
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("shard",))
-    out: dict[str, Any] = {}
+    out = Scenarios()
     _guard(out, "adamw", lambda: _train_pair(mesh, rank, world, "adamw", "torch"))
     _guard(out, "adamod", lambda: _train_pair(mesh, rank, world, "adamod", "ours"))
     _guard(out, "amsgrad", lambda: _train_pair(mesh, rank, world, "adam", "ours", amsgrad=True,
@@ -305,12 +306,12 @@ def _one_d_worker(rank: int, world: int, directory: str) -> dict:
     return out
 
 
-def _hsdp_worker(rank: int, world: int) -> dict:
+def _hsdp_worker(rank: int, world: int) -> Scenarios:
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     # HSDP: each replica (mesh row) sees half of the global batch, split again over its shard dimension
     dp_rank = mesh.get_local_rank("replicate") * 2 + mesh.get_local_rank("shard")
-    out: dict[str, Any] = {}
+    out = Scenarios()
     _guard(out, "adamw", lambda: _train_pair(mesh, dp_rank, world, "adamw", "torch"))
     _guard(out, "radam", lambda: _train_pair(mesh, dp_rank, world, "radam", "ours"))
     from sharded_optim import ShardedOptimizer
@@ -325,13 +326,13 @@ def _hsdp_worker(rank: int, world: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ tests
 @pytest.fixture(scope="module")
-def one_d() -> list[dict]:
+def one_d() -> list[Scenarios]:
     with tempfile.TemporaryDirectory() as directory:
         return run_ranks(_one_d_worker, 2, directory)
 
 
 @pytest.fixture(scope="module")
-def hsdp() -> list[dict]:
+def hsdp() -> list[Scenarios]:
     return run_ranks(_hsdp_worker, 4)
 
 
@@ -345,59 +346,67 @@ def _scenario(results: list[dict], name: str) -> list[dict]:
 @pytest.mark.parametrize("name", ["adamw", "adamod", "amsgrad", "radam", "adamod_in_place", "diffmod"])
 def test_fully_shard_matches_unsharded_reference(one_d, name):
     for rank, r in enumerate(_scenario(one_d, name)):
-        assert r["param_err"] <= 1.0 and r["state_err"] <= 1.0, (rank, r)
-        assert r["norm_rel_diff"] <= RTOL, (rank, r)   # the global norm sums the two shards, nothing more
-        assert r["grad_rel_err"] <= GRAD_RTOL, (rank, r)
-        assert r["losses"][-1] < r["losses"][0], r["losses"]
+        assert r["param_err"] <= 1.0 and r["state_err"] <= 1.0, f"{name} rank {rank}: {r}"
+        assert r["norm_rel_diff"] <= RTOL, f"{name} rank {rank}: {r}"   # the global norm sums the two shards
+        assert r["grad_rel_err"] <= GRAD_RTOL, f"{name} rank {rank}: {r}"
+        assert r["losses"][-1] < r["losses"][0], f"{name} rank {rank}: losses {r['losses']}"
         # the tiny model's shards are all under the CPU threshold; the in-place scenario lowers it to 1
-        assert (r["in_place_slots"] > 5) == (name == "adamod_in_place"), (rank, r["in_place_slots"])
+        assert (r["in_place_slots"] > 5) == (name == "adamod_in_place"), \
+            f"{name} rank {rank}: {r['in_place_slots']} in-place slots"
     expected = {"adamw": ["exp_avg", "exp_avg_sq"], "adamod": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
                 "adamod_in_place": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
                 "amsgrad": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], "radam": ["exp_avg", "exp_avg_sq"],
                 "diffmod": ["exp_avg", "exp_avg_lr", "exp_avg_sq", "previous_grad"]}
-    assert one_d[0][name]["state_keys"] == expected[name]
+    assert one_d[0][name]["state_keys"] == expected[name], f"{name} rank 0: {one_d[0][name]['state_keys']}"
 
 
 def test_no_double_sharding_and_uneven_shards(one_d):
     ranks = _scenario(one_d, "adamod")
     total = sum(p.numel() for p in make_model(0).parameters())
-    assert sum(r["local_numel"] for r in ranks) == total   # each element on exactly one rank
-    for r in ranks:
+    # each element on exactly one rank
+    assert sum(r["local_numel"] for r in ranks) == total, f"adamod: local numels {[r['local_numel'] for r in ranks]}"
+    for rank, r in enumerate(ranks):
         # 3 fp32 state tensors over the local shard (+ flat-buffer alignment padding), not over the full model
-        assert 3 * 4 * r["local_numel"] <= r["state_bytes"] < 3 * 4 * (r["local_numel"] + 64)
-    assert "embed.weight" in ranks[0]["uneven"] and "head.weight" in ranks[0]["uneven"]
-    assert ranks[0]["empty_shards"] == [] and ranks[1]["empty_shards"] == ["gate"]
+        assert 3 * 4 * r["local_numel"] <= r["state_bytes"] < 3 * 4 * (r["local_numel"] + 64), \
+            f"adamod rank {rank}: {r['state_bytes']} state bytes for {r['local_numel']} elements"
+    assert "embed.weight" in ranks[0]["uneven"] and "head.weight" in ranks[0]["uneven"], \
+        f"adamod rank 0: uneven {ranks[0]['uneven']}"
+    assert ranks[0]["empty_shards"] == [] and ranks[1]["empty_shards"] == ["gate"], \
+        f"adamod: empty shards {ranks[0]['empty_shards']} (rank 0), {ranks[1]['empty_shards']} (rank 1)"
 
 
 def test_dtensor_runtime_has_every_attribute_the_optimizer_uses(one_d):
-    for r in _scenario(one_d, "protocol"):
-        assert r["type"] == "DTensorParamGroup" and len(r["used"]) > 20, r
-        assert r["missing"] == [], r
+    for rank, r in enumerate(_scenario(one_d, "protocol")):
+        assert r["type"] == "DTensorParamGroup" and len(r["used"]) > 20, f"protocol rank {rank}: {r}"
+        assert r["missing"] == [], f"protocol rank {rank}: {r}"
 
 
 def test_nonfinite_gradient_on_one_rank_skips_everywhere(one_d):
-    for r in _scenario(one_d, "nonfinite"):
-        assert r == {"skipped": 1, "changed": 0}
+    for rank, r in enumerate(_scenario(one_d, "nonfinite")):
+        assert r == {"skipped": 1, "changed": 0}, f"nonfinite rank {rank}: {r}"
 
 
 @pytest.mark.parametrize("name", ["dcp_lazy", "dcp_eager_bf16", "dcp_in_place"])
 def test_dcp_save_load_resumes_bitwise(one_d, name):
     for rank, r in enumerate(_scenario(one_d, name)):
-        assert r["compared"] > 20 and r["mismatched"] == [], (rank, r["mismatched"])
-        assert r["steps_after_load"] == [2], (rank, r)
-        assert r["state_types"] == ["DTensor"], (rank, r)
+        assert r["compared"] > 20 and r["mismatched"] == [], \
+            f"{name} rank {rank}: {r['compared']} compared, mismatched {r['mismatched']}"
+        assert r["steps_after_load"] == [2], f"{name} rank {rank}: {r}"
+        assert r["state_types"] == ["DTensor"], f"{name} rank {rank}: {r}"
     keys = one_d[0][name]["saved_keys"]
     if name == "dcp_eager_bf16":
-        assert keys == ["exp_avg", "exp_avg_sq", "master_param", "mu_product", "step"]
+        assert keys == ["exp_avg", "exp_avg_sq", "master_param", "mu_product", "step"], f"{name} rank 0: {keys}"
     else:
-        assert keys == ["exp_avg", "exp_avg_lr", "exp_avg_sq", "max_exp_avg_sq", "step"]
+        assert keys == ["exp_avg", "exp_avg_lr", "exp_avg_sq", "max_exp_avg_sq", "step"], f"{name} rank 0: {keys}"
 
 
 @pytest.mark.parametrize("name", ["adamw", "radam"])
 def test_hsdp_2x2_matches_unsharded_reference(hsdp, name):
     for rank, r in enumerate(_scenario(hsdp, name)):
-        assert r["param_err"] <= 1.0 and r["state_err"] <= 1.0, (rank, r)
-        assert r["norm_rel_diff"] <= RTOL, (rank, r)   # summed over the shard dim only, not the replicas
-        assert r["grad_rel_err"] <= GRAD_RTOL, (rank, r)
-    assert [r["reduce_group_size"] for r in hsdp] == [2, 2, 2, 2]
-    assert not math.isnan(hsdp[0][name]["param_err"])
+        assert r["param_err"] <= 1.0 and r["state_err"] <= 1.0, f"hsdp {name} rank {rank}: {r}"
+        # summed over the shard dim only, not the replicas
+        assert r["norm_rel_diff"] <= RTOL, f"hsdp {name} rank {rank}: {r}"
+        assert r["grad_rel_err"] <= GRAD_RTOL, f"hsdp {name} rank {rank}: {r}"
+    assert [r["reduce_group_size"] for r in hsdp] == [2, 2, 2, 2], \
+        f"hsdp reduce group sizes per rank: {[r['reduce_group_size'] for r in hsdp]}"
+    assert not math.isnan(hsdp[0][name]["param_err"]), f"hsdp {name} rank 0: param_err is NaN"

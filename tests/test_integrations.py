@@ -29,6 +29,7 @@ import sharded_optim as so
 from tests.support import client_scenarios as cs
 from tests.support.jobs import REPO, job_env, require_module, require_tool
 from tests.support.multiproc import free_port, run_ranks
+from tests.support.scenarios import Scenarios, zero
 
 ALGORITHMS = ("adamw", "adamod")
 
@@ -45,7 +46,8 @@ def hf(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("hf")
     _launch([require_tool("torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
              str(REPO / "tests" / "support" / "hf_trainer_job.py"), str(out)], timeout=480)
-    return {"results": torch.load(out / "results.pt", weights_only=False), "out": out}
+    # keyed by scenario name: "adamw zero-1", "adamw zero-1 resumed", "adamw zero-1 plain loop", "snippets"
+    return {"results": Scenarios(torch.load(out / "results.pt", weights_only=False)), "out": out}
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -56,27 +58,27 @@ def _equal(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("stage", [1, 2])
 def test_hf_trainer_zero_trains_like_zero0_and_the_plain_loop(hf, algorithm, stage):
-    r = hf["results"]
-    run, zero0, plain = r[(algorithm, stage)], r[(algorithm, 0)], r[(algorithm, stage, "plain")]
+    r, name = hf["results"], zero(algorithm, stage)
+    run, zero0, plain = r[name], r[zero(algorithm, 0)], r[f"{name} plain loop"]
     losses = run["losses"]
-    assert len(losses) == 12 and sum(losses[-3:]) / 3 < losses[0] - 0.05, losses   # it learns
-    assert losses == zero0["losses"]
-    assert _equal(run["params"], zero0["params"])
-    assert _equal(run["params"], plain["params"])
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < losses[0] - 0.05, f"{name}: {losses}"   # it learns
+    assert losses == zero0["losses"], f"{name} against {zero(algorithm, 0)}: {losses} != {zero0['losses']}"
+    assert _equal(run["params"], zero0["params"]), f"{name}: parameters differ from {zero(algorithm, 0)}"
+    assert _equal(run["params"], plain["params"]), f"{name}: parameters differ from {name} plain loop"
     # Trainer (and accelerate's prepare) move the model after the optimizer was built, replacing every
     # parameter's storage (transformers 5.25, CPU): each one was re-bound, once
-    assert run["rebinds"] == len(run["params"])
+    assert run["rebinds"] == len(run["params"]), f"{name}: {run['rebinds']} rebinds of {len(run['params'])}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("stage", [1, 2])
 def test_hf_trainer_checkpoints_and_resumes_bitwise(hf, algorithm, stage):
-    r = hf["results"]
-    run, resumed = r[(algorithm, stage)], r[(algorithm, stage, "resumed")]
-    assert run["checkpoints"] == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
-    assert resumed["losses"] == run["losses"][8:]
-    assert _equal(resumed["params"], run["params"])
+    r, name = hf["results"], zero(algorithm, stage)
+    run, resumed = r[name], r[f"{name} resumed"]
+    assert run["checkpoints"] == ["checkpoint-12", "checkpoint-4", "checkpoint-8"], f"{name}: {run['checkpoints']}"
+    assert resumed["losses"] == run["losses"][8:], f"{name} resumed: {resumed['losses']} != {run['losses'][8:]}"
+    assert _equal(resumed["params"], run["params"]), f"{name} resumed: parameters differ"
     # the file rank 0 wrote holds the full (consolidated) state of every parameter
     saved = torch.load(hf["out"] / f"{algorithm}_z{stage}" / "checkpoint-8" / "optimizer.pt", weights_only=True)
     numel = sorted(p.numel() for p in run["params"].values())
@@ -127,6 +129,7 @@ def test_readme_lightning_snippet_runs(lightning):
 # ------------------------------------------------------------------------------------ replaced storage
 @pytest.fixture(scope="module")
 def storage() -> dict:
+    """world -> per-rank results of ``cs.all_scenarios``, keyed by scenario name ("assign zero-2")."""
     return {1: [cs.all_scenarios(0, 1)], 2: run_ranks(cs.all_scenarios, 2)}
 
 
@@ -134,76 +137,90 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_replaced_storage_is_followed_like_an_in_place_write(storage, world):
+def _storage_cases(hows: tuple[str, ...]) -> list:
+    """(world, scenario name) for every stage the storage scenarios run at, ids naming both."""
+    return [pytest.param(world, zero(how, stage), id=f"{zero(how, stage)} world {world}")
+            for world in (1, 2) for stage in cs.stages(world) for how in hows]
+
+
+@pytest.mark.parametrize("world,scenario", _storage_cases(("data", "swap")))
+def test_replaced_storage_is_followed_like_an_in_place_write(storage, world, scenario):
+    stage = scenario.rsplit("zero-", 1)[1]
     for rank, r in enumerate(storage[world]):
-        for stage in ((1, 2) if world > 1 else (2,)):
-            ref = r[("in_place", stage)]
-            for how in ("data", "swap"):
-                got = r[(how, stage)]
-                assert _same(got["params"], ref["params"]), f"{how} zero-{stage} rank {rank}"
-                assert got["rebinds"] == 4 and got["views"], f"{how} zero-{stage} rank {rank}"
-            # plain assign=True puts new Parameter objects in the model: the optimizer never sees them (as
-            # torch.optim), so the model keeps exactly the assigned values
-            assert _same(r[("assign", stage)]["params"], r[("assign", stage)]["switched"])
-            assert r[("assign", stage)]["rebinds"] == 0
+        got, ref = r[scenario], r[zero("in_place", stage)]
+        assert _same(got["params"], ref["params"]), f"{scenario} rank {rank}: parameters differ from in_place"
+        assert got["rebinds"] == 4 and got["views"], f"{scenario} rank {rank}: {got['rebinds']=} {got['views']=}"
 
 
-def test_replaced_storage_moves_like_torch_optim(storage):
+@pytest.mark.parametrize("world,scenario", _storage_cases(("assign",)))
+def test_plain_assign_leaves_the_assigned_values(storage, world, scenario):
+    """Plain assign=True puts new Parameter objects in the model: the optimizer never sees them (as torch.optim),
+    so the model keeps exactly the assigned values."""
+    for rank, r in enumerate(storage[world]):
+        got = r[scenario]
+        assert _same(got["params"], got["switched"]), f"{scenario} rank {rank}: the assigned values moved"
+        assert got["rebinds"] == 0, f"{scenario} rank {rank}: rebinds {got['rebinds']}"
+
+
+@pytest.mark.parametrize("how", ["in_place", "data", "swap"])
+def test_replaced_storage_moves_like_torch_optim(storage, how):
     r = storage[1][0]
-    for how in ("in_place", "data", "swap"):
-        ours, torch_ = r[(how, 2)]["params"], r[(how, "torch")]["params"]
-        for a, b in zip(ours, torch_):
-            # two independent fp32 walks of 4 steps: 2 sqrt(N) ulp(max|p|) (ALGORITHMS.md 15.1); AdamW's decay
-            # term rounds differently in torch (15.4), one more ulp per step at most
-            tol = 3 * math.sqrt(cs.STEPS) * float(np.spacing(np.float32(np.abs(b).max())))
-            np.testing.assert_allclose(a, b, rtol=0, atol=tol, err_msg=how)
-        assert not _same(ours, r[("in_place", 2)]["switched"])   # it moved after the switch
-    assert _same(r[("assign", "torch")]["params"], r[("assign", "torch")]["switched"])
+    ours, torch_ = r[zero(how, 2)]["params"], r[f"{how} torch.optim"]["params"]
+    for a, b in zip(ours, torch_):
+        # two independent fp32 walks of 4 steps: 2 sqrt(N) ulp(max|p|) (ALGORITHMS.md 15.1); AdamW's decay
+        # term rounds differently in torch (15.4), one more ulp per step at most
+        tol = 3 * math.sqrt(cs.STEPS) * float(np.spacing(np.float32(np.abs(b).max())))
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol, err_msg=f"{zero(how, 2)} against {how} torch.optim")
+    assert not _same(ours, r[zero("in_place", 2)]["switched"]), f"{zero(how, 2)}: did not move after the switch"
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_cast_after_construction_is_rebuilt_or_refused_by_name(storage, world):
-    for r in storage[world]:
-        for stage in ((1, 2) if world > 1 else (2,)):
-            d = r[("dtype", stage)]
-            # before the first step (no gradient hooks): the buffers are rebuilt in float64, exactly as if the
-            # model had been cast before the optimizer was built
-            assert d["rebuilt"][0].dtype == np.float64 and _same(d["rebuilt"], d["built_double"])
-            assert "param_groups[0]['params'][" in d["after_steps_error"]
-            assert "to cpu/torch.float64 after 1 step(s)" in d["after_steps_error"]
-            assert "changed shape from (5,) to (7,)" in d["shape_error"]
-            if world > 1:
-                assert "after backward reduced its gradients" in d["hooks_error"]
+def test_plain_assign_is_ignored_by_torch_optim_too(storage):
+    r = storage[1][0]["assign torch.optim"]
+    assert _same(r["params"], r["switched"]), "assign torch.optim: the assigned values moved"
+
+
+@pytest.mark.parametrize("world,scenario", _storage_cases(("dtype",)))
+def test_cast_after_construction_is_rebuilt_or_refused_by_name(storage, world, scenario):
+    for rank, r in enumerate(storage[world]):
+        d = r[scenario]
+        where = f"{scenario} rank {rank}"
+        # before the first step (no gradient hooks): the buffers are rebuilt in float64, exactly as if the
+        # model had been cast before the optimizer was built
+        assert d["rebuilt"][0].dtype == np.float64 and _same(d["rebuilt"], d["built_double"]), where
+        assert "param_groups[0]['params'][" in d["after_steps_error"], f"{where}: {d['after_steps_error']}"
+        assert "to cpu/torch.float64 after 1 step(s)" in d["after_steps_error"], f"{where}: {d['after_steps_error']}"
+        assert "changed shape from (5,) to (7,)" in d["shape_error"], f"{where}: {d['shape_error']}"
+        if world > 1:
+            assert "after backward reduced its gradients" in d["hooks_error"], f"{where}: {d['hooks_error']}"
 
 
 # ---------------------------------------------------------------------------------- saving from one rank
-def _equal_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
+def _equal_state(a: dict, b: dict, where: str) -> None:
+    assert a.keys() == b.keys(), where
     for key in a:
         if isinstance(a[key], dict):
-            _equal_state(a[key], b[key])
+            _equal_state(a[key], b[key], f"{where}[{key!r}]")
         elif isinstance(a[key], np.ndarray):
-            assert np.array_equal(a[key], b[key]), key
+            assert np.array_equal(a[key], b[key]), f"{where}[{key!r}]"
         else:
-            assert a[key] == b[key], key
+            assert a[key] == b[key], f"{where}[{key!r}]"
 
 
 @pytest.mark.parametrize("name", ["ShardedOptimizer", "Lookahead"])
 def test_state_dict_on_one_rank_fails_fast_and_consolidation_works(storage, name):
-    r = storage[2][0]["state_dict"]
-    error = r[(name, "alone_error")]
-    assert error.startswith("ConsolidationError") and "consolidate_state_dict(to=0)" in error
-    assert "only rank(s) [0]" in error and "ShardedOptimizerCallback" in error
-    assert 2.0 <= r[(name, "alone_seconds")] < 10.0   # the timeout (2 s), not a hang
-    _equal_state(r[(name, "consolidated")], r[(name, "collective")])
-    assert r[(name, "stale_error")].startswith("ConsolidationError")   # a step made the copy stale
-    assert "0..1" in storage[2][0]["state_dict"]["bad_to"]
+    r = storage[2][0]["state_dict"][name]   # rank 0: the rank that calls state_dict() alone
+    error = r["alone_error"]
+    assert error.startswith("ConsolidationError") and "consolidate_state_dict(to=0)" in error, error
+    assert "only rank(s) [0]" in error and "ShardedOptimizerCallback" in error, error
+    assert 2.0 <= r["alone_seconds"] < 10.0, r["alone_seconds"]   # the timeout (2 s), not a hang
+    _equal_state(r["consolidated"], r["collective"], f"{name} consolidated against collective")
+    assert r["stale_error"].startswith("ConsolidationError"), r["stale_error"]   # a step made the copy stale
+    assert "0..1" in storage[2][0]["state_dict"]["bad_to"], storage[2][0]["state_dict"]["bad_to"]
 
 
 def test_lookahead_slow_weights_stay_sharded(storage):
     r = storage[2][0]["state_dict"]
-    assert r["slow_numel"] == r["local_numel"] and r["local_numel"][0] * 2 == r["total_numel"][0]
+    assert r["slow_numel"] == r["local_numel"] and r["local_numel"][0] * 2 == r["total_numel"][0], r
 
 
 # ------------------------------------------------------------------------------------ Lookahead + schedulers

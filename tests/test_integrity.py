@@ -22,18 +22,20 @@ from sharded_optim.app.cli import main as cli_main
 from tests.support import silent_scenarios
 from tests.support.jobs import REPO, job_env
 from tests.support.multiproc import run_ranks
+from tests.support.scenarios import Scenarios
 from tests.test_checkpoint import assert_unchanged, memory, run, tiny
 
 FIXTURE = REPO / "tests" / "data" / "ckpt_v1"
 
 
-def _both(rank: int, world: int, root: str) -> dict:
-    return {"agree": silent_scenarios.disagreements(rank, world),
-            "damage": silent_scenarios.damaged_checkpoints(rank, world, root)}
+def _both(rank: int, world: int, root: str) -> Scenarios:
+    """"agree": per disagreement case ("order", "lr", ...); "damage": per damage ("shard_bit", ...) and "v1"."""
+    return Scenarios(agree=Scenarios(silent_scenarios.disagreements(rank, world)),
+                     damage=Scenarios(silent_scenarios.damaged_checkpoints(rank, world, root)))
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[Scenarios]:
     root = tmp_path_factory.mktemp("silent")
     return run_ranks(_both, 2, str(root), timeout=240, collective_timeout_s=30,
                      env={"SHARDED_OPTIM_KERNEL": "eager"})
@@ -52,19 +54,26 @@ EXPECTED = {  # case -> fragments of the message every rank raises: the item, ra
 }
 
 
-def test_ranks_that_disagree_refuse_on_every_rank(two_ranks):
+def test_ranks_that_agree_build_and_step(two_ranks):
     for rank, result in enumerate(two_ranks):
         agree = result["agree"]
-        assert agree["identical"]["error"] is None, agree["identical"]
-        assert agree["stepped"]
-        for case, fragments in EXPECTED.items():
-            message = agree[case]["error"]
-            assert message is not None, f"rank {rank}: {case} was accepted"
-            for fragment in fragments:
-                assert fragment in message, f"rank {rank} {case}: {fragment!r} not in {message!r}"
-            assert agree[case]["seconds"] < 10, (rank, case, agree[case]["seconds"])
-    for case in EXPECTED:  # the same message on both ranks
-        assert two_ranks[0]["agree"][case]["error"] == two_ranks[1]["agree"][case]["error"], case
+        assert agree["identical"]["error"] is None, f"identical rank {rank}: {agree['identical']}"
+        assert agree["stepped"], f"rank {rank}: the agreeing optimizer built after the refusals did not step"
+
+
+@pytest.mark.parametrize("case", list(EXPECTED))
+def test_ranks_that_disagree_refuse_on_every_rank(two_ranks, case):
+    fragments = EXPECTED[case]
+    for rank, result in enumerate(two_ranks):
+        agree = result["agree"]
+        message = agree[case]["error"]
+        assert message is not None, f"{case} rank {rank}: accepted"
+        for fragment in fragments:
+            assert fragment in message, f"{case} rank {rank}: {fragment!r} not in {message!r}"
+        assert agree[case]["seconds"] < 10, f"{case} rank {rank}: {agree[case]['seconds']} s"
+    # the same message on both ranks
+    assert two_ranks[0]["agree"][case]["error"] == two_ranks[1]["agree"][case]["error"], \
+        f"{case}: the ranks' messages differ"
 
 
 # ------------------------------------------------------------------------------- damaged checkpoints, 2 ranks
@@ -78,19 +87,21 @@ CAUSES = {  # damage -> what the refusal names
 }
 
 
-def test_damaged_checkpoint_is_refused_and_fallback_loads_the_previous(two_ranks):
+@pytest.mark.parametrize("how", list(CAUSES))
+def test_damaged_checkpoint_is_refused_and_fallback_loads_the_previous(two_ranks, how):
+    cause = CAUSES[how]
     for rank, result in enumerate(two_ranks):
-        for how, cause in CAUSES.items():
-            r = result["damage"][how]
-            assert r["direct"] is not None and cause in r["direct"], (rank, how, r["direct"])
-            assert r["unchanged"], f"rank {rank} {how}: a refused load changed the model or optimizer"
-            assert r["seconds"] < 20, (rank, how, r["seconds"])
-            assert r["no_fallback"] and "fallback is off" in r["no_fallback"], (rank, how, r["no_fallback"])
-            assert r["unchanged_after_no_fallback"], (rank, how)
-            assert Path(r["path"]).name == "step_2" and r["step"] == 2, (rank, how, r["path"])
-            assert [Path(s["path"]).name for s in r["skipped"]] == ["step_4"], (rank, how, r["skipped"])
-            assert cause in r["skipped"][0]["reason"], (rank, how, r["skipped"])
-            assert r["equals_step_2"], f"rank {rank} {how}: the fallback did not restore step_2 exactly"
+        r = result["damage"][how]
+        where = f"{how} rank {rank}"
+        assert r["direct"] is not None and cause in r["direct"], f"{where}: {r['direct']}"
+        assert r["unchanged"], f"{where}: a refused load changed the model or optimizer"
+        assert r["seconds"] < 20, f"{where}: {r['seconds']} s"
+        assert r["no_fallback"] and "fallback is off" in r["no_fallback"], f"{where}: {r['no_fallback']}"
+        assert r["unchanged_after_no_fallback"], f"{where}: a refused load (fallback off) changed something"
+        assert Path(r["path"]).name == "step_2" and r["step"] == 2, f"{where}: {r['path']} step {r['step']}"
+        assert [Path(s["path"]).name for s in r["skipped"]] == ["step_4"], f"{where}: {r['skipped']}"
+        assert cause in r["skipped"][0]["reason"], f"{where}: {r['skipped']}"
+        assert r["equals_step_2"], f"{where}: the fallback did not restore step_2 exactly"
 
 
 def test_format_1_checkpoint_loads_at_world_size_2_and_1(two_ranks):
@@ -104,7 +115,8 @@ def test_format_1_checkpoint_loads_at_world_size_2_and_1(two_ranks):
     loaded = [(model.state_dict(), opt.state_dict()["state"], "1 process")]
     for rank, result in enumerate(two_ranks):
         v1 = result["damage"]["v1"]
-        assert v1["info"]["rng_restored"] and v1["info"]["extra"] == {"made_by": "format v1"}
+        assert v1["info"]["rng_restored"] and v1["info"]["extra"] == {"made_by": "format v1"}, \
+            f"v1 rank {rank}: {v1['info']}"
         loaded.append(({k: torch.from_numpy(v) for k, v in v1["model"].items()},
                        {i: {k: torch.from_numpy(v) for k, v in e.items()} for i, e in v1["state"].items()},
                        f"2 ranks, rank {rank}"))

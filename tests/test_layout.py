@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from tests.support.jobs import REPO, job_env
@@ -247,3 +248,43 @@ def test_no_module_is_over_the_size_limit():
              for path in PACKAGE.rglob("*.py")}
     assert sizes, "no modules found"
     assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}
+
+
+# ------------------------------------------------------------------------------------- test result keys
+def tuple_keyed_lookups(source: str, where: str) -> list[str]:
+    """Subscripts whose index is a tuple holding a string, ``r[("assign", stage)]`` or ``out[name, "alone"]``:
+    results keyed like that fail naming a key, not the scenario (issue 18).  Name the scenario instead
+    (``r["assign zero-2"]``, ``tests/support/scenarios.py``).  Array indexing (``x[:, 1:]``, ``s[:, F["numel"]]``:
+    the string sits inside another subscript, not in the tuple) and ``Literal["a", "b"]`` are not flagged."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename=where)):
+        if not (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Tuple)):
+            continue
+        if getattr(node.value, "id", getattr(node.value, "attr", None)) == "Literal":
+            continue
+        if any(isinstance(e, ast.JoinedStr) or (isinstance(e, ast.Constant) and isinstance(e.value, str))
+               for e in node.slice.elts):
+            found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_tuple_key_checker_flags_tuple_keys_only():
+    source = textwrap.dedent('''
+        r[("assign", stage)]
+        out["dtype", 2] = 1
+        r[name, "alone_error"]
+        r[f"{how}", stage]
+        x = r["assign zero-2"], r[zero("assign", 2)], r[name][stage]
+        a[:, 1:], a[i, j], s[:, F["numel"]], a[0, ...], d[(1, 2)]
+        def f(x: dict[str, tuple[int, ...]]) -> Callable[[], Literal["a", "b"]]: ...
+    ''')
+    assert tuple_keyed_lookups(source, "t.py") == ["t.py:2: r['assign', stage]", "t.py:3: out['dtype', 2]",
+                                                   "t.py:4: r[name, 'alone_error']", "t.py:5: r[f'{how}', stage]"]
+
+
+def test_no_test_keys_results_by_tuples():
+    tests = REPO / "tests"
+    found = [hit for path in sorted(tests.rglob("*.py"))
+             for hit in tuple_keyed_lookups(path.read_text(), str(path.relative_to(REPO)))]
+    assert not found, ("results keyed by tuples (name the scenario instead, tests/support/scenarios.py):\n"
+                       + "\n".join(found))

@@ -11,6 +11,7 @@ import torch
 import sharded_optim as so
 from sharded_optim.telemetry.fields import EFF_LR_EDGES, FIELD_INDEX
 from tests.support.multiproc import run_ranks
+from tests.support.scenarios import Scenarios
 
 F = FIELD_INDEX
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.99), 1e-8, 0.01
@@ -150,14 +151,15 @@ def test_statistics_equal_direct_computation(kind: str, kernel: str) -> None:
     assert [n for n, _ in c["norms"]] == pytest.approx(c["direct_norms"], rel=1e-6)
 
 
-def two_rank_worker(rank: int, world: int) -> dict:
-    out = {}
+def two_rank_worker(rank: int, world: int) -> Scenarios:
+    """Per algorithm: "adamw stats" (the last step's), "adamw stats of the step before", "adamw norms"."""
+    out = Scenarios()
     for kind in CONFIGS:
         c = run_and_capture(kind, rank)
-        out[kind] = c["stats"].numpy()
-        out[kind + "_prev"] = c["prev_stats"].numpy()
+        out[f"{kind} stats"] = c["stats"].numpy()
+        out[f"{kind} stats of the step before"] = c["prev_stats"].numpy()
         out["stats_steps"] = c["stats_steps"]
-        out[kind + "_norms"] = c["norms"]
+        out[f"{kind} norms"] = c["norms"]
         out["direct_norms"] = c["direct_norms"]
     return out
 
@@ -166,22 +168,27 @@ def test_two_ranks_report_the_single_process_statistics() -> None:
     results = run_ranks(two_rank_worker, 2)
     # sharded, a step's statistics are made global inside the next step's norm all-reduce: the report of step
     # t carries step t-1, and the last step's come from flush_stats() (checked inside run_and_capture)
-    assert all(res["stats_steps"] == [None, 1, 2] for res in results)
+    for rank, res in enumerate(results):
+        assert res["stats_steps"] == [None, 1, 2], f"rank {rank}: statistics of steps {res['stats_steps']}"
     assert run_and_capture("adamw")["stats_steps"] == [1, 2, 3]  # one process: no collective, no delay
     for kind in CONFIGS:
         single = run_and_capture(kind)
-        for res in results:
+        for rank, res in enumerate(results):
             # rank 0 carries 2*g and rank 1 zeros: the averaged gradient is g exactly (x*2/2), so the global
             # sums differ from one process only in float64 summation order
-            np.testing.assert_allclose(res[kind], single["stats"].numpy(), rtol=1e-9, atol=1e-12, err_msg=kind)
-            np.testing.assert_allclose(res[kind + "_prev"], single["prev_stats"].numpy(), rtol=1e-9, atol=1e-12,
-                                       err_msg=kind + " (delivered with the next step)")
+            np.testing.assert_allclose(res[f"{kind} stats"], single["stats"].numpy(), rtol=1e-9, atol=1e-12,
+                                       err_msg=f"{kind} stats rank {rank}")
+            np.testing.assert_allclose(res[f"{kind} stats of the step before"], single["prev_stats"].numpy(),
+                                       rtol=1e-9, atol=1e-12,
+                                       err_msg=f"{kind} stats of the step before rank {rank} (delivered with the "
+                                               "next step)")
             # the global norm of the statistics pass is the whole gradient's, and the two ranks' shard norms
             # (small buckets: both ranks hold padding) add up to it
-            assert [n for n, _ in res[kind + "_norms"]] == pytest.approx(res["direct_norms"], rel=1e-6)
-        shard = np.array([[s for _, s in res[kind + "_norms"]] for res in results])
+            assert [n for n, _ in res[f"{kind} norms"]] == pytest.approx(res["direct_norms"], rel=1e-6), \
+                f"{kind} norms rank {rank}"
+        shard = np.array([[s for _, s in res[f"{kind} norms"]] for res in results])
         np.testing.assert_allclose(np.sqrt((shard ** 2).sum(0)), results[0]["direct_norms"], rtol=1e-6,
-                                   err_msg=kind)
+                                   err_msg=f"{kind} shard norms of both ranks")
 
 
 @pytest.mark.parametrize("kernel", ["eager", "compiled"])
@@ -301,10 +308,12 @@ def test_telemetry_flush_publishes_the_last_statistics_step() -> None:
     """Sharded, step t's statistics arrive with step t+1; Telemetry.flush() (collective) publishes the last."""
     res = run_ranks(flush_worker, 2)
     r0 = res[0]
-    assert r0["before"] == pytest.approx(r0["norms"][0], rel=1e-6)  # step 1's, delivered by step 2
-    assert r0["after"] == pytest.approx(r0["norms"][1], rel=1e-6) and r0["after"] != r0["before"]
-    assert r0["again"] == r0["after"]
-    assert res[1]["before"] is None and res[1]["after"] is None  # global series come from rank 0 only
+    assert r0["before"] == pytest.approx(r0["norms"][0], rel=1e-6), f"rank 0 before flush: {r0}"  # step 1's
+    assert r0["after"] == pytest.approx(r0["norms"][1], rel=1e-6) and r0["after"] != r0["before"], \
+        f"rank 0 after flush: {r0}"
+    assert r0["again"] == r0["after"], f"rank 0 after a second flush: {r0}"
+    # global series come from rank 0 only
+    assert res[1]["before"] is None and res[1]["after"] is None, f"rank 1: {res[1]}"
 
 
 def test_statistics_describe_the_inner_update_under_lookahead() -> None:
@@ -329,8 +338,9 @@ def test_statistics_describe_the_inner_update_under_lookahead() -> None:
         assert float(with_la[F[name]]) == pytest.approx(float(plain[F[name]]), rel=1e-12), name
 
 
-def load_between_worker(rank: int, world: int) -> dict:
-    out = {}
+def load_between_worker(rank: int, world: int) -> Scenarios:
+    """"straight": two steps; "loaded between steps": the same, then the state after step 1 loaded."""
+    out = Scenarios()
     for load in (False, True):
         params = make_params()
         opt = so.ShardedOptimizer(params, lr=LR, kernel="eager", stats_interval=1, bucket_mb=0.0002)
@@ -344,21 +354,24 @@ def load_between_worker(rank: int, world: int) -> dict:
         if load:  # replaces the state that step 2's statistics still have to be read from
             opt.load_state_dict(saved)
         stats_step, stats = opt.flush_stats()
-        out[load] = (stats_step, stats.numpy())
+        out["loaded between steps" if load else "straight"] = (stats_step, stats.numpy())
     return out
 
 
 def test_loading_a_state_between_steps_keeps_the_last_statistics() -> None:
     """Sharded, the statistics of the updated state are read at the start of the next step (while its gradient
     reductions are in flight); loading a state before that must not make them describe the loaded state."""
-    for res in run_ranks(load_between_worker, 2):
-        assert res[True][0] == res[False][0] == 2
-        np.testing.assert_array_equal(res[True][1], res[False][1])
+    for rank, res in enumerate(run_ranks(load_between_worker, 2)):
+        loaded, straight = res["loaded between steps"], res["straight"]
+        assert loaded[0] == straight[0] == 2, f"rank {rank}: statistics of step {loaded[0]} (loaded), " \
+                                              f"{straight[0]} (straight)"
+        np.testing.assert_array_equal(loaded[1], straight[1], err_msg=f"loaded between steps rank {rank}")
 
 
-def checkpoint_between_worker(rank: int, world: int, path: str) -> dict:
+def checkpoint_between_worker(rank: int, world: int, path: str) -> Scenarios:
+    """"straight": two steps; "checkpoint loaded between steps": the same, then the checkpoint of step 1 loaded."""
     from sharded_optim import checkpoint
-    out = {}
+    out = Scenarios()
     for load in (False, True):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
@@ -372,13 +385,14 @@ def checkpoint_between_worker(rank: int, world: int, path: str) -> dict:
                 checkpoint.save(path, model, opt, step=1)
         if load:  # replaces the state that step 2's statistics still have to be read from
             checkpoint.load(path, model, opt)
-        out[load] = opt.flush_stats()[1].numpy()
+        out["checkpoint loaded between steps" if load else "straight"] = opt.flush_stats()[1].numpy()
     return out
 
 
 def test_loading_a_checkpoint_between_steps_keeps_the_last_statistics(tmp_path) -> None:
-    for res in run_ranks(checkpoint_between_worker, 2, str(tmp_path / "ckpt")):
-        np.testing.assert_array_equal(res[True], res[False])
+    for rank, res in enumerate(run_ranks(checkpoint_between_worker, 2, str(tmp_path / "ckpt"))):
+        np.testing.assert_array_equal(res["checkpoint loaded between steps"], res["straight"],
+                                      err_msg=f"checkpoint loaded between steps rank {rank}")
 
 
 def test_report_norms_equal_the_direct_norms_of_each_param_group() -> None:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import sharded_optim as so
 from tests.support.multiproc import run_ranks
+from tests.support.scenarios import Scenarios, zero
 
 STEPS = 20
 LOCAL_BATCH = 4
@@ -145,27 +146,29 @@ def stages_for(world: int, name: str) -> tuple[int, ...]:
     return (2,)
 
 
-def scenarios_all_worlds(rank: int, world: int) -> dict:
-    out = {}
+def scenarios_all_worlds(rank: int, world: int) -> Scenarios:
+    """Real training per algorithm and stage, named "adamw zero-2"."""
+    out = Scenarios()
     for name, (algorithm, options) in CONFIGS.items():
         for stage in stages_for(world, name):
-            out[(name, stage)] = train_real(rank, world, algorithm, options, zero_stage=stage)
+            out[zero(name, stage)] = train_real(rank, world, algorithm, options, zero_stage=stage)
     return out
 
 
-def scenarios_two_ranks(rank: int, world: int) -> dict:
-    out: dict = {}
+def scenarios_two_ranks(rank: int, world: int) -> Scenarios:
+    """Every 2-rank scenario, named as it reads: "exact adamw zero-1", "ddp zero-2", "clip", "bf16", ..."""
+    out = Scenarios()
     for name, (algorithm, options) in EXACT_CONFIGS.items():
         for stage in (1, 2):
-            out[("exact", name, stage)] = train_exact(rank, world, algorithm, options, stage)
+            out[zero(f"exact {name}", stage)] = train_exact(rank, world, algorithm, options, stage)
     for stage in (1, 2):
-        out[("ddp", stage)] = train_real(rank, world, "adamw", {}, zero_stage=stage, ddp=True)
-        out[("accum_no_sync", stage)] = train_real(rank, world, "adamw", {}, zero_stage=stage, micro_batches=2,
-                                                   use_no_sync=True)
-        out[("accum_hooks", stage)] = train_real(rank, world, "adamw", {}, zero_stage=stage, micro_batches=2)
+        out[zero("ddp", stage)] = train_real(rank, world, "adamw", {}, zero_stage=stage, ddp=True)
+        out[zero("accum_no_sync", stage)] = train_real(rank, world, "adamw", {}, zero_stage=stage, micro_batches=2,
+                                                       use_no_sync=True)
+        out[zero("accum_hooks", stage)] = train_real(rank, world, "adamw", {}, zero_stage=stage, micro_batches=2)
     out["clip"] = train_real(rank, world, "adamw", {}, zero_stage=2, clip=0.05)
-    out[("overlap_gather", 2)] = train_real(rank, world, "adamw", {}, zero_stage=2, overlap_gather=True)
-    out[("overlap_gather", 1)] = out[("overlap_gather", 2)]
+    out[zero("overlap_gather", 2)] = train_real(rank, world, "adamw", {}, zero_stage=2, overlap_gather=True)
+    out[zero("overlap_gather", 1)] = out[zero("overlap_gather", 2)]
     try:
         unattached = so.ShardedOptimizer(make_model().parameters(), overlap_param_gather=True, kernel="eager")
         unattached.step()
@@ -260,30 +263,38 @@ def state_dict_scenario(rank: int, world: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ tests
 @pytest.fixture(scope="module")
-def two_rank_results() -> list[dict]:
+def two_rank_results() -> list[Scenarios]:
     return run_ranks(scenarios_two_ranks, 2)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_zero_matches_single_process(world: int) -> None:
-    results = run_ranks(scenarios_all_worlds, world)
-    for name, (algorithm, options) in CONFIGS.items():
-        ref = reference_real(algorithm, options, world)
-        for stage in stages_for(world, name):
-            for rank, res in enumerate(results):
-                for got, want in zip(res[(name, stage)]["params"], ref["params"]):
-                    np.testing.assert_allclose(got, want, rtol=0, atol=REAL_TRAINING_ATOL,
-                                               err_msg=f"{name} zero-{stage} world {world} rank {rank}")
-            # every rank holds the same parameters after the all-gather, bit for bit
-            for res in results[1:]:
-                for a, b in zip(res[(name, stage)]["params"], results[0][(name, stage)]["params"]):
-                    assert np.array_equal(a, b)
-            # per-rank state is the unsharded state / N up to the alignment padding, exactly
-            mems = [res[(name, stage)]["memory"] for res in results]
-            nkeys = len([k for k in mems[0]["by_key"] if k not in ("master", "grad_shard")])
-            unpadded = sum(m["state_bytes"] - m["padding_elements"] * 4 * nkeys for m in mems)
-            assert unpadded == mems[0]["unsharded_state_bytes"]
-            assert len({m["state_bytes"] for m in mems}) == 1  # equal slices: balanced to the element
+@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda world: f"world {world}")
+def all_worlds(request: pytest.FixtureRequest) -> tuple[int, list[Scenarios]]:
+    """One spawned group per world size, shared by every algorithm's test (pytest groups the tests by world)."""
+    return request.param, run_ranks(scenarios_all_worlds, request.param)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_zero_matches_single_process(all_worlds: tuple[int, list[Scenarios]], name: str) -> None:
+    world, results = all_worlds
+    algorithm, options = CONFIGS[name]
+    ref = reference_real(algorithm, options, world)
+    for stage in stages_for(world, name):
+        scenario = f"{zero(name, stage)} world {world}"
+        for rank, res in enumerate(results):
+            for got, want in zip(res[zero(name, stage)]["params"], ref["params"]):
+                np.testing.assert_allclose(got, want, rtol=0, atol=REAL_TRAINING_ATOL,
+                                           err_msg=f"{scenario} rank {rank}")
+        # every rank holds the same parameters after the all-gather, bit for bit
+        for rank, res in enumerate(results[1:], start=1):
+            for i, (a, b) in enumerate(zip(res[zero(name, stage)]["params"], results[0][zero(name, stage)]["params"])):
+                assert np.array_equal(a, b), f"{scenario} rank {rank}: parameter {i} differs from rank 0's"
+        # per-rank state is the unsharded state / N up to the alignment padding, exactly
+        mems = [res[zero(name, stage)]["memory"] for res in results]
+        nkeys = len([k for k in mems[0]["by_key"] if k not in ("master", "grad_shard")])
+        unpadded = sum(m["state_bytes"] - m["padding_elements"] * 4 * nkeys for m in mems)
+        assert unpadded == mems[0]["unsharded_state_bytes"], f"{scenario}: {unpadded} state bytes over the ranks"
+        # equal slices: balanced to the element
+        assert len({m["state_bytes"] for m in mems}) == 1, f"{scenario}: per-rank {[m['state_bytes'] for m in mems]}"
 
 
 @pytest.mark.parametrize("name", list(EXACT_CONFIGS))
@@ -292,7 +303,7 @@ def test_update_is_exact_on_two_ranks(two_rank_results: list[dict], name: str) -
     want = reference_exact(algorithm, options)
     for stage in (1, 2):
         for rank, res in enumerate(two_rank_results):
-            for got, ref in zip(res[("exact", name, stage)], want):
+            for got, ref in zip(res[zero(f"exact {name}", stage)], want):
                 assert np.array_equal(got, ref), f"{name} zero-{stage} rank {rank}: max diff {abs(got - ref).max()}"
 
 
@@ -304,34 +315,36 @@ def test_overlapped_param_gather_needs_the_model(two_rank_results: list[dict]) -
 def test_ddp_and_gradient_accumulation(two_rank_results: list[dict], scenario: str) -> None:
     ref = reference_real("adamw", {}, 2)
     for stage in (1, 2):
-        for res in two_rank_results:
-            for got, want in zip(res[(scenario, stage)]["params"], ref["params"]):
-                np.testing.assert_allclose(got, want, rtol=0, atol=REAL_TRAINING_ATOL, err_msg=f"{scenario} {stage}")
+        for rank, res in enumerate(two_rank_results):
+            for got, want in zip(res[zero(scenario, stage)]["params"], ref["params"]):
+                np.testing.assert_allclose(got, want, rtol=0, atol=REAL_TRAINING_ATOL,
+                                           err_msg=f"{zero(scenario, stage)} rank {rank}")
 
 
 def test_clipping_matches_torch_on_unsharded_model(two_rank_results: list[dict]) -> None:
     ref = reference_real("adamw", {}, 2, clip=0.05)
     assert min(ref["norms"]) > 0.05, "the test must actually clip"
-    for res in two_rank_results:
-        np.testing.assert_allclose(res["clip"]["norms"], ref["norms"], rtol=1e-5)
+    for rank, res in enumerate(two_rank_results):
+        np.testing.assert_allclose(res["clip"]["norms"], ref["norms"], rtol=1e-5, err_msg=f"clip rank {rank}: norms")
         for got, want in zip(res["clip"]["params"], ref["params"]):
-            np.testing.assert_allclose(got, want, rtol=0, atol=REAL_TRAINING_ATOL)
+            np.testing.assert_allclose(got, want, rtol=0, atol=REAL_TRAINING_ATOL, err_msg=f"clip rank {rank}")
 
 
 def test_nonfinite_on_one_rank_skips_everywhere(two_rank_results: list[dict]) -> None:
-    for res in two_rank_results:
+    for rank, res in enumerate(two_rank_results):
         nf = res["nonfinite"]
-        assert nf["unchanged"] and nf["state_unchanged"]
-        assert nf["skipped"]["nonfinite"] == 1 and nf["attempted"] == 3
+        assert nf["unchanged"] and nf["state_unchanged"], f"nonfinite rank {rank}: {nf}"
+        assert nf["skipped"]["nonfinite"] == 1 and nf["attempted"] == 3, f"nonfinite rank {rank}: {nf}"
 
 
 def test_bf16_params_keep_fp32_master(two_rank_results: list[dict]) -> None:
-    for res in two_rank_results:
+    for rank, res in enumerate(two_rank_results):
         bf = res["bf16"]
-        assert bf["state_dtypes"] == ["torch.float32"]
-        for param, master in zip(bf["params"], bf["masters"]):
+        assert bf["state_dtypes"] == ["torch.float32"], f"bf16 rank {rank}: {bf['state_dtypes']}"
+        for i, (param, master) in enumerate(zip(bf["params"], bf["masters"])):
             # the bf16 parameter is exactly the fp32 master rounded to bf16
-            assert np.array_equal(param, torch.from_numpy(master).to(torch.bfloat16).float().numpy())
+            assert np.array_equal(param, torch.from_numpy(master).to(torch.bfloat16).float().numpy()), \
+                f"bf16 rank {rank}: parameter {i} is not its master rounded to bf16"
     # and the master follows the fp32 update of the fp32-averaged gradients, bit for bit
     model = make_model(torch.bfloat16)
     ref = [torch.nn.Parameter(p.detach().float()) for p in model.parameters()]
@@ -342,8 +355,8 @@ def test_bf16_params_keep_fp32_master(two_rank_results: list[dict]) -> None:
             g1 = synthetic_grad(p.shape, 1, step, i).to(torch.bfloat16).float()
             p.grad = torch.div(g0, 2) + torch.div(g1, 2)
         opt.step()
-    for master, want in zip(two_rank_results[0]["bf16"]["masters"], ref):
-        assert np.array_equal(master, want.detach().numpy())
+    for i, (master, want) in enumerate(zip(two_rank_results[0]["bf16"]["masters"], ref)):
+        assert np.array_equal(master, want.detach().numpy()), f"bf16 rank 0: master {i} differs from the fp32 update"
 
 
 def test_bad_input_is_rejected_clearly(two_rank_results: list[dict]) -> None:
@@ -357,30 +370,32 @@ def test_state_dict_is_full_and_identical_on_every_rank(two_rank_results: list[d
     a, b = (res["state_dict"] for res in two_rank_results)
     model = make_model()
     shapes = [tuple(p.shape) for p in model.parameters()]
-    assert sorted(a) == list(range(len(shapes)))
+    assert sorted(a) == list(range(len(shapes))), f"state_dict rank 0: parameters {sorted(a)}"
     for i in a:
-        assert set(a[i]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_lr"}
+        assert set(a[i]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_lr"}, \
+            f"state_dict rank 0: state[{i}] keys {sorted(a[i])}"
         for key in a[i]:
-            assert np.array_equal(a[i][key], b[i][key])
+            assert np.array_equal(a[i][key], b[i][key]), f"state_dict: state[{i}][{key!r}] differs between the ranks"
             if key != "step":
-                assert a[i][key].shape == shapes[i]
-        assert int(a[i]["step"]) == 3
+                assert a[i][key].shape == shapes[i], f"state_dict rank 0: state[{i}][{key!r}] {a[i][key].shape}"
+        assert int(a[i]["step"]) == 3, f"state_dict rank 0: state[{i}]['step'] {a[i]['step']}"
     # loads into a single-process optimizer, which then holds the same state
     opt = so.ShardedOptimizer(model.parameters(), algorithm="adamod", amsgrad=True, kernel="eager")
     opt.load_state_dict({"state": {i: {k: torch.from_numpy(v) for k, v in e.items()} for i, e in a.items()},
                          "param_groups": opt.state_dict()["param_groups"]})
     for i, p in enumerate(model.parameters()):
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_lr"):
-            assert np.array_equal(opt.state[p][key].numpy(), a[i][key])
+            assert np.array_equal(opt.state[p][key].numpy(), a[i][key]), f"state_dict loaded: state[{i}][{key!r}]"
 
 
 def test_missing_gradient_on_every_rank_counts_as_zero(two_rank_results: list[dict]) -> None:
-    for res in two_rank_results:
+    for rank, res in enumerate(two_rank_results):
         got = res["missing_grad"]
-        assert got["step"] == 2
+        assert got["step"] == 2, f"missing_grad rank {rank}: step {got['step']}"
         # g' = 0 + wd*p rounded once (the kernel's fp32 product; wd is the fp32 scalar)
-        np.testing.assert_allclose(got["previous_grad"], got["l2_term"], rtol=2 ** -22, atol=0)
-        assert np.any(got["l2_term"] != 0)
+        np.testing.assert_allclose(got["previous_grad"], got["l2_term"], rtol=2 ** -22, atol=0,
+                                   err_msg=f"missing_grad rank {rank}")
+        assert np.any(got["l2_term"] != 0), f"missing_grad rank {rank}: the L2 term is all zeros"
 
 
 def test_not_distributed_means_local() -> None:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import sharded_optim as so
 from sharded_optim.consolidate import ConsolidationError
+from tests.support.scenarios import Scenarios, zero
 
 STEPS, SWITCH_AT = 4, 2
 HOWS = ("in_place", "data", "swap", "assign")
@@ -99,9 +100,9 @@ def error_of(fn: Callable[[], Any]) -> str | None:
     return None
 
 
-def dtype_scenarios(rank: int, world: int, stage: int) -> dict:
+def dtype_scenarios(rank: int, world: int, stage: int) -> Scenarios:
     """Casting the model after construction: rebuilt before the first step, refused by name otherwise."""
-    out: dict = {}
+    out = Scenarios()
 
     def run(cast_before_build: bool, reduce_grads: bool) -> list[np.ndarray]:
         model = make_model()
@@ -145,14 +146,15 @@ def dtype_scenarios(rank: int, world: int, stage: int) -> dict:
     return out
 
 
-def state_dict_scenarios(rank: int, world: int) -> dict:
-    """state_dict() on rank 0 alone: an error within the timeout; after consolidation: the collective result."""
-    out: dict = {}
+def state_dict_scenarios(rank: int, world: int) -> Scenarios:
+    """state_dict() on rank 0 alone: an error within the timeout; after consolidation: the collective result.
+    Keyed by optimizer ("ShardedOptimizer", "Lookahead"), then by what was measured ("alone_error", ...)."""
+    out = Scenarios()
     model = make_model()
     inner = so.ShardedOptimizer(model.parameters(), "adamod", lr=1e-2, bucket_mb=TINY_BUCKET_MB, kernel="eager")
     la = so.Lookahead(inner, k=2)
     for opt in (inner, la):
-        opt_name = type(opt).__name__
+        mine = out[type(opt).__name__] = Scenarios()
         inner.state_dict_timeout_s = 2.0
         for step in range(3):
             opt.zero_grad()
@@ -161,19 +163,19 @@ def state_dict_scenarios(rank: int, world: int) -> dict:
         collective = opt.state_dict()  # every rank: the gathering call
         if rank == 0:
             start = time.perf_counter()
-            out[(opt_name, "alone_error")] = error_of(opt.state_dict)
-            out[(opt_name, "alone_seconds")] = time.perf_counter() - start
+            mine["alone_error"] = error_of(opt.state_dict)
+            mine["alone_seconds"] = time.perf_counter() - start
         dist.barrier()
         opt.consolidate_state_dict(to=0)
         if rank == 0:
-            out[(opt_name, "consolidated")] = plain(opt.state_dict())
-            out[(opt_name, "collective")] = plain(collective)
+            mine["consolidated"] = plain(opt.state_dict())
+            mine["collective"] = plain(collective)
         dist.barrier()
         opt.zero_grad()
         grads(model, rank, 3)
         opt.step()   # the consolidated copy is stale now: rank 0 alone must fail again
         if rank == 0:
-            out[(opt_name, "stale_error")] = error_of(opt.state_dict)
+            mine["stale_error"] = error_of(opt.state_dict)
         dist.barrier()
         if opt is la:
             out["slow_numel"] = [t.numel() for t in la._slow.values()]
@@ -183,15 +185,22 @@ def state_dict_scenarios(rank: int, world: int) -> dict:
     return out
 
 
-def all_scenarios(rank: int, world: int) -> dict:
-    out: dict = {}
-    stages = (1, 2) if world > 1 else (2,)
-    for stage in stages:
+def stages(world: int) -> tuple[int, ...]:
+    """The ZeRO stages the storage scenarios run at on ``world`` ranks (one process: stage 2 is the local path)."""
+    return (1, 2) if world > 1 else (2,)
+
+
+def all_scenarios(rank: int, world: int) -> Scenarios:
+    """Every client scenario on this rank, named as it reads: "assign zero-2", "swap torch.optim" (one process:
+    what torch.optim does with the same client), "dtype zero-1", "state_dict" (2 ranks)."""
+    out = Scenarios()
+    for stage in stages(world):
         for how in HOWS:
-            out[(how, stage)] = train(rank, world, how, None, stage)
+            out[zero(how, stage)] = train(rank, world, how, None, stage)
             if world == 1:  # what torch.optim does with the same client
-                out[(how, "torch")] = train(rank, world, how, lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False))
-        out[("dtype", stage)] = dtype_scenarios(rank, world, stage)
+                out[f"{how} torch.optim"] = train(rank, world, how,
+                                                  lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False))
+        out[zero("dtype", stage)] = dtype_scenarios(rank, world, stage)
     if world > 1:
         out["state_dict"] = state_dict_scenarios(rank, world)
     return out

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from tests.support import ckpt_scenarios as S
+from tests.support.scenarios import Scenarios
 
 
 def _live(model: Any, opt: Any) -> dict[str, torch.Tensor]:
@@ -36,8 +37,9 @@ def _step(model: Any, opt: Any, rank: int, seed: int, scale_on: dict[int, float]
     opt.zero_grad()
 
 
-def policies(rank: int, world: int, flag_dir: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def policies(rank: int, world: int, flag_dir: str) -> Scenarios:
+    """Per config ("adamw_z1", "amsgrad_z2"): "skip adamw_z1", "raise adamw_z1", "spike adamw_z1"; and "hang"."""
+    out = Scenarios()
     for stage_name in ("adamw_z1", "amsgrad_z2"):
         # skip: NaN on rank 1 only -> every rank skips, nothing changes, the counter moves
         model, opt = S.build(stage_name, nonfinite_policy="skip")
@@ -45,11 +47,11 @@ def policies(rank: int, world: int, flag_dir: str) -> dict[str, Any]:
             _step(model, opt, rank, s)
         before = _live(model, opt)
         _step(model, opt, rank, 2, {1: float("nan")})
-        out[f"{stage_name}/skip"] = {"unchanged": _same(before, _live(model, opt)),
+        out[f"skip {stage_name}"] = {"unchanged": _same(before, _live(model, opt)),
                                      "skipped": dict(opt.skipped_steps)}
         _step(model, opt, rank, 3)
-        out[f"{stage_name}/skip"]["next_step_taken"] = not _same(before, _live(model, opt))
-        out[f"{stage_name}/skip"]["finite"] = all(bool(torch.isfinite(t).all()) for t in
+        out[f"skip {stage_name}"]["next_step_taken"] = not _same(before, _live(model, opt))
+        out[f"skip {stage_name}"]["finite"] = all(bool(torch.isfinite(t).all()) for t in
                                                   _live(model, opt).values() if t.is_floating_point())
         # raise: FloatingPointError on every rank, nothing changes
         model, opt = S.build(stage_name, nonfinite_policy="raise")
@@ -57,11 +59,11 @@ def policies(rank: int, world: int, flag_dir: str) -> dict[str, Any]:
         before = _live(model, opt)
         try:
             _step(model, opt, rank, 1, {0: float("inf")})
-            out[f"{stage_name}/raise"] = {"raised": None}
+            out[f"raise {stage_name}"] = {"raised": None}
         except FloatingPointError as exc:
             opt.zero_grad()
-            out[f"{stage_name}/raise"] = {"raised": str(exc)}
-        out[f"{stage_name}/raise"]["unchanged"] = _same(before, _live(model, opt))
+            out[f"raise {stage_name}"] = {"raised": str(exc)}
+        out[f"raise {stage_name}"]["unchanged"] = _same(before, _live(model, opt))
         # spike: 12 ordinary steps, then a gradient 1000x larger on rank 0 only
         model, opt = S.build(stage_name, spike_sigma=3.0, spike_window=8)
         for s in range(12):
@@ -73,7 +75,7 @@ def policies(rank: int, world: int, flag_dir: str) -> dict[str, Any]:
                   "unchanged": _same(before, _live(model, opt))}
         _step(model, opt, rank, 13)
         spiked["after_next"] = dict(opt.skipped_steps)
-        out[f"{stage_name}/spike"] = spiked
+        out[f"spike {stage_name}"] = spiked
     out["hang"] = hang(rank, flag_dir)
     return out
 

@@ -126,14 +126,14 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo")
-    results: dict = {}
+    results: dict = {}   # scenario name -> result; saved as a plain dict, read back as a Scenarios
     try:
         for algorithm in ALGORITHMS:
-            results[(algorithm, 0)] = trainer_run(out, algorithm, 0)
+            results[f"{algorithm} zero-0"] = trainer_run(out, algorithm, 0)
             for stage in (1, 2):
-                results[(algorithm, stage)] = trainer_run(out, algorithm, stage)
-                results[(algorithm, stage, "resumed")] = trainer_run(out, algorithm, stage, resume=True)
-                results[(algorithm, stage, "plain")] = plain_loop(algorithm, stage)
+                results[f"{algorithm} zero-{stage}"] = trainer_run(out, algorithm, stage)
+                results[f"{algorithm} zero-{stage} resumed"] = trainer_run(out, algorithm, stage, resume=True)
+                results[f"{algorithm} zero-{stage} plain loop"] = plain_loop(algorithm, stage)
         results["snippets"] = readme_snippets(out)
         if dist.get_rank() == 0:
             torch.save(results, out / "results.pt")

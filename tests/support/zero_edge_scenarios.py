@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import traceback
-from typing import Any
 
 import torch
 
+from tests.support.scenarios import Scenarios
 
-def scenarios(rank: int, world: int) -> dict[str, Any]:
+
+def scenarios(rank: int, world: int) -> Scenarios:
+    """"padding_only_rank" (None, or the traceback), "state_keys", "weights_after_lr0_step"."""
     from sharded_optim import ShardedOptimizer
 
-    out: dict[str, Any] = {}
+    out = Scenarios()
     # 1. a param group so small that rank 1 holds only padding
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)

@@ -128,10 +128,10 @@ def _gate(kernel: Callable[..., None], n_state: int) -> Callable[..., None]:
     The kernel runs on copies and ``where`` picks per element; compiled, the copies are never materialised (the
     loop reads each tensor once and writes it once, as the ungated kernel does)."""
     def gated(keep: Tensor, p: Tensor, g: Tensor, *rest: Tensor) -> None:
-        states, sc = rest[:n_state], rest[n_state]
+        states, scalars = rest[:n_state], rest[n_state:]   # sc (and a low-precision kernel's step counter)
         new_p = p.clone()
         new_states = [t.clone() for t in states]
-        kernel(new_p, g, *new_states, sc)
+        kernel(new_p, g, *new_states, *scalars)
         p.copy_(torch.where(keep, new_p, p))
         for t, new in zip(states, new_states):
             t.copy_(torch.where(keep, new, t))
@@ -140,9 +140,13 @@ def _gate(kernel: Callable[..., None], n_state: int) -> Callable[..., None]:
 
 
 @functools.cache
-def gated(name: str) -> Callable[..., None]:
-    """The gated form of update variant ``name`` (one distinct function per variant: its own compile entry)."""
+def gated(name: str, precision: str = "fp32") -> Callable[..., None]:
+    """The gated form of update variant ``name`` with its state in ``precision`` (one distinct function per
+    variant and precision: its own compile cache entry)."""
     from .kernels.adam_family import VARIANTS
+    from .kernels.low_precision import bf16_state, distinct
     kernel = VARIANTS[name]
     n_state = kernel.__code__.co_argcount - 3   # (p, g, *states, sc)
-    return _gate(kernel, n_state)
+    if precision != "fp32":
+        kernel = bf16_state(name)
+    return distinct(_gate(kernel, n_state), f"gated_{precision}_{name}")

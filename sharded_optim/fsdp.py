@@ -47,6 +47,7 @@ class DTensorParamGroup:
 
     # ShardedOptimizer.state_dict/load_state_dict read this: state stays sharded (DTensors), never gathered
     keeps_dtensor_state = True
+    state_precision = "fp32"   # low-precision state is for flat runtimes only (runtime.build_runtimes refuses)
 
     def __init__(self, params: list[Tensor], *, state_keys: tuple[str, ...], master_weights: bool):
         if not params:

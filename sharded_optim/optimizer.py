@@ -70,6 +70,7 @@ class ShardedOptimizer(Optimizer):
             (torch's word; for the same reason hyperparameters are read when the step is issued, so a captured
             graph replays the values it was captured with).  CUDA parameters take this path by default; on CPU it
             is opt-in (a synchronisation costs nothing there).
+        state_precision: "fp32" or "bf16": state stored in bfloat16, math in fp32 (:mod:`.kernels.low_precision`).
         **algorithm_options: ``amsgrad``, ``bias_correction``, ``decoupled_weight_decay``, ``maximize``,
             ``beta3`` (adamod, diffmod), ``len_memory`` (diffmod: ``beta3 = 1 - 1/len_memory``, not both),
             ``final_lr``/``gamma`` (adabound), ``momentum_decay`` (nadam), ``degenerated_to_sgd`` (radam).
@@ -88,19 +89,18 @@ class ShardedOptimizer(Optimizer):
                  param_gather_dtype: torch.dtype | str | None = None, master_weights: bool = True,
                  nonfinite_policy: str = "skip", spike_sigma: float | None = None, spike_window: int = 128,
                  kernel: str = "auto", stats_interval: int = 0, overlap_param_gather: bool = False,
-                 capturable: bool = False, **algorithm_options: Any):
+                 capturable: bool = False, state_precision: str = "fp32", **algorithm_options: Any):
         algorithm, defaults = options.resolve_defaults(algorithm, lr, betas, eps, weight_decay, algorithm_options)
         options.check_arguments(zero_stage=zero_stage, bucket_mb=bucket_mb, nonfinite_policy=nonfinite_policy,
                                 spike_sigma=spike_sigma, spike_window=spike_window, stats_interval=stats_interval,
-                                capturable=capturable)
-        self.capturable = capturable
+                                capturable=capturable, state_precision=state_precision)
+        self.capturable, self.state_precision = capturable, state_precision
         self._on_device = capturable   # the device path (device_step); CUDA parameters switch it on too
         self.algorithm = algorithm
         self.zero_stage = zero_stage
         self.kernel_mode = dispatch.resolve_mode(kernel)
         self.bucket_numel_bytes = int(bucket_mb * 2**20)
-        self.overlap = overlap
-        self.reduce_grads = reduce_grads
+        self.overlap, self.reduce_grads = overlap, reduce_grads
         self.grad_reduce_dtype = options.as_dtype("grad_reduce_dtype", grad_reduce_dtype)
         self.param_gather_dtype = options.as_dtype("param_gather_dtype", param_gather_dtype)
         self.master_weights = master_weights

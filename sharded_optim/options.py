@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import rules
+from .kernels.low_precision import STATE_PRECISIONS
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -45,8 +46,10 @@ def resolve_defaults(algorithm: Any, lr: float | Tensor | None, betas: tuple[flo
 
 
 def check_arguments(*, zero_stage: Any, bucket_mb: Any, nonfinite_policy: Any, spike_sigma: Any,
-                    spike_window: Any, stats_interval: Any, capturable: Any) -> None:
+                    spike_window: Any, stats_interval: Any, capturable: Any, state_precision: Any = "fp32") -> None:
     """Raise ``ValueError``/``TypeError`` for a constructor argument out of its range (see the class docstring)."""
+    if state_precision not in STATE_PRECISIONS:
+        raise ValueError(f"state_precision must be one of {STATE_PRECISIONS}, got {state_precision!r}")
     if zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage must be 0, 1 or 2, got {zero_stage!r}")
     if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not bucket_mb > 0:

@@ -33,6 +33,7 @@ class ParamRuntime(Protocol):
     master: Tensor                 # this rank's shard of the parameters, in ``compute_dtype``
     grad: Tensor                   # this rank's (averaged) gradient shard
     state: dict[str, Tensor]       # per-element optimizer state, in kernel argument order
+    state_precision: str           # how ``state`` is stored: "fp32" (the compute dtype) or "bf16"
     steps: Tensor                  # per-slot step counters (int64)
     mu_products: Tensor            # per-slot NAdam momentum products (float64)
     reduce_group: Any              # the process group partial sums are summed over; None: nothing to reduce
@@ -168,6 +169,9 @@ def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
     for (dtype, _device), params in by_kind.items():
         itemsize = torch.empty((), dtype=dtype).element_size()
         if is_dtensor(params[0]):
+            if opt.state_precision != "fp32":
+                raise ValueError(f"state_precision={opt.state_precision!r} is not available for FSDP2/DTensor "
+                                 "parameters yet (their state is kept in fp32 DTensors); use state_precision='fp32'")
             # FSDP2 / DTensor parameters are sharded already: never shard twice (see fsdp.py)
             from .fsdp import DTensorParamGroup
             rt: ParamRuntime = DTensorParamGroup(params, state_keys=keys, master_weights=opt.master_weights)
@@ -179,7 +183,7 @@ def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
             zero_stage=opt.zero_stage, bucket_numel=max(1, opt.bucket_numel_bytes // itemsize),
             master_weights=opt.master_weights, reduce_grads=opt.reduce_grads,
             grad_reduce_dtype=opt.grad_reduce_dtype, gather_dtype=opt.param_gather_dtype,
-            overlap=opt.overlap)
+            overlap=opt.overlap, state_precision=opt.state_precision)
         runtimes.append(rt)
         register_runtime(opt, rt, params, keys)
     return runtimes
@@ -232,8 +236,7 @@ def memory_report(opt: Any) -> dict[str, Any]:
         for key, nbytes in rt.state_bytes().items():
             per_key[key] = per_key.get(key, 0) + nbytes
         real = sum(slot.numel for slot in rt.layout.slots)
-        itemsize = torch.empty((), dtype=rt.compute_dtype).element_size()
-        unsharded += real * itemsize * len(rt.state)
+        unsharded += real * sum(t.element_size() for t in rt.state.values())
         padding += rt.layout.local_numel - rt.layout.local_real_numel()
     state_bytes = sum(v for k, v in per_key.items() if k not in ("master", "grad_shard"))
     return {"rank": opt.rank, "world_size": opt.world_size, "zero_stage": opt.zero_stage,

@@ -49,7 +49,8 @@ def full_state_dict(opt: Any) -> dict[str, Any]:
                 for key in rt.state:
                     full = gathered.get((id(rt), key))
                     if full is None:
-                        full = gathered[(id(rt), key)] = gather_full(opt, rt, rt.state[key])
+                        # low-precision state is exported in the compute dtype, as torch.optim keeps it
+                        full = gathered[(id(rt), key)] = gather_full(opt, rt, rt.state[key]).to(rt.compute_dtype)
                     entry[key] = full[slot.offset: slot.offset + slot.numel].view(slot.shape)
                 if opt.algorithm == "nadam":
                     entry["mu_product"] = torch.tensor(float(rt.mu_products[slot_index]), dtype=torch.float64)

@@ -164,6 +164,15 @@ def update_group(opt: Any, group: dict[str, Any], gi: int, has_grad: dict[int, l
     return rectification
 
 
+def _seed(rt: ParamRuntime, step: int | Tensor) -> tuple[Tensor, ...]:
+    """The step counter before the step (host and device paths alike), which low-precision kernels mix into their
+    rounding bits (none for fp32 state): without it a state at a fixed point would round the same way every
+    step (kernels.low_precision)."""
+    if rt.state_precision == "fp32":
+        return ()
+    return (step if isinstance(step, Tensor) else torch.tensor(step, dtype=torch.int64, device=rt.device),)
+
+
 def host_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Run], variant: str,
               keys: tuple[str, ...], decision: Decision) -> Iterator[tuple[slice, Tensor, Any]]:
     """The update with host scalars from host step counters (the clip coefficient in the gradient scale)."""
@@ -175,8 +184,8 @@ def host_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Run]
                                 mu_product=mus[slots[0]])
         hs.values[rules.GSCALE] *= decision.coef
         sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
-        dispatch.run(dispatch.update(variant), opt.kernel_mode, rt.param_of(rng, slots), rt.grad_of(rng, slots),
-                     *(rt.state[k][rng] for k in keys), sc)
+        dispatch.run(dispatch.update(variant, rt.state_precision), opt.kernel_mode, rt.param_of(rng, slots),
+                     rt.grad_of(rng, slots), *(rt.state[k][rng] for k in keys), sc, *_seed(rt, t - 1))
         index = _index(slots)
         rt.steps[index] += 1
         if hs.mu_product is not None:
@@ -204,8 +213,8 @@ def device_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Ru
         sc, keep, mu_after = shared or device_step.prepare(
             opt.algorithm, group, skip, decision.sumsq, h, rt.steps[first], rt.mu_products[first],
             rt.compute_dtype, compiled)
-        dispatch.run(dispatch.gated(variant), opt.kernel_mode, keep, rt.param_of(rng, slots),
-                     rt.grad_of(rng, slots), *(rt.state[k][rng] for k in keys), sc)
+        dispatch.run(dispatch.gated(variant, rt.state_precision), opt.kernel_mode, keep, rt.param_of(rng, slots),
+                     rt.grad_of(rng, slots), *(rt.state[k][rng] for k in keys), sc, *_seed(rt, rt.steps[first]))
         covered += len(slots)
         if diverged:
             index = _index(slots, rt.device)

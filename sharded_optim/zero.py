@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .flat import FlatLayout, bound_views, flatten_into_views, merge_runs, refresh_master_pieces, run_counters
+from .kernels import low_precision
 from .kernels.stats import sumsq
 from .zero_grads import GradientReduction, _Pending
 
@@ -51,7 +52,8 @@ class FlatParamGroup(GradientReduction):
 
     def __init__(self, params: list[Tensor], *, state_keys: tuple[str, ...], process_group: Any, world: int,
                  rank: int, zero_stage: int, bucket_numel: int | None, master_weights: bool, reduce_grads: bool,
-                 grad_reduce_dtype: torch.dtype | None, gather_dtype: torch.dtype | None, overlap: bool):
+                 grad_reduce_dtype: torch.dtype | None, gather_dtype: torch.dtype | None, overlap: bool,
+                 state_precision: str = "fp32"):
         self.params = list(params)
         self.dtype = params[0].dtype
         self.device = params[0].device
@@ -76,8 +78,11 @@ class FlatParamGroup(GradientReduction):
         # a separate master exists for low-precision parameters (a copy worth saving) or for shards (a slice)
         self.has_master_copy = self.compute_dtype != self.dtype
         self.grad = torch.zeros(self.layout.local_numel, dtype=self.grad_dtype, device=self.device)
+        # the state is stored in ``state_precision`` (kernels.low_precision): bf16 halves it; the math stays fp32
+        self.state_precision = state_precision
+        state_dtype = self.compute_dtype if state_precision == "fp32" else low_precision.state_dtype(state_precision)
         self.state: dict[str, Tensor] = {
-            key: torch.zeros(self.layout.local_numel, dtype=self.compute_dtype, device=self.device) for key in state_keys}
+            key: torch.zeros(self.layout.local_numel, dtype=state_dtype, device=self.device) for key in state_keys}
         # Host-side per-parameter counters; state[p]["step"] are 0-d views of these, so writes through the
         # torch.optim-style state are seen here (int64: no saturation at 2**24).
         self.steps = torch.zeros(len(params), dtype=torch.int64)

@@ -120,6 +120,10 @@ def test_unknown_kernel_name_is_an_error_not_a_fallback():
     with pytest.raises(TypeError, match="kernel must be a sharded_optim.kernels.dispatch.Kernel"):
         dispatch.run("adam_mv", "eager", torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1),
                      torch.zeros(14))
+    with pytest.raises(ValueError, match="state precision must be one of"):
+        dispatch.update("adam_mv", "int8")
+    with pytest.raises(ValueError, match="role 'post_sums' has no bf16 form"):
+        dispatch.Kernel(dispatch.Role.POST_SUMS, "adam_mv", "bf16")
     assert dispatch.update("adam_mv") is dispatch.update("adam_mv")   # interned: the compile cache hits
     assert dispatch.update("adam_mv").function() is VARIANTS["adam_mv"]
 

@@ -23,6 +23,7 @@ import torch
 
 from .adam_family import VARIANTS, lookahead_sync
 from .fused_stats import POST
+from .low_precision import STATE_PRECISIONS, bf16_state
 from .stats import pre_sums
 
 KERNEL_MODES = ("auto", "compiled", "eager")
@@ -55,6 +56,7 @@ class Kernel:
 
     role: Role
     variant: str | None = None
+    precision: str = "fp32"   # how the state tensors are stored (:mod:`.low_precision`); update roles only
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, Role):
@@ -64,17 +66,22 @@ class Kernel:
                            f"of {sorted(VARIANTS)}")
         if not self.role.per_variant and self.variant is not None:
             raise ValueError(f"kernel role {self.role.value!r} takes no variant, got {self.variant!r}")
+        if self.precision not in STATE_PRECISIONS:
+            raise ValueError(f"state precision must be one of {STATE_PRECISIONS}, got {self.precision!r}")
+        if self.precision != "fp32" and self.role not in (Role.UPDATE, Role.GATED):
+            raise ValueError(f"kernel role {self.role.value!r} has no {self.precision} form")
 
     def __str__(self) -> str:
-        return self.role.value if self.variant is None else f"{self.role.value}:{self.variant}"
+        name = self.role.value if self.variant is None else f"{self.role.value}:{self.variant}"
+        return name if self.precision == "fp32" else f"{name}:{self.precision}"
 
     def function(self) -> Callable[..., object]:
         """The eager function of this kernel."""
         if self.role is Role.UPDATE:
-            return VARIANTS[self.variant]
+            return VARIANTS[self.variant] if self.precision == "fp32" else _bf16(self.variant)
         if self.role is Role.GATED:
             from ..device_step import gated as gated_form
-            return gated_form(self.variant)
+            return gated_form(self.variant, self.precision)
         if self.role is Role.POST_SUMS:
             return POST[self.variant]
         if self.role is Role.PRE_SUMS:
@@ -87,16 +94,19 @@ class Kernel:
         return self.role in (Role.PRE_SUMS, Role.POST_SUMS)
 
 
-@functools.cache
-def update(variant: str) -> Kernel:
-    """The fused update of ``variant`` (interned: one object per variant)."""
-    return Kernel(Role.UPDATE, variant)
+_bf16 = functools.cache(bf16_state)   # one function (one compile cache entry) per variant
 
 
 @functools.cache
-def gated(variant: str) -> Kernel:
+def update(variant: str, precision: str = "fp32") -> Kernel:
+    """The fused update of ``variant`` with its state stored in ``precision`` (interned: one object each)."""
+    return Kernel(Role.UPDATE, variant, precision)
+
+
+@functools.cache
+def gated(variant: str, precision: str = "fp32") -> Kernel:
     """The device-gated update of ``variant``: takes a boolean flag first (:mod:`sharded_optim.device_step`)."""
-    return Kernel(Role.GATED, variant)
+    return Kernel(Role.GATED, variant, precision)
 
 
 @functools.cache

@@ -1,0 +1,107 @@
+r"""Optimizer state stored in bfloat16, updated by the fp32 math of :mod:`.adam_family` in the same fused loop.
+
+A ``bf16`` kernel loads each state tensor, widens it to fp32, runs the variant's update exactly as the fp32
+kernel does (the parameter step uses the fp32 values, before any rounding), and stores each state back in
+bfloat16.  Compiled, the widened copies never reach memory: one read and one write of every compressed tensor.
+
+How each state is rounded to bfloat16 (8 significant bits, a relative spacing of :math:`2^{-8}` to
+:math:`2^{-7}`):
+
+* **stochastic** for the exponential moving averages ``exp_avg`` (m), ``exp_avg_sq`` (v), ``exp_avg_lr`` (s)
+  and AdaMax's ``exp_inf`` (u).  A step moves them by a fraction :math:`1-\beta` of the gap to the new value;
+  with :math:`\beta_2 = 0.999` that is 0.1%, under half a bfloat16 spacing, so round-to-nearest would return
+  the old value and the average would stop moving (measured in ``tests/test_low_precision.py``).  Stochastic
+  rounding rounds up with probability equal to the fraction of the spacing, so the stored value is unbiased.
+* **nearest** for ``max_exp_avg_sq`` (a running maximum: no small increments to lose) and ``previous_grad``
+  (a copy of the gradient, not accumulated).
+
+Bound per stored element and step (the quantizer's documented bound, tested): :math:`|q(x) - x| <
+\mathrm{ulp}_{bf16}(x)` for stochastic rounding, :math:`\le \mathrm{ulp}_{bf16}(x)/2` for nearest.
+
+The random bits come from the data, not from a generator: a hash of the fp32 bits of the new value, the
+gradient's bits, the step counter and the state's position.  They depend on nothing but the element and the step,
+so results are the same on any number of ranks and shard boundaries (a generator's stream would follow the shard
+offsets), need no RNG state in checkpoints, and cost a few integer operations per element.  The step counter
+matters: without it, a state at a fixed point (constant gradient) would see the same bits every step and round
+the same way forever, which is the stall of round-to-nearest again (measured: v stuck 65% below fp32).
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .adam_family import VARIANTS
+
+STATE_PRECISIONS = ("fp32", "bf16")
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# per state letter of a variant name (adam_mv, bound_mvxs, adamax_mu, adam_mvg, ...): stochastic rounding?
+STOCHASTIC = {"m": True, "v": True, "s": True, "u": True, "x": False, "g": False}
+
+_MASK32 = 0xFFFFFFFF
+_HASH_MUL = 0x045D9F3B   # < 2**27: products of 32-bit values stay inside int64 (no signed overflow)
+
+
+def state_letters(variant: str) -> str:
+    """The state set of ``variant`` as letters, in kernel argument order (``"mvxs"`` for ``bound_mvxs``)."""
+    return variant.split("_", 1)[1]
+
+
+def random_bits(x_bits: Tensor, salt_bits: Tensor, position: int) -> Tensor:
+    """16 pseudo-random bits per element (int64 in [0, 65536)) from two int64 tensors of 32-bit patterns and a
+    small integer: a multiply-xorshift hash, all products below 2**59."""
+    h = (x_bits ^ (salt_bits * 0x9E37 + position * 0x7F4A7C15)) & _MASK32
+    h = ((h ^ (h >> 16)) * _HASH_MUL) & _MASK32
+    h = ((h ^ (h >> 16)) * _HASH_MUL) & _MASK32
+    return (h ^ (h >> 16)) & 0xFFFF
+
+
+def round_stochastic(x: Tensor, salt_bits: Tensor, position: int = 0) -> Tensor:
+    """``x`` (fp32) rounded to bfloat16 stochastically: up to the next bfloat16 with probability equal to the
+    fraction of the spacing that ``x`` lies above the one below (in magnitude).
+
+    Adding 16 random bits below the bfloat16 mantissa and truncating is exactly that rule; the sign bit is
+    untouched (two's complement addition on the pattern carries only into the exponent, as rounding up should).
+    Infinities and NaN stay what they are (their low 16 bits are cleared or already carry no value)."""
+    bits = x.view(torch.int32).to(torch.int64)
+    noise = random_bits(bits & _MASK32, salt_bits, position)
+    rounded = (bits + noise) & -65536
+    out = rounded.to(torch.int32).view(torch.float32)
+    return torch.where(torch.isfinite(x), out, x).to(torch.bfloat16)
+
+
+def bf16_state(variant: str) -> Callable[..., None]:
+    """The update of ``variant`` with every state tensor stored in bfloat16 (rounding as in the module text).
+
+    Signature ``(p, g, *states, sc, step)``: the fp32 kernel's, ``p`` and ``sc`` in fp32 (the master), states
+    bfloat16, plus the int64 step counter ``step`` (0-d), which enters the rounding bits."""
+    kernel = VARIANTS[variant]
+    letters = state_letters(variant)
+
+    def update(p: Tensor, g: Tensor, *rest: Tensor) -> None:
+        states, sc, step = rest[:-2], rest[-2], rest[-1]
+        wide = [t.to(torch.float32) for t in states]
+        kernel(p, g, *wide, sc)
+        salt = (g.to(torch.float32).view(torch.int32).to(torch.int64) ^ ((step & 0xFFFF) * 0x2545)) & _MASK32
+        for position, (t, w, letter) in enumerate(zip(states, wide, letters)):
+            t.copy_(round_stochastic(w, salt, position) if STOCHASTIC[letter] else w.to(torch.bfloat16))
+    return distinct(update, f"bf16_{variant}")
+
+
+def distinct(fn: Callable[..., None], name: str) -> Callable[..., None]:
+    """``fn`` with a code object of its own named ``name``.  torch.compile caches per code object: closures of
+    one ``def`` share theirs, so nine variants would crowd one cache (and pass its recompile limit)."""
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    out = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    out.__qualname__ = name
+    return out
+
+
+def state_dtype(precision: str) -> torch.dtype:
+    """The storage dtype of ``precision`` (``"fp32"`` or ``"bf16"``); anything else is a ``ValueError``."""
+    if precision not in STATE_DTYPES:
+        raise ValueError(f"state_precision must be one of {STATE_PRECISIONS}, got {precision!r}")
+    return STATE_DTYPES[precision]

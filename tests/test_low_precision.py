@@ -1,0 +1,227 @@
+"""State stored in bfloat16 (``state_precision="bf16"``, sharded_optim/kernels/low_precision.py).
+
+The bounds are the quantizer's own (ALGORITHMS.md section 15: teacher forcing): from the same dequantized state and
+the same gradient, the bf16 step moves the parameters exactly as the fp32 step does (the update uses the fp32
+values before they are rounded), and each stored state element is the fp32 result rounded once: within one
+bfloat16 spacing for stochastic rounding, half a spacing for nearest.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sharded_optim import ShardedOptimizer, checkpoint
+from sharded_optim.kernels import low_precision
+from tests.support import low_precision_scenarios as lps
+from tests.support.multiproc import run_ranks
+
+NEAREST_KEYS = ("max_exp_avg_sq", "previous_grad")
+
+CASES = [
+    ("adam", {}), ("adamw", {}), ("adam", {"amsgrad": True}), ("adam", {"bias_correction": False}),
+    ("adam", {"decoupled_weight_decay": False, "weight_decay": 0.01}), ("adamax", {}), ("nadam", {}),
+    ("radam", {}), ("adamod", {}), ("adamod", {"amsgrad": True}), ("adabound", {}), ("adabound", {"amsgrad": True}),
+    ("diffgrad", {"weight_decay": 0.01}), ("diffmod", {"weight_decay": 0.01}),
+    ("adamw", {"capturable": True}), ("adamod", {"amsgrad": True, "capturable": True}),   # the gated device path
+]
+
+
+def spacing(x: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 spacing (ulp) at each fp32 value: 2**(exponent - 7); the subnormal spacing at 0."""
+    exp = torch.floor(torch.log2(x.abs().double().clamp_min(2.0 ** -126)))
+    return torch.pow(2.0, exp - 7)
+
+
+def test_stochastic_rounding_is_within_one_spacing_unbiased_and_deterministic():
+    torch.manual_seed(0)
+    x = torch.randn(200_000) * torch.pow(10.0, torch.randint(-20, 20, (200_000,)).float())
+    salt = torch.randint(0, 2**32, (200_000,), dtype=torch.int64)
+    q = low_precision.round_stochastic(x, salt)
+    assert q.dtype == torch.bfloat16
+    err = (q.double() - x.double()).abs()
+    assert bool((err < spacing(x)).all())
+    # one of the two neighbours: never further than the spacing, and the same bits for the same inputs
+    assert torch.equal(q, low_precision.round_stochastic(x, salt))
+    # representable values, zeros and non-finite values pass unchanged
+    exact = torch.tensor([0.0, -0.0, 1.0, -2.5, 3.0 * 2**-100, float("inf"), -float("inf")])
+    assert torch.equal(low_precision.round_stochastic(exact, torch.arange(7)).float(), exact)
+    assert torch.isnan(low_precision.round_stochastic(torch.tensor([float("nan")]), torch.arange(1))).all()
+    # unbiased: a value at a fraction f of the spacing rounds up with probability f (the mean stays put)
+    for f in (0.001, 0.25, 0.7):
+        n = 100_000
+        value = 1.0 + f * 2**-7
+        r = low_precision.round_stochastic(torch.full((n,), value), torch.arange(n)).double()
+        sigma = 2**-7 * math.sqrt(f * (1 - f) / n)
+        assert abs(float(r.mean()) - value) < 5 * sigma, (f, float(r.mean()), value)
+
+
+def _pair(algorithm: str, opts: dict, kernel: str) -> tuple:
+    torch.manual_seed(1)
+    p32 = torch.nn.Parameter(torch.randn(3001) * 0.1)
+    p16 = torch.nn.Parameter(p32.detach().clone())
+    kw = dict(algorithm=algorithm, lr=1e-2, kernel=kernel, **opts)
+    return p32, ShardedOptimizer([p32], **kw), p16, ShardedOptimizer([p16], state_precision="bf16", **kw)
+
+
+@pytest.mark.parametrize("algorithm,opts", CASES, ids=[f"{a}{''.join(f'-{k}' for k in o)}" for a, o in CASES])
+def test_teacher_forced_steps_every_algorithm(algorithm, opts):
+    """Each step starts the fp32 optimizer from the bf16 one's state (exported in fp32: exact), feeds both the same
+    gradient, and checks the parameters bitwise and every state element against its rounding bound."""
+    p32, o32, p16, o16 = _pair(algorithm, opts, "eager")
+    for step in range(6):
+        if step:
+            o32.load_state_dict(o16.state_dict())
+            assert torch.equal(p32, p16)
+        g = torch.randn(3001, generator=torch.Generator().manual_seed(step)) * (0.01 if step % 2 else 1.0)
+        p32.grad, p16.grad = g.clone(), g.clone()
+        o32.step()
+        o16.step()
+        assert torch.equal(p16, p32), f"step {step}: the parameters differ"
+        for key, got in o16.state[p16].items():
+            if key in ("step", "mu_product"):
+                assert torch.equal(torch.as_tensor(got).double(), torch.as_tensor(o32.state[p32][key]).double())
+                continue
+            assert got.dtype == torch.bfloat16, key
+            want = o32.state[p32][key].double()
+            err = (got.double() - want).abs()
+            bound = spacing(want.float()) / (2 if key in NEAREST_KEYS else 1)
+            ok = (err <= bound) if key in NEAREST_KEYS else (err < bound) | (err == 0)
+            assert bool(ok.all()), f"step {step} {key}: worst error {float((err / bound).max()):.3f} spacings"
+
+
+def test_compiled_bf16_kernel_equals_eager_bound_and_fp32_parameters():
+    for algorithm, opts in (("adamw", {}), ("adamod", {"amsgrad": True})):
+        p32, o32, p16, o16 = _pair(algorithm, opts, "compiled")
+        for step in range(3):
+            g = torch.randn(3001, generator=torch.Generator().manual_seed(step))
+            o32.load_state_dict(o16.state_dict())
+            p32.grad, p16.grad = g.clone(), g.clone()
+            o32.step()
+            o16.step()
+            assert torch.equal(p16, p32), (algorithm, step)
+            for key in o32.state[p32]:
+                if key != "step":
+                    want = o32.state[p32][key].double()
+                    assert bool(((o16.state[p16][key].double() - want).abs() < spacing(want.float()) + 0).all())
+
+
+def test_second_moment_keeps_moving_where_nearest_rounding_stalls():
+    """beta2 = 0.999 moves v by 0.1% a step, under half a bfloat16 spacing: round-to-nearest keeps the old value
+    forever; stochastic rounding follows fp32 without bias.  Stationary error of the SR average: each step adds
+    a rounding error of variance <= ulp**2/4, decayed by beta2, so its std is <= ulp/(2 sqrt(1 - beta2**2))."""
+    n, steps, beta2 = 4096, 3000, 0.999
+    g = 1.5 + 0.5 * torch.rand(n, generator=torch.Generator().manual_seed(0))   # v climbs to g**2 in [2.25, 4)
+    p32, p16 = torch.nn.Parameter(torch.zeros(n)), torch.nn.Parameter(torch.zeros(n))
+    kw = dict(algorithm="adam", lr=0.0, betas=(0.9, beta2), kernel="compiled")
+    o32, o16 = ShardedOptimizer([p32], **kw), ShardedOptimizer([p16], state_precision="bf16", **kw)
+    for p, o in ((p32, o32), (p16, o16)):
+        p.grad = g.clone()
+        o.step()                    # v = (1 - beta2) g**2 after one step
+    for p, o in ((p32, o32), (p16, o16)):
+        o.state[p]["exp_avg_sq"].fill_(1.0)   # start every element at 1 and let it climb towards g**2
+        for _ in range(steps):
+            p.grad = g.clone()
+            o.step()
+    v32 = o32.state[p32]["exp_avg_sq"].double()
+    v16 = o16.state[p16]["exp_avg_sq"].double()
+    nearest = torch.ones(n, dtype=torch.bfloat16)
+    for _ in range(50):             # the same recursion rounded to nearest: stuck at 1
+        nearest = (beta2 * nearest.float() + (1 - beta2) * g * g).to(torch.bfloat16)
+    assert bool((nearest == 1.0).all())
+    assert bool((v32 - 1.0 > 0.9 * (g * g - 1.0)).all())   # fp32 went 1 - beta2**3000 = 95% of the way
+    rel = (v16 - v32) / v32
+    std_bound = 2**-7 / (2 * math.sqrt(1 - beta2**2))   # relative: the spacing is <= 2**-7 of the value
+    assert float(rel.std()) <= std_bound
+    assert abs(float(rel.mean())) < 5 * std_bound / math.sqrt(n)   # unbiased
+
+
+def test_bf16_state_halves_the_bytes():
+    params = [torch.nn.Parameter(torch.randn(100_000)), torch.nn.Parameter(torch.randn(24, 10))]
+    numel = 100_240
+    per_param = {}
+    for name, opts in (("adamw", {}), ("amsgrad", {"amsgrad": True}), ("adamod", {})):
+        algorithm = "adam" if name == "amsgrad" else name
+        for precision in ("fp32", "bf16"):
+            report = ShardedOptimizer(params, algorithm=algorithm, state_precision=precision, **opts).memory_report()
+            per_param[f"{name} {precision}"] = report["state_bytes"] / numel   # held, alignment padding included
+            itemsize = 2 if precision == "bf16" else 4
+            states = [k for k in report["by_key"] if k not in ("master", "grad_shard")]
+            assert report["unsharded_state_bytes"] == numel * itemsize * len(states)   # real elements only
+    assert per_param["adamw bf16"] <= 4.1 and per_param["adamw fp32"] >= 8.0, per_param
+    assert per_param["amsgrad bf16"] <= 6.1 and per_param["adamod bf16"] <= 6.1, per_param
+
+
+def test_state_dict_exports_fp32_for_torch_and_round_trips():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64))
+    opt = ShardedOptimizer([p], algorithm="adamw", lr=1e-2, state_precision="bf16", kernel="eager")
+    for _ in range(3):
+        p.grad = torch.randn(64)
+        opt.step()
+    sd = opt.state_dict()
+    assert sd["state"][0]["exp_avg"].dtype == torch.float32
+    q = torch.nn.Parameter(p.detach().clone())
+    ref = torch.optim.AdamW([q], lr=1e-2)
+    ref.load_state_dict({k: v for k, v in sd.items() if k != "algorithm"})
+    assert torch.equal(ref.state[q]["exp_avg"], opt.state[p]["exp_avg"].float())
+    again = ShardedOptimizer([torch.nn.Parameter(p.detach().clone())], algorithm="adamw", lr=1e-2,
+                             state_precision="bf16", kernel="eager")
+    again.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(again.state[again.param_groups[0]["params"][0]].values(),
+                                                opt.state[p].values()))
+
+
+def test_checkpoints_load_across_precisions(tmp_path):
+    def build(precision):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        return model, ShardedOptimizer(model.parameters(), algorithm="adamod", lr=1e-2, state_precision=precision,
+                                       kernel="eager")
+    model, opt = build("bf16")
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 6)).square().sum().backward()
+        opt.step()
+    checkpoint.save(tmp_path / "bf16", model, opt, step=3)
+    for precision in ("bf16", "fp32"):   # bf16 values widen to fp32 exactly
+        m2, o2 = build(precision)
+        checkpoint.load(tmp_path / "bf16", m2, o2)
+        for a, b in zip(model.parameters(), m2.parameters()):
+            assert torch.equal(a, b)
+            for key in opt.state[a]:
+                assert torch.equal(o2.state[b][key].double(), opt.state[a][key].double()), (precision, key)
+                assert o2.state[b][key].dtype == opt.state[a][key].dtype or precision == "fp32"
+
+
+def test_bad_precision_is_refused_by_name():
+    p = torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match=r"state_precision must be one of \('fp32', 'bf16'\), got 'int8'"):
+        ShardedOptimizer([p], state_precision="int8")
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("bf16")
+    two = run_ranks(lps.scenarios, 2, str(base / "w2"), None)
+    three = run_ranks(lps.scenarios, 3, str(base / "w3"), str(base / "w2"))
+    one = [lps.scenarios(0, 1, str(base / "w1"), str(base / "w3"))]
+    return {1: one, 2: two, 3: three}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["adamw", "adamod"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_bf16_state_is_bitwise_the_same_on_1_2_3_ranks_and_resumes_n_to_m(worlds, world, algorithm):
+    one = worlds[1][0]
+    for rank, r in enumerate(worlds[world]):
+        for what in ("trained", "continued"):
+            bad = lps.same(r[f"{algorithm} {what}"], one[f"{algorithm} {what}"])
+            assert not bad, f"{algorithm} {what}, world {world} rank {rank} vs one process: {bad} differ"
+        if world == 3:   # resumed from the 2-rank checkpoint
+            bad = lps.same(r[f"{algorithm} resumed"], one[f"{algorithm} continued"])
+            assert not bad, f"{algorithm} resumed 2 -> 3 ranks, rank {rank}: {bad} differ"
+    bad = lps.same(one[f"{algorithm} resumed"], one[f"{algorithm} continued"])   # 3 -> 1
+    assert not bad, f"{algorithm} resumed 3 -> 1 rank: {bad} differ"

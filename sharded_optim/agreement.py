@@ -69,7 +69,7 @@ def fingerprint(opt: Any) -> list[tuple[str, Any]]:
     items: list[tuple[str, Any]] = [("algorithm", opt.algorithm)]
     for name in ("zero_stage", "bucket_numel_bytes", "master_weights", "reduce_grads", "grad_reduce_dtype",
                  "param_gather_dtype", "stats_interval", "nonfinite_policy", "spike_sigma",
-                 "overlap_param_gather"):
+                 "overlap_param_gather", "state_precision"):
         items.append((name, _plain(getattr(opt, name, None))))
     items.append(("spike_window", opt._recent_norms.maxlen))
     items.append(("number of param groups", len(opt.param_groups)))

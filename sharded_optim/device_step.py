@@ -144,9 +144,12 @@ def gated(name: str, precision: str = "fp32") -> Callable[..., None]:
     """The gated form of update variant ``name`` with its state in ``precision`` (one distinct function per
     variant and precision: its own compile cache entry)."""
     from .kernels.adam_family import VARIANTS
+    from .kernels.int8_state import int8_state
     from .kernels.low_precision import bf16_state, distinct
     kernel = VARIANTS[name]
     n_state = kernel.__code__.co_argcount - 3   # (p, g, *states, sc)
-    if precision != "fp32":
+    if precision == "bf16":
         kernel = bf16_state(name)
+    elif precision == "int8":
+        kernel, n_state = int8_state(name), 2 * n_state   # codes and block scales are both written
     return distinct(_gate(kernel, n_state), f"gated_{precision}_{name}")

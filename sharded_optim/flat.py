@@ -56,10 +56,13 @@ class Piece:
 
 
 class FlatLayout:
-    """Pure bookkeeping: offsets, buckets, this rank's pieces. Holds no tensors."""
+    """Pure bookkeeping: offsets, buckets, this rank's pieces. Holds no tensors.
+
+    ``align``: bucket sizes are multiples of ``world * align`` (so are the shard boundaries); ``slot_align``: every
+    parameter starts at a multiple of it (blockwise 8-bit state: blocks then never straddle parameters)."""
 
     def __init__(self, shapes: list[torch.Size], world: int, rank: int, bucket_numel: int | None,
-                 align: int = ALIGN):
+                 align: int = ALIGN, slot_align: int = 1):
         if world < 1 or not (0 <= rank < world):
             raise ValueError(f"rank {rank} is not in a world of size {world}")
         self.world, self.rank = world, rank
@@ -87,6 +90,7 @@ class FlatLayout:
         for b, members in enumerate(groups):
             start = offset
             for i in members:
+                offset = -(-offset // slot_align) * slot_align   # blockwise state: every parameter starts a block
                 shape = torch.Size(shapes[i])
                 slot_of_index[i] = len(self.slots)
                 self.slots.append(ParamSlot(i, shape, shape.numel(), offset, b))

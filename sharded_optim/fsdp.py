@@ -105,6 +105,19 @@ class DTensorParamGroup:
         return self.params[self.layout.slots[slot_index].index].to_local()
 
     # ------------------------------------------------------------------------------------------------ views
+    def state_values(self, key: str) -> Tensor:
+        """The local state buffer ``key`` (stored in the compute dtype: the values themselves)."""
+        return self.state[key]
+
+    def store_state(self, key: str, values: Tensor) -> None:
+        """Write ``values`` into the local state buffer ``key`` (nothing to do when they are the buffer)."""
+        if values is not self.state[key]:
+            self.state[key].copy_(values)
+
+    def state_args(self, keys: tuple[str, ...], rng: slice) -> tuple[Tensor, ...]:
+        """The state slices an update kernel over run ``rng`` takes."""
+        return tuple(self.state[k][rng] for k in keys)
+
     def param_state_view(self, slot_index: int, key: str) -> Tensor:
         """State ``key`` of parameter ``slot_index`` as a DTensor (live view) with the parameter's sharding."""
         return self._as_dtensor(self.state[key], slot_index)

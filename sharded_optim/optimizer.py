@@ -70,7 +70,7 @@ class ShardedOptimizer(Optimizer):
             (torch's word; for the same reason hyperparameters are read when the step is issued, so a captured
             graph replays the values it was captured with).  CUDA parameters take this path by default; on CPU it
             is opt-in (a synchronisation costs nothing there).
-        state_precision: "fp32" or "bf16": state stored in bfloat16, math in fp32 (:mod:`.kernels.low_precision`).
+        state_precision: "fp32", "bf16" (:mod:`.kernels.low_precision`) or "int8" (:mod:`.kernels.int8_state`).
         **algorithm_options: ``amsgrad``, ``bias_correction``, ``decoupled_weight_decay``, ``maximize``,
             ``beta3`` (adamod, diffmod), ``len_memory`` (diffmod: ``beta3 = 1 - 1/len_memory``, not both),
             ``final_lr``/``gamma`` (adabound), ``momentum_decay`` (nadam), ``degenerated_to_sgd`` (radam).

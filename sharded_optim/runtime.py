@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import rules
 from .flat import FlatLayout, Run
+from .kernels import int8_state
 from .zero import FlatParamGroup
 
 
@@ -33,7 +34,7 @@ class ParamRuntime(Protocol):
     master: Tensor                 # this rank's shard of the parameters, in ``compute_dtype``
     grad: Tensor                   # this rank's (averaged) gradient shard
     state: dict[str, Tensor]       # per-element optimizer state, in kernel argument order
-    state_precision: str           # how ``state`` is stored: "fp32" (the compute dtype) or "bf16"
+    state_precision: str           # how ``state`` is stored: "fp32" (the compute dtype), "bf16" or "int8"
     steps: Tensor                  # per-slot step counters (int64)
     mu_products: Tensor            # per-slot NAdam momentum products (float64)
     reduce_group: Any              # the process group partial sums are summed over; None: nothing to reduce
@@ -47,6 +48,18 @@ class ParamRuntime(Protocol):
 
     def param_state_view(self, slot_index: int, key: str) -> Tensor:
         """A live view of state ``key`` of parameter ``slot_index`` (for ``optimizer.state[p]``)."""
+        ...
+
+    def state_values(self, key: str) -> Tensor:
+        """This rank's shard of state ``key`` as compute-dtype values (a copy unless stored so)."""
+        ...
+
+    def store_state(self, key: str, values: Tensor) -> None:
+        """Store ``values`` (this rank's shard of state ``key``) in the state's precision."""
+        ...
+
+    def state_args(self, keys: tuple[str, ...], rng: slice) -> tuple[Tensor, ...]:
+        """The state arguments of an update kernel over run ``rng`` (8-bit state: codes, then block scales)."""
         ...
 
     def collect_grads(self, in_place: bool = True) -> list[bool]:
@@ -161,12 +174,12 @@ def ensure_runtimes(opt: Any) -> None:
 def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
     """One runtime per (dtype, device) of ``group``'s parameters, registered in ``opt.state``: a
     :class:`~sharded_optim.fsdp.DTensorParamGroup` for DTensor parameters, else a :class:`FlatParamGroup`."""
-    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    by_kind: dict[tuple[torch.dtype, torch.device, str], list[Tensor]] = {}
     for p in group["params"]:
-        by_kind.setdefault((p.dtype, p.device), []).append(p)
+        by_kind.setdefault((p.dtype, p.device, state_precision_of(opt, p)), []).append(p)
     keys = rules.state_keys(opt.algorithm, group)
     runtimes: list[ParamRuntime] = []
-    for (dtype, _device), params in by_kind.items():
+    for (dtype, _device, precision), params in by_kind.items():
         itemsize = torch.empty((), dtype=dtype).element_size()
         if is_dtensor(params[0]):
             if opt.state_precision != "fp32":
@@ -183,10 +196,19 @@ def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
             zero_stage=opt.zero_stage, bucket_numel=max(1, opt.bucket_numel_bytes // itemsize),
             master_weights=opt.master_weights, reduce_grads=opt.reduce_grads,
             grad_reduce_dtype=opt.grad_reduce_dtype, gather_dtype=opt.param_gather_dtype,
-            overlap=opt.overlap, state_precision=opt.state_precision)
+            overlap=opt.overlap, state_precision=precision)
         runtimes.append(rt)
         register_runtime(opt, rt, params, keys)
     return runtimes
+
+
+def state_precision_of(opt: Any, p: Tensor) -> str:
+    """The state precision of parameter ``p``: the optimizer's, except that with ``"int8"`` a tensor of fewer than
+    :data:`~sharded_optim.kernels.int8_state.SMALL_NUMEL` elements keeps fp32 state (biases, norms: a few percent of
+    the memory, and the tensors where blockwise scales fit worst; bitsandbytes and torchao do the same)."""
+    if opt.state_precision == "int8" and p.numel() < int8_state.SMALL_NUMEL:
+        return "fp32"
+    return opt.state_precision
 
 
 def register_runtime(opt: Any, rt: ParamRuntime, params: list[Tensor], keys: tuple[str, ...]) -> None:
@@ -236,7 +258,9 @@ def memory_report(opt: Any) -> dict[str, Any]:
         for key, nbytes in rt.state_bytes().items():
             per_key[key] = per_key.get(key, 0) + nbytes
         real = sum(slot.numel for slot in rt.layout.slots)
-        unsharded += real * sum(t.element_size() for t in rt.state.values())
+        # bytes per element of each state buffer (8-bit state: the code and its share of a block scale)
+        per_element = sum(n for k, n in rt.state_bytes().items() if k in rt.state) / max(1, rt.layout.local_numel)
+        unsharded += round(real * per_element)
         padding += rt.layout.local_numel - rt.layout.local_real_numel()
     state_bytes = sum(v for k, v in per_key.items() if k not in ("master", "grad_shard"))
     return {"rank": opt.rank, "world_size": opt.world_size, "zero_stage": opt.zero_stage,

@@ -50,7 +50,7 @@ def full_state_dict(opt: Any) -> dict[str, Any]:
                     full = gathered.get((id(rt), key))
                     if full is None:
                         # low-precision state is exported in the compute dtype, as torch.optim keeps it
-                        full = gathered[(id(rt), key)] = gather_full(opt, rt, rt.state[key]).to(rt.compute_dtype)
+                        full = gathered[(id(rt), key)] = gather_full(opt, rt, rt.state_values(key))
                     entry[key] = full[slot.offset: slot.offset + slot.numel].view(slot.shape)
                 if opt.algorithm == "nadam":
                     entry["mu_product"] = torch.tensor(float(rt.mu_products[slot_index]), dtype=torch.float64)
@@ -198,6 +198,7 @@ def load_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
     # validated: apply
     for group, hparams in zip(opt.param_groups, new_hparams):
         group.update(hparams)
+    values: dict[tuple[int, str], tuple[ParamRuntime, Tensor]] = {}   # low-precision state: written back once
     for p, entry in plan:
         rt, slot_index = opt._locate[id(p)]
         if rt.keeps_dtensor_state:
@@ -205,7 +206,9 @@ def load_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
             continue
         for key in rt.state:
             source = None if entry is None else entry[key].detach().reshape(-1)
-            write_slot(rt, slot_index, rt.state[key], source)
+            if (id(rt), key) not in values:
+                values[(id(rt), key)] = (rt, rt.state_values(key))
+            write_slot(rt, slot_index, values[(id(rt), key)][1], source)
         if rt.has_master_copy and entry is not None and MASTER_KEY in entry:
             master = entry[MASTER_KEY].detach()
             write_slot(rt, slot_index, rt.master, master.reshape(-1))
@@ -213,6 +216,8 @@ def load_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
         rt.steps[slot_index] = 0 if entry is None else int(float(entry["step"]))
         if opt.algorithm == "nadam":
             rt.mu_products[slot_index] = 1.0 if entry is None else float(entry["mu_product"])
+    for (_, key), (rt, local) in values.items():
+        rt.store_state(key, local)
 
 
 def write_slot(rt: ParamRuntime, slot_index: int, buffer: Tensor, source: Tensor | None) -> None:

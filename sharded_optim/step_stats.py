@@ -212,12 +212,12 @@ class StepStats:
         """``PRE_FIELDS`` sums of the gradient and the first moment before the update, over the real elements of
         the ranges the update will cover (:func:`~sharded_optim.kernels.stats.pre_sums`), in float64."""
         gscale = torch.tensor(-1.0 if group.get("maximize", False) else 1.0, dtype=torch.float64, device=rt.device)
-        m = rt.state[next(iter(rt.state))]  # every variant's first state tensor is the first moment
+        m = _readable(rt, next(iter(rt.state)))  # every variant's first state tensor is the first moment
         if FRICTION_KEY in rt.state:
             # diffGrad/DiffMod: the update overwrites the previous gradient, and the statistics of its friction
             # need the old one (see kernels.stats._post); a copy on statistics steps only, dropped by post_stats
             # (sharded: at the start of the next step, after the user's zero_grad, so zero_grad keeps it)
-            self.friction_before[id(rt)] = rt.state[FRICTION_KEY].clone()
+            self.friction_before[id(rt)] = _readable(rt, FRICTION_KEY).clone()
         real = rt.stat_ranges()
         total = torch.zeros(len(stats_kernels.PRE_FIELDS), dtype=torch.float64, device=rt.device)
         for rng, _ in rt.update_runs(has_grad):
@@ -233,15 +233,22 @@ class StepStats:
         if FRICTION_KEY in rt.state and before is None:
             raise RuntimeError("statistics of the diffGrad friction need the previous gradient from before the "
                                "update; the statistics pass did not keep it")
+        state = {k: _readable(rt, k) for k in keys}
         for sub, sc in post:
             extra = () if before is None else (before[sub],)
             sums = dispatch.run(dispatch.post_sums(variant), self.opt.kernel_mode, rt.master[sub],
-                                *(rt.state[k][sub] for k in keys), *extra, sc, edges)
+                                *(state[k][sub] for k in keys), *extra, sc, edges)
             stats_kernels.add_post_sums(stats, sums, lr)
 
     def local_sumsq(self) -> float:
         """This rank's shard sum of squares from the last norm pass (a host synchronisation per runtime)."""
         return sum(x.item() for x in self.local_sumsq_parts)
+
+
+def _readable(rt: ParamRuntime, key: str) -> Tensor:
+    """State ``key`` as the statistics kernels read it: the buffer (fp32, or bf16 that they widen), or for 8-bit
+    state its dequantized values (a copy, on statistics steps only)."""
+    return rt.state_values(key) if rt.state_precision == "int8" else rt.state[key]
 
 
 def build_report(opt: Any, reason: str | None, sumsq: Tensor, total_norm: float, clipped: bool,

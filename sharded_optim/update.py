@@ -185,7 +185,7 @@ def host_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Run]
         hs.values[rules.GSCALE] *= decision.coef
         sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
         dispatch.run(dispatch.update(variant, rt.state_precision), opt.kernel_mode, rt.param_of(rng, slots),
-                     rt.grad_of(rng, slots), *(rt.state[k][rng] for k in keys), sc, *_seed(rt, t - 1))
+                     rt.grad_of(rng, slots), *rt.state_args(keys, rng), sc, *_seed(rt, t - 1))
         index = _index(slots)
         rt.steps[index] += 1
         if hs.mu_product is not None:
@@ -214,7 +214,7 @@ def device_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Ru
             opt.algorithm, group, skip, decision.sumsq, h, rt.steps[first], rt.mu_products[first],
             rt.compute_dtype, compiled)
         dispatch.run(dispatch.gated(variant, rt.state_precision), opt.kernel_mode, keep, rt.param_of(rng, slots),
-                     rt.grad_of(rng, slots), *(rt.state[k][rng] for k in keys), sc, *_seed(rt, rt.steps[first]))
+                     rt.grad_of(rng, slots), *rt.state_args(keys, rng), sc, *_seed(rt, rt.steps[first]))
         covered += len(slots)
         if diverged:
             index = _index(slots, rt.device)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .flat import FlatLayout, bound_views, flatten_into_views, merge_runs, refresh_master_pieces, run_counters
-from .kernels import low_precision
+from .kernels import int8_state, low_precision
 from .kernels.stats import sumsq
 from .zero_grads import GradientReduction, _Pending
 
@@ -61,7 +61,10 @@ class FlatParamGroup(GradientReduction):
         self.world, self.rank = world, rank
         self.zero_stage = zero_stage
         self.reduce_grads = reduce_grads and world > 1
-        self.layout = FlatLayout([p.shape for p in params], world, rank, bucket_numel if world > 1 else None)
+        # blockwise 8-bit state: parameters and shard boundaries on block boundaries (kernels.int8_state)
+        block = int8_state.BLOCK if state_precision == "int8" else 1
+        self.layout = FlatLayout([p.shape for p in params], world, rank, bucket_numel if world > 1 else None,
+                                 **({"align": block, "slot_align": block} if block > 1 else {}))
         self.compute_dtype = torch.float32 if (self.dtype in LOW_PRECISION and master_weights) else self.dtype
         self.grad_dtype = grad_reduce_dtype or self.compute_dtype
         self.gather_dtype = gather_dtype or self.dtype
@@ -78,11 +81,14 @@ class FlatParamGroup(GradientReduction):
         # a separate master exists for low-precision parameters (a copy worth saving) or for shards (a slice)
         self.has_master_copy = self.compute_dtype != self.dtype
         self.grad = torch.zeros(self.layout.local_numel, dtype=self.grad_dtype, device=self.device)
-        # the state is stored in ``state_precision`` (kernels.low_precision): bf16 halves it; the math stays fp32
+        # the state is stored in ``state_precision`` (kernels.low_precision, kernels.int8_state): bf16 halves it,
+        # int8 keeps one byte per element plus an fp32 scale per block (``scales``); the math stays fp32
         self.state_precision = state_precision
-        state_dtype = self.compute_dtype if state_precision == "fp32" else low_precision.state_dtype(state_precision)
         self.state: dict[str, Tensor] = {
-            key: torch.zeros(self.layout.local_numel, dtype=state_dtype, device=self.device) for key in state_keys}
+            key: torch.zeros(self.layout.local_numel, dtype=self._storage_dtype(key), device=self.device)
+            for key in state_keys}
+        self.scales: dict[str, Tensor] = {} if state_precision != "int8" else {
+            key: torch.ones(self.layout.local_numel // block, device=self.device) for key in state_keys}
         # Host-side per-parameter counters; state[p]["step"] are 0-d views of these, so writes through the
         # torch.optim-style state are seen here (int64: no saturation at 2**24).
         self.steps = torch.zeros(len(params), dtype=torch.int64)
@@ -99,7 +105,8 @@ class FlatParamGroup(GradientReduction):
         # is never written and stays zero, so norms over ``grad`` plus these tensors count each element once
         threshold = DIRECT_MIN_NUMEL.get(self.device.type)
         self._direct_slots = {s for s, slot in enumerate(self.layout.slots)
-                              if world == 1 and threshold is not None and slot.numel >= threshold}
+                              if world == 1 and threshold is not None and slot.numel >= threshold
+                              and state_precision != "int8"}   # int8 runs cover whole blocks of ``grad``
         self._direct: dict[int, Tensor] = {}   # this step's in-place gradients, by slot
         self._stale_direct: set[int] = set()   # in-place slots whose region of ``grad`` a copy wrote since
         # gloo's reduce_scatter and all_gather are 2-3x slower than its all_reduce and broadcast (25 MiB bucket,
@@ -115,6 +122,40 @@ class FlatParamGroup(GradientReduction):
             self._register_hooks()
 
     # ----------------------------------------------------------------------------------------------- views
+    def _storage_dtype(self, key: str) -> torch.dtype:
+        if self.state_precision == "int8":
+            return int8_state.codes_dtype(key)
+        return self.compute_dtype if self.state_precision == "fp32" else low_precision.state_dtype(self.state_precision)
+
+    def state_values(self, key: str) -> Tensor:
+        """This rank's shard of state ``key`` as values in the compute dtype: the buffer itself when it is stored
+        so, else a widened or dequantized copy (for serialization, checkpoints and statistics; never for updates)."""
+        buffer = self.state[key]
+        if self.state_precision == "int8":
+            return int8_state.dequantize(buffer, self.scales[key])
+        return buffer if buffer.dtype == self.compute_dtype else buffer.to(self.compute_dtype)
+
+    def store_state(self, key: str, values: Tensor) -> None:
+        """Store ``values`` (this rank's whole shard of state ``key``) in the state's precision, rounding to nearest
+        (values already on the 8-bit grid, as :meth:`state_values` returns them, are stored exactly)."""
+        if values is self.state[key]:
+            return
+        if self.state_precision == "int8":
+            codes, scales = int8_state.quantize(values.to(torch.float32), key in int8_state.SIGNED_KEYS, None)
+            self.state[key].copy_(codes)
+            self.scales[key].copy_(scales)
+        else:
+            self.state[key].copy_(values)
+
+    def state_args(self, keys: tuple[str, ...], rng: slice) -> tuple[Tensor, ...]:
+        """The state arguments of an update kernel over run ``rng``: the state slices, then for 8-bit state the
+        slices of their block scales (``rng`` starts and stops on block boundaries, see :meth:`update_runs`)."""
+        states = tuple(self.state[k][rng] for k in keys)
+        if self.state_precision != "int8":
+            return states
+        block = int8_state.BLOCK
+        return states + tuple(self.scales[k][rng.start // block: rng.stop // block] for k in keys)
+
     def param_state_view(self, slot_index: int, key: str) -> Tensor:
         """This rank's part of parameter ``slot_index``'s state ``key``: full-shape view when wholly local."""
         return self._param_view(self.state[key], slot_index)
@@ -130,15 +171,18 @@ class FlatParamGroup(GradientReduction):
         return buffer[:0]
 
     def _compute_real_ranges(self) -> list[slice]:
-        """Ranges of the local shard that hold parameter elements (bucket padding excluded)."""
-        ranges = []
-        for bucket in self.layout.buckets:
-            lo = bucket.start + self.rank * bucket.shard_numel
-            end = max(self.layout.slots[s].offset + self.layout.slots[s].numel for s in bucket.slots) \
-                if bucket.slots else bucket.start
-            n = max(0, min(bucket.shard_numel, end - lo))
-            if n:
-                ranges.append(slice(bucket.local_start, bucket.local_start + n))
+        """Ranges of the local shard that hold parameter elements (padding excluded): this rank's pieces, merged
+        where they touch inside one bucket."""
+        ranges: list[slice] = []
+        bucket_of = [self.layout.slots[q.slot].bucket for q in self.layout.pieces]
+        last_bucket = None
+        for piece, b in sorted(zip(self.layout.pieces, bucket_of), key=lambda x: x[0].local_lo):
+            lo, hi = piece.local_lo, piece.local_lo + piece.hi - piece.lo
+            if ranges and b == last_bucket and ranges[-1].stop == lo:
+                ranges[-1] = slice(ranges[-1].start, hi)
+            else:
+                ranges.append(slice(lo, hi))
+            last_bucket = b
         return ranges
 
     # ------------------------------------------------------------------------------------ parameter gather
@@ -202,7 +246,11 @@ class FlatParamGroup(GradientReduction):
         """
         if self._direct:
             return self._split_direct(self._runs(has_grad, uniform_steps))
-        return self._runs(has_grad, uniform_steps)
+        runs = self._runs(has_grad, uniform_steps)
+        if self.state_precision == "int8":   # whole blocks: a run's last block continues into zero padding
+            block = int8_state.BLOCK
+            runs = [(slice(rng.start, -(-rng.stop // block) * block), slots) for rng, slots in runs]
+        return runs
 
     def _split_direct(self, runs: list[tuple[slice, list[int]]]) -> list[tuple[slice, list[int]]]:
         """Cut each run around the slots whose gradient is read in place: those run alone (one rank)."""
@@ -282,6 +330,8 @@ class FlatParamGroup(GradientReduction):
         """Bytes this rank holds, by buffer: each state tensor, ``master`` (when not the parameters' own flat buffer)
         and ``grad_shard``."""
         out = {key: t.numel() * t.element_size() for key, t in self.state.items()}
+        for key, scales in self.scales.items():   # 8-bit state: its block scales belong to it
+            out[key] += scales.numel() * scales.element_size()
         if self.master is not self.full:
             out["master"] = self.master.numel() * self.master.element_size()
         out["grad_shard"] = self.grad.numel() * self.grad.element_size()

@@ -121,9 +121,10 @@ def test_unknown_kernel_name_is_an_error_not_a_fallback():
         dispatch.run("adam_mv", "eager", torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1),
                      torch.zeros(14))
     with pytest.raises(ValueError, match="state precision must be one of"):
-        dispatch.update("adam_mv", "int8")
-    with pytest.raises(ValueError, match="role 'post_sums' has no bf16 form"):
-        dispatch.Kernel(dispatch.Role.POST_SUMS, "adam_mv", "bf16")
+        dispatch.update("adam_mv", "int4")
+    for precision in ("bf16", "int8"):
+        with pytest.raises(ValueError, match=f"role 'post_sums' has no {precision} form"):
+            dispatch.Kernel(dispatch.Role.POST_SUMS, "adam_mv", precision)
     assert dispatch.update("adam_mv") is dispatch.update("adam_mv")   # interned: the compile cache hits
     assert dispatch.update("adam_mv").function() is VARIANTS["adam_mv"]
 

@@ -1,4 +1,6 @@
-"""State stored in bfloat16 (``state_precision="bf16"``, sharded_optim/kernels/low_precision.py).
+"""State stored in bfloat16 (``state_precision="bf16"``, sharded_optim/kernels/low_precision.py), and what bf16
+and int8 state share: fp32 export, checkpoints across precisions, bitwise results on 1, 2, 3 ranks and N->M resume
+(the int8 quantizer itself: tests/test_int8_state.py).
 
 The bounds are the quantizer's own (ALGORITHMS.md section 15: teacher forcing): from the same dequantized state and
 the same gradient, the bf16 step moves the parameters exactly as the fp32 step does (the update uses the fp32
@@ -154,52 +156,63 @@ def test_bf16_state_halves_the_bytes():
     assert per_param["amsgrad bf16"] <= 6.1 and per_param["adamod bf16"] <= 6.1, per_param
 
 
-def test_state_dict_exports_fp32_for_torch_and_round_trips():
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_state_dict_exports_fp32_for_torch_and_round_trips(precision):
     torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(64))
-    opt = ShardedOptimizer([p], algorithm="adamw", lr=1e-2, state_precision="bf16", kernel="eager")
+    n = 5000   # int8 state needs >= 4096 elements
+    p = torch.nn.Parameter(torch.randn(n))
+    opt = ShardedOptimizer([p], algorithm="adamw", lr=1e-2, state_precision=precision, kernel="eager")
     for _ in range(3):
-        p.grad = torch.randn(64)
+        p.grad = torch.randn(n)
         opt.step()
     sd = opt.state_dict()
     assert sd["state"][0]["exp_avg"].dtype == torch.float32
     q = torch.nn.Parameter(p.detach().clone())
     ref = torch.optim.AdamW([q], lr=1e-2)
     ref.load_state_dict({k: v for k, v in sd.items() if k != "algorithm"})
-    assert torch.equal(ref.state[q]["exp_avg"], opt.state[p]["exp_avg"].float())
+    assert torch.equal(ref.state[q]["exp_avg"], sd["state"][0]["exp_avg"])
+    if precision == "bf16":
+        assert torch.equal(ref.state[q]["exp_avg"], opt.state[p]["exp_avg"].float())
     again = ShardedOptimizer([torch.nn.Parameter(p.detach().clone())], algorithm="adamw", lr=1e-2,
-                             state_precision="bf16", kernel="eager")
+                             state_precision=precision, kernel="eager")
     again.load_state_dict(sd)
-    assert all(torch.equal(a, b) for a, b in zip(again.state[again.param_groups[0]["params"][0]].values(),
-                                                opt.state[p].values()))
+    for key, value in again.state_dict()["state"][0].items():   # the same values stored again
+        assert torch.equal(value, sd["state"][0][key]), key
+    assert again.state[again.param_groups[0]["params"][0]]["exp_avg"].dtype == opt.state[p]["exp_avg"].dtype
 
 
-def test_checkpoints_load_across_precisions(tmp_path):
+@pytest.mark.parametrize("saved_as", ["bf16", "int8"])
+def test_checkpoints_load_across_precisions(tmp_path, saved_as):
+    """bf16 values widen to fp32 exactly; int8 checkpoints hold fp32 values on the code grid, stored back exactly."""
     def build(precision):
         torch.manual_seed(0)
-        model = torch.nn.Linear(6, 3)
+        model = torch.nn.Linear(80, 64)   # a 5120-element weight (int8 state) and a 64-element bias (fp32 in int8)
         return model, ShardedOptimizer(model.parameters(), algorithm="adamod", lr=1e-2, state_precision=precision,
                                        kernel="eager")
-    model, opt = build("bf16")
+    model, opt = build(saved_as)
     for _ in range(3):
         opt.zero_grad()
-        model(torch.randn(4, 6)).square().sum().backward()
+        model(torch.randn(4, 80)).square().sum().backward()
         opt.step()
-    checkpoint.save(tmp_path / "bf16", model, opt, step=3)
-    for precision in ("bf16", "fp32"):   # bf16 values widen to fp32 exactly
+    checkpoint.save(tmp_path / saved_as, model, opt, step=3)
+    saved = opt.state_dict()["state"]   # fp32 values of the stored state
+    for precision in (saved_as, "fp32"):
         m2, o2 = build(precision)
-        checkpoint.load(tmp_path / "bf16", m2, o2)
+        checkpoint.load(tmp_path / saved_as, m2, o2)
         for a, b in zip(model.parameters(), m2.parameters()):
             assert torch.equal(a, b)
-            for key in opt.state[a]:
-                assert torch.equal(o2.state[b][key].double(), opt.state[a][key].double()), (precision, key)
-                assert o2.state[b][key].dtype == opt.state[a][key].dtype or precision == "fp32"
+        for i, entry in o2.state_dict()["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(value, saved[i][key]), (precision, i, key)
+        weight = next(m2.parameters())
+        assert o2.state[weight]["exp_avg"].dtype == {"bf16": torch.bfloat16, "int8": torch.int8,
+                                                     "fp32": torch.float32}[precision]
 
 
 def test_bad_precision_is_refused_by_name():
     p = torch.nn.Parameter(torch.randn(4))
-    with pytest.raises(ValueError, match=r"state_precision must be one of \('fp32', 'bf16'\), got 'int8'"):
-        ShardedOptimizer([p], state_precision="int8")
+    with pytest.raises(ValueError, match=r"state_precision must be one of \('fp32', 'bf16', 'int8'\), got 'int4'"):
+        ShardedOptimizer([p], state_precision="int4")
 
 
 @pytest.fixture(scope="module")
@@ -212,16 +225,19 @@ def worlds(tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
 @pytest.mark.parametrize("algorithm", ["adamw", "adamod"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_bf16_state_is_bitwise_the_same_on_1_2_3_ranks_and_resumes_n_to_m(worlds, world, algorithm):
+def test_low_precision_state_is_bitwise_the_same_on_1_2_3_ranks_and_resumes_n_to_m(worlds, world, algorithm,
+                                                                                   precision):
     one = worlds[1][0]
+    name = f"{algorithm} {precision}"
     for rank, r in enumerate(worlds[world]):
         for what in ("trained", "continued"):
-            bad = lps.same(r[f"{algorithm} {what}"], one[f"{algorithm} {what}"])
-            assert not bad, f"{algorithm} {what}, world {world} rank {rank} vs one process: {bad} differ"
+            bad = lps.same(r[f"{name} {what}"], one[f"{name} {what}"])
+            assert not bad, f"{name} {what}, world {world} rank {rank} vs one process: {bad} differ"
         if world == 3:   # resumed from the 2-rank checkpoint
-            bad = lps.same(r[f"{algorithm} resumed"], one[f"{algorithm} continued"])
-            assert not bad, f"{algorithm} resumed 2 -> 3 ranks, rank {rank}: {bad} differ"
-    bad = lps.same(one[f"{algorithm} resumed"], one[f"{algorithm} continued"])   # 3 -> 1
-    assert not bad, f"{algorithm} resumed 3 -> 1 rank: {bad} differ"
+            bad = lps.same(r[f"{name} resumed"], one[f"{name} continued"])
+            assert not bad, f"{name} resumed 2 -> 3 ranks, rank {rank}: {bad} differ"
+    bad = lps.same(one[f"{name} resumed"], one[f"{name} continued"])   # 3 -> 1
+    assert not bad, f"{name} resumed 3 -> 1 rank: {bad} differ"

@@ -96,7 +96,7 @@ class OptimizerConfig:
     spike_sigma: float | None = _num(None, doc="skip steps with a grad-norm spike")
     spike_window: int = _num(128)
     kernel: str = _choice("auto", ("auto", "compiled", "eager"))
-    state_precision: str = _choice("fp32", ("fp32", "bf16"))
+    state_precision: str = _choice("fp32", ("fp32", "bf16", "int8"))
     grad_clip: float = _num(1.0, 0.0, None, doc="global gradient-norm clip; 0 disables")
     no_decay_norm_and_bias: bool = _plain(True, "put norms, biases and embeddings in a group without decay")
 

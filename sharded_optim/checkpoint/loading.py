@@ -34,7 +34,8 @@ from . import io as ckpt_io
 from .format import (FORMAT_NAME, FORMAT_VERSION, MASTER_KEY, META_FILE, RNG_DIR, SLOW_KEY, CheckpointCorruptError,
                      CheckpointError, candidates)
 from .integrity import IntegrityError
-from .state import _agree, _distributed, _Param, _params, _rank, _state_keys, _tensor_map, _unwrap
+from .state import (_agree, _distributed, _flat_state, _Param, _params, _rank, _state_keys, _tensor_map,
+                    _unwrap)
 
 log = logging.getLogger("sharded_optim.checkpoint")
 
@@ -341,13 +342,14 @@ def _apply(model: torch.nn.Module, opt: Any, la: Any, params: list[_Param], plan
             v.copy_(staging[f"model.{k}"])
     for group, hp in zip(opt.param_groups, plan["hparams"]):
         group.update(hp)
+    values: dict[tuple[int, str], Tensor] = {}   # 8-bit state: its values, stored back once below
     for entry in params:
         saved = meta["params"][entry.name]
         rt = entry.rt
         keys = _state_keys(opt, entry)
         if entry.flat:
             for key in keys:
-                entry.sharding.write(rt.state[key], scratch[(id(rt), key)])
+                entry.sharding.write(_flat_state(rt, key, values), scratch[(id(rt), key)])
             if entry.has_master and saved.get("master"):
                 entry.sharding.write(rt.master, scratch[(id(rt), MASTER_KEY)])
             elif rt.master is not rt.full:
@@ -361,6 +363,9 @@ def _apply(model: torch.nn.Module, opt: Any, la: Any, params: list[_Param], plan
         rt.steps[entry.slot] = int(saved["step"])
         if opt.algorithm == "nadam":
             rt.mu_products[entry.slot] = float(saved["mu_product"])
+    runtimes = {id(entry.rt): entry.rt for entry in params}
+    for (owner, key), local in values.items():
+        runtimes[owner].store_state(key, local)
     counters = meta["counters"]
     opt.steps_attempted = int(counters.get("steps_attempted", opt.steps_attempted))
     opt.skipped_steps.update({k: int(v) for k, v in counters.get("skipped_steps", {}).items()})

@@ -104,10 +104,11 @@ def _tensor_map(opt: ShardedOptimizer, la: Lookahead | None, params: list[_Param
     """DCP entries of the optimizer state; ``buffer_of(entry, key, live)`` gives the rank-local flat buffer
     (the live one when saving, a scratch one when loading) or, for non-flat runtimes, the tensor itself."""
     out: dict[str, Tensor] = {}
+    values: dict[tuple[int, str], Tensor] = {}
     for entry in params:
         keys = list(_state_keys(opt, entry)) + ([MASTER_KEY] if entry.has_master else [])
         for key in keys:
-            live = entry.rt.master if key == MASTER_KEY else (entry.rt.state[key] if entry.flat
+            live = entry.rt.master if key == MASTER_KEY else (_flat_state(entry.rt, key, values) if entry.flat
                                                               else opt.state[entry.p][key])
             out[f"optim.{entry.name}.{key}"] = _describe(entry, buffer_of(entry, key, live))
         if la is not None:
@@ -116,6 +117,17 @@ def _tensor_map(opt: ShardedOptimizer, la: Lookahead | None, params: list[_Param
             out[f"lookahead.{entry.name}.{SLOW_KEY}"] = _describe(entry, buffer_of(entry, SLOW_KEY,
                                                                                    la._slow[id(entry.rt)]))
     return out
+
+
+def _flat_state(rt: FlatParamGroup, key: str, cache: dict[tuple[int, str], Tensor]) -> Tensor:
+    """The local buffer a checkpoint saves for state ``key`` of ``rt`` (and loads into): the state itself, or for
+    8-bit state its fp32 values, one copy per runtime (exactly on the code grid, so a load stores them exactly;
+    the checkpoint is then fp32-sized: compressed checkpoints are not built yet)."""
+    if rt.state_precision != "int8":
+        return rt.state[key]
+    if (id(rt), key) not in cache:
+        cache[(id(rt), key)] = rt.state_values(key)
+    return cache[(id(rt), key)]
 
 
 def _describe(entry: _Param, tensor: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ import torch
 
 from .adam_family import VARIANTS, lookahead_sync
 from .fused_stats import POST
+from . import int8_state
 from .low_precision import STATE_PRECISIONS, bf16_state
 from .stats import pre_sums
 
@@ -78,7 +79,7 @@ class Kernel:
     def function(self) -> Callable[..., object]:
         """The eager function of this kernel."""
         if self.role is Role.UPDATE:
-            return VARIANTS[self.variant] if self.precision == "fp32" else _bf16(self.variant)
+            return VARIANTS[self.variant] if self.precision == "fp32" else _LOW[self.precision](self.variant)
         if self.role is Role.GATED:
             from ..device_step import gated as gated_form
             return gated_form(self.variant, self.precision)
@@ -94,7 +95,8 @@ class Kernel:
         return self.role in (Role.PRE_SUMS, Role.POST_SUMS)
 
 
-_bf16 = functools.cache(bf16_state)   # one function (one compile cache entry) per variant
+# one function (one compile cache entry) per variant and precision
+_LOW = {"bf16": functools.cache(bf16_state), "int8": functools.cache(int8_state.int8_state)}
 
 
 @functools.cache
@@ -151,6 +153,12 @@ def run(kernel: Kernel, mode: str, *tensors: torch.Tensor) -> object:
     first = tensors[1] if kernel.role is Role.GATED else tensors[0]   # gated kernels take the flag first
     if first.numel() == 0 and not kernel.returns_sums:
         return None  # an empty shard (FSDP2 gives some ranks 0 elements); size 0 would also compile apart
+    if kernel.precision == "int8" and first.numel() > int8_state.CHUNK:   # bounded temporaries (int8_state.CHUNK)
+        offset = 1 if kernel.role is Role.GATED else 0
+        n_state = (len(tensors) - offset - 4) // 2   # (p, g, *codes, *scales, sc, step)
+        for part in int8_state.chunks(tensors, offset, n_state):
+            run(kernel, mode, *part)
+        return None
     if mode == "eager" or kernel in _broken:
         return kernel.function()(*tensors)
     try:

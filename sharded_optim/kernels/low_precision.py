@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .adam_family import VARIANTS
 
-STATE_PRECISIONS = ("fp32", "bf16")
+STATE_PRECISIONS = ("fp32", "bf16", "int8")   # int8: blockwise 8-bit codes, kernels.int8_state
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # per state letter of a variant name (adam_mv, bound_mvxs, adamax_mu, adam_mvg, ...): stochastic rounding?
@@ -101,7 +101,9 @@ def distinct(fn: Callable[..., None], name: str) -> Callable[..., None]:
 
 
 def state_dtype(precision: str) -> torch.dtype:
-    """The storage dtype of ``precision`` (``"fp32"`` or ``"bf16"``); anything else is a ``ValueError``."""
+    """The storage dtype of ``precision`` (``"fp32"`` or ``"bf16"``; int8 codes: :func:`.int8_state.codes_dtype`);
+    anything else is a ``ValueError``."""
     if precision not in STATE_DTYPES:
-        raise ValueError(f"state_precision must be one of {STATE_PRECISIONS}, got {precision!r}")
+        raise ValueError(f"state_precision must be one of {STATE_PRECISIONS} (int8: per state key), "
+                         f"got {precision!r}")
     return STATE_DTYPES[precision]

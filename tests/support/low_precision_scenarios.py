@@ -1,8 +1,10 @@
-"""Rank function for tests/test_low_precision.py: bf16 state under ZeRO-2 on any world size, and N->M resume.
+"""Rank function for tests/test_low_precision.py: bf16 and int8 state under ZeRO-2 on any world size, and N->M
+resume.
 
 Every rank computes the same full-batch gradient and the optimizer does not reduce it (``reduce_grads=False``),
 so each element sees the same gradient at any world size: the update must then be bitwise the same on 1, 2 and
 3 ranks, whatever shard and bucket boundaries fall inside the parameters (a 1 KiB bucket cuts them everywhere).
+The first weight has 4270 elements, so int8 keeps it in 8-bit blocks (the last one part padding) and the rest fp32.
 """
 from __future__ import annotations
 
@@ -17,13 +19,13 @@ STEPS, MORE = 5, 3
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Tanh(), torch.nn.Linear(37, 5))
+    return torch.nn.Sequential(torch.nn.Linear(70, 61), torch.nn.Tanh(), torch.nn.Linear(61, 5))
 
 
 def _train(model: torch.nn.Module, opt: Any, steps: int, first: int) -> None:
     for step in range(first, first + steps):
         g = torch.Generator().manual_seed(step)
-        x, y = torch.randn(16, 13, generator=g), torch.randn(16, 5, generator=g)
+        x, y = torch.randn(16, 70, generator=g), torch.randn(16, 5, generator=g)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
@@ -35,17 +37,17 @@ def _snapshot(model: torch.nn.Module, opt: Any) -> dict[str, Any]:
             "state": {f"{i}.{k}": v.numpy().copy() for i, e in state.items() for k, v in e.items() if k != "step"}}
 
 
-def _optimizer(model: torch.nn.Module, algorithm: str) -> Any:
+def _optimizer(model: torch.nn.Module, algorithm: str, precision: str) -> Any:
     from sharded_optim import ShardedOptimizer
     extra = {"amsgrad": True} if algorithm == "adamod" else {}
     return ShardedOptimizer(model.parameters(), algorithm=algorithm, lr=1e-2, zero_stage=2, reduce_grads=False,
-                            bucket_mb=1 / 1024, kernel="eager", state_precision="bf16", **extra)
+                            bucket_mb=1 / 1024, kernel="eager", state_precision=precision, **extra)
 
 
 def scenarios(rank: int, world: int, directory: str, resume_from: str | None) -> dict[str, Any]:
-    """``{"<algorithm> trained": snapshot after STEPS, "<algorithm> continued": after STEPS + MORE,
-    "<algorithm> resumed": the same, from the checkpoint in ``resume_from`` (saved at another world size)}``;
-    saves this world's checkpoint of each algorithm at STEPS under ``directory``."""
+    """``{"<algorithm> <precision> trained": snapshot after STEPS, "... continued": after STEPS + MORE,
+    "... resumed": the same, from the checkpoint in ``resume_from`` (saved at another world size)}``;
+    saves this world's checkpoint of each algorithm and precision at STEPS under ``directory``."""
     from sharded_optim import checkpoint
     from tests.support.scenarios import Scenarios
 
@@ -63,19 +65,21 @@ def _run_all(out: Any, directory: str, resume_from: str | None) -> None:
     from sharded_optim import checkpoint
 
     for algorithm in ("adamw", "adamod"):
-        model = _model()
-        opt = _optimizer(model, algorithm)
-        _train(model, opt, STEPS, 0)
-        out[f"{algorithm} trained"] = _snapshot(model, opt)
-        checkpoint.save(Path(directory) / algorithm, model, opt, step=STEPS)
-        _train(model, opt, MORE, STEPS)
-        out[f"{algorithm} continued"] = _snapshot(model, opt)
-        if resume_from is not None:
+        for precision in ("bf16", "int8"):
+            name = f"{algorithm} {precision}"
             model = _model()
-            opt = _optimizer(model, algorithm)
-            assert checkpoint.load(Path(resume_from) / algorithm, model, opt)["step"] == STEPS
+            opt = _optimizer(model, algorithm, precision)
+            _train(model, opt, STEPS, 0)
+            out[f"{name} trained"] = _snapshot(model, opt)
+            checkpoint.save(Path(directory) / name, model, opt, step=STEPS)
             _train(model, opt, MORE, STEPS)
-            out[f"{algorithm} resumed"] = _snapshot(model, opt)
+            out[f"{name} continued"] = _snapshot(model, opt)
+            if resume_from is not None:
+                model = _model()
+                opt = _optimizer(model, algorithm, precision)
+                assert checkpoint.load(Path(resume_from) / name, model, opt)["step"] == STEPS
+                _train(model, opt, MORE, STEPS)
+                out[f"{name} resumed"] = _snapshot(model, opt)
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

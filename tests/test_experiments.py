@@ -52,10 +52,11 @@ def _check_outputs(out: Path, name: str) -> dict:
 
 def test_registry_lists_every_experiment():
     assert set(experiments()) == {"reddi", "lr-sensitivity", "warmup", "weight-decay", "one-cycle",
-                                  "bias-correction"}
+                                  "bias-correction", "state-precision"}
 
 
-@pytest.mark.parametrize("name", ["lr-sensitivity", "warmup", "weight-decay", "one-cycle", "bias-correction"])
+@pytest.mark.parametrize("name", ["lr-sensitivity", "warmup", "weight-decay", "one-cycle", "bias-correction",
+                                  "state-precision"])
 def test_ci_variant_runs_end_to_end(name, tmp_path):
     results = run_experiment(name, ci=True, out_dir=tmp_path)
     written = _check_outputs(tmp_path, name)

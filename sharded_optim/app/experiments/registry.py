@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 # One module per experiment; each calls :func:`register` at import time.
 EXPERIMENT_MODULES: tuple[str, ...] = (
-    "reddi", "lr_sensitivity", "warmup", "weight_decay", "one_cycle", "bias_correction",
+    "reddi", "lr_sensitivity", "warmup", "weight_decay", "one_cycle", "bias_correction", "state_precision",
 )
 
 

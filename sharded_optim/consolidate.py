@@ -40,21 +40,26 @@ class Rendezvous:
     def __init__(self, process_group: Any, rank: int, world: int, tag: int):
         self.rank, self.world = rank, world
         ranks = [dist.get_global_rank(process_group, r) for r in range(world)]
-        store = dist.distributed_c10d._get_default_store()
-        prefix = f"sharded_optim/state_dict/{tag}/{'-'.join(map(str, ranks))}/"
-        self.store = dist.PrefixStore(prefix, store)
+        self.prefix = f"sharded_optim/state_dict/{tag}/{'-'.join(map(str, ranks))}/"
         self.round = 0
+
+    @property
+    def store(self) -> Any:
+        """The default store under this optimizer's prefix, looked up per use: an optimizer that outlives its
+        process group (collected at interpreter exit) then holds no store client past ``destroy_process_group``."""
+        return dist.PrefixStore(self.prefix, dist.distributed_c10d._get_default_store())
 
     def arrive(self, what: str, timeout_s: float, hint: str) -> None:
         """Return once every rank of the group arrived at this round; raise ConsolidationError after timeout_s."""
         keys = [f"{self.round}/{r}" for r in range(self.world)]
-        self.store.set(keys[self.rank], what)
+        store = self.store
+        store.set(keys[self.rank], what)
         try:
-            self.store.wait(keys, datetime.timedelta(seconds=timeout_s))
+            store.wait(keys, datetime.timedelta(seconds=timeout_s))
         except RuntimeError:  # DistStoreError (timeout) is a RuntimeError
-            came = [r for r, key in enumerate(keys) if self.store.check([key])]
+            came = [r for r, key in enumerate(keys) if store.check([key])]
             # withdraw, so a later call of the same round on the other ranks does not enter a gather without us
-            self.store.delete_key(keys[self.rank])
+            store.delete_key(keys[self.rank])
             missing = [r for r in range(self.world) if r not in came]
             raise ConsolidationError(
                 f"{what}() of a sharded optimizer ({self.world} ranks) gathers the state from every rank, but only "

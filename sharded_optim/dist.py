@@ -21,6 +21,7 @@ The backend is ``nccl`` when CUDA is available and ``gloo`` otherwise.  Every co
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -222,6 +223,9 @@ def cleanup(barrier: bool = True) -> None:
     the whole timeout.
     """
     if dist.is_available() and dist.is_initialized():
+        # objects in reference cycles (optimizers with hooks) that hold the group or its store die now, while the
+        # group exists, not at interpreter exit after it was destroyed
+        gc.collect()
         try:
             if barrier:
                 dist.barrier()

@@ -255,11 +255,12 @@ def memory_report(opt: Any) -> dict[str, Any]:
     unsharded = 0
     padding = 0
     for _, rt in opt._all_runtimes():
-        for key, nbytes in rt.state_bytes().items():
+        held = rt.state_bytes()
+        for key, nbytes in held.items():
             per_key[key] = per_key.get(key, 0) + nbytes
         real = sum(slot.numel for slot in rt.layout.slots)
         # bytes per element of each state buffer (8-bit state: the code and its share of a block scale)
-        per_element = sum(n for k, n in rt.state_bytes().items() if k in rt.state) / max(1, rt.layout.local_numel)
+        per_element = sum(n for k, n in held.items() if k in rt.state) / max(1, rt.layout.local_numel)
         unsharded += round(real * per_element)
         padding += rt.layout.local_numel - rt.layout.local_real_numel()
     state_bytes = sum(v for k, v in per_key.items() if k not in ("master", "grad_shard"))

@@ -141,7 +141,8 @@ class FlatParamGroup(GradientReduction):
         if values is self.state[key]:
             return
         if self.state_precision == "int8":
-            codes, scales = int8_state.quantize(values.to(torch.float32), key in int8_state.SIGNED_KEYS, None)
+            signed = self.state[key].dtype == torch.int8   # as the kernel reads it (int8_state.codes_dtype)
+            codes, scales = int8_state.quantize(values.to(torch.float32), signed, None)
             self.state[key].copy_(codes)
             self.scales[key].copy_(scales)
         else:

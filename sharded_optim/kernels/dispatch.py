@@ -57,7 +57,7 @@ class Kernel:
 
     role: Role
     variant: str | None = None
-    precision: str = "fp32"   # how the state tensors are stored (:mod:`.low_precision`); update roles only
+    precision: str = "fp32"   # how the state is stored (:mod:`.low_precision`, :mod:`.int8_state`); update roles only
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, Role):

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .adam_family import VARIANTS
-from .low_precision import _MASK32, distinct, random_bits, state_letters
+from .low_precision import _MASK32, distinct, random_bits, rounding_salt, state_letters
 
 BLOCK = 256        # elements per scale
 LEVELS_PER_OCTAVE = 8
@@ -51,7 +51,6 @@ SMALL_NUMEL = 4096  # tensors below this keep fp32 state (as bitsandbytes and to
 # holds fp32 temporaries of ~50 bytes per element (measured: bench/state_precision_bench.py); chunks bound that to
 # ~50 MiB whatever the shard size, at one extra call (~0.2 ms of host time on CPU) per million elements.
 CHUNK = 1 << 20
-SIGNED = {"m": True, "g": True, "v": False, "x": False, "s": False, "u": False}
 
 
 def _levels(signed: bool) -> int:
@@ -115,16 +114,16 @@ def int8_state(variant: str) -> Callable[..., None]:
     and one scales tensor per state (in the variant's order), and the int64 step counter ``step`` (0-d).  ``p``,
     ``g`` and the codes are a whole number of blocks long."""
     kernel = VARIANTS[variant]
-    letters = state_letters(variant)
-    n = len(letters)
+    n = len(state_letters(variant))
 
     def update(p: Tensor, g: Tensor, *rest: Tensor) -> None:
         codes, scales, sc, step = rest[:n], rest[n:2 * n], rest[-2], rest[-1]
         wide = [dequantize(c, s) for c, s in zip(codes, scales)]
         kernel(p, g, *wide, sc)
-        salt = (g.to(torch.float32).view(torch.int32).to(torch.int64) ^ ((step & 0xFFFF) * 0x2545)) & _MASK32
-        for position, (c, s, w, letter) in enumerate(zip(codes, scales, wide, letters)):
-            new_codes, new_scales = quantize(w, SIGNED[letter], uniforms(w, salt, position))
+        salt = rounding_salt(g, step)
+        for position, (c, s, w) in enumerate(zip(codes, scales, wide)):
+            # the codes' dtype says the sign (codes_dtype): int8 for a signed state, uint8 for a non-negative one
+            new_codes, new_scales = quantize(w, c.dtype == torch.int8, uniforms(w, salt, position))
             c.copy_(new_codes)
             s.copy_(new_scales)
     return distinct(update, f"int8_{variant}")

@@ -59,6 +59,12 @@ def random_bits(x_bits: Tensor, salt_bits: Tensor, position: int) -> Tensor:
     return (h ^ (h >> 16)) & 0xFFFF
 
 
+def rounding_salt(g: Tensor, step: Tensor) -> Tensor:
+    """The per-element salt of the rounding bits: the gradient's fp32 bits mixed with the step counter (int64
+    tensors of 32-bit patterns, for :func:`random_bits`)."""
+    return (g.to(torch.float32).view(torch.int32).to(torch.int64) ^ ((step & 0xFFFF) * 0x2545)) & _MASK32
+
+
 def round_stochastic(x: Tensor, salt_bits: Tensor, position: int = 0) -> Tensor:
     """``x`` (fp32) rounded to bfloat16 stochastically: up to the next bfloat16 with probability equal to the
     fraction of the spacing that ``x`` lies above the one below (in magnitude).
@@ -85,7 +91,7 @@ def bf16_state(variant: str) -> Callable[..., None]:
         states, sc, step = rest[:-2], rest[-2], rest[-1]
         wide = [t.to(torch.float32) for t in states]
         kernel(p, g, *wide, sc)
-        salt = (g.to(torch.float32).view(torch.int32).to(torch.int64) ^ ((step & 0xFFFF) * 0x2545)) & _MASK32
+        salt = rounding_salt(g, step)
         for position, (t, w, letter) in enumerate(zip(states, wide, letters)):
             t.copy_(round_stochastic(w, salt, position) if STOCHASTIC[letter] else w.to(torch.bfloat16))
     return distinct(update, f"bf16_{variant}")

@@ -3,8 +3,9 @@
 AdamW (torch's formula) trains a small MLP on a regression task whose input features span six orders of magnitude
 (so the second moment of one weight block spans twelve), with every state tensor stored through an 8-bit code
 after each step (blocks of 256, stochastic rounding).  Codes: ``linear`` (absmax scale, levels max/127 apart, as
-blockwise absmax int8), ``log`` (the library's: power-of-two scale, levels 2**(-1/8) apart), per state ``m`` and
-``v``.  Reported per code pair and seed: final training loss relative to fp32 state, and the mean relative error
+blockwise absmax int8), ``log`` (power-of-two scale, levels 2**(-1/8) apart: a true logarithmic code), ``library``
+(kernels/int8_state.py: power-of-two scale, 8 levels per octave evenly spaced within it, the fp32 bit pattern cut
+to 3 mantissa bits), per state ``m`` and ``v``.  Reported per code pair and seed: final training loss relative to fp32 state, and the mean relative error
 of the update direction ``m/(sqrt(v)+eps)`` against fp32 state fed the same gradients (teacher forcing).
 
     python bench/state_codes.py [--steps 400] [--seeds 3]      # writes bench/results/state_codes.{json,md}
@@ -32,8 +33,30 @@ def linear(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def log(x: torch.Tensor, u: torch.Tensor, signed: bool) -> torch.Tensor:
+    """A true logarithmic code: power-of-two block scale, levels 2**(-k/8), k < 127 (signed) or 255; stochastic
+    rounding between neighbouring levels, a non-negative value never to 0.  Dequantized."""
+    kmax = 127 if signed else 255
+    xb = x.view(-1, q8.BLOCK)
+    amax = xb.abs().amax(1, keepdim=True)
+    scale = torch.exp2(torch.ceil(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax)))))
+    r = xb.abs() / scale
+    k0 = torch.floor(-8 * torch.log2(r)).nan_to_num(posinf=kmax - 1).clamp(0, kmax - 1)
+    above = torch.exp2(-k0 / 8)
+    below = torch.where(k0 + 1 >= kmax, torch.zeros_like(k0), torch.exp2(-(k0 + 1) / 8))
+    k = torch.where(u.view_as(r) < ((r - below) / (above - below)).clamp(0, 1), k0, k0 + 1)
+    if not signed:
+        k = torch.where(r > 0, k.clamp(max=kmax - 1), torch.full_like(k, kmax))
+    value = torch.where(k >= kmax, torch.zeros_like(r), torch.exp2(-k / 8)) * scale
+    return (torch.sign(xb) * value).view(-1)
+
+
+def library(x: torch.Tensor, u: torch.Tensor, signed: bool) -> torch.Tensor:
     """The library's code (kernels/int8_state.py), dequantized."""
-    return q8.dequantize(*q8.quantize(x, signed, u))
+    bits = (u * 65536).to(torch.int32).clamp(0, 65535)
+    return q8.dequantize(*q8.quantize(x, signed, bits))
+
+
+CODES = {"linear": lambda x, u, signed: linear(x, u), "log": log, "library": library}
 
 
 def store(kind: str, x: torch.Tensor, signed: bool, gen: torch.Generator) -> torch.Tensor:
@@ -42,7 +65,7 @@ def store(kind: str, x: torch.Tensor, signed: bool, gen: torch.Generator) -> tor
     pad = -x.numel() % q8.BLOCK
     flat = torch.nn.functional.pad(x.reshape(-1), (0, pad))
     u = torch.rand(flat.numel(), generator=gen).clamp(1e-7, 1 - 1e-7)
-    out = linear(flat, u) if kind == "linear" else log(flat, u, signed)
+    out = CODES[kind](flat, u, signed)
     return out[: x.numel()].view_as(x)
 
 
@@ -84,7 +107,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
-    pairs = [("fp32", "fp32"), ("linear", "linear"), ("linear", "log"), ("log", "linear"), ("log", "log")]
+    pairs = [("fp32", "fp32"), ("linear", "linear"), ("linear", "library"), ("library", "linear"), ("log", "log"),
+             ("library", "library")]
     rows = []
     for m_code, v_code in pairs:
         runs = [train(m_code, v_code, seed, args.steps) for seed in range(args.seeds)]

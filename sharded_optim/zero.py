@@ -87,8 +87,10 @@ class FlatParamGroup(GradientReduction):
         self.state: dict[str, Tensor] = {
             key: torch.zeros(self.layout.local_numel, dtype=self._storage_dtype(key), device=self.device)
             for key in state_keys}
+        # (views of one spare element more: torch.compile guards on a view's base, and a base as long as a whole
+        # shard's block count would be duck-sized equal to the blocks of a one-call update and recompile for chunks)
         self.scales: dict[str, Tensor] = {} if state_precision != "int8" else {
-            key: torch.ones(self.layout.local_numel // block, device=self.device) for key in state_keys}
+            key: torch.ones(self.layout.local_numel // block + 1, device=self.device)[:-1] for key in state_keys}
         # Host-side per-parameter counters; state[p]["step"] are 0-d views of these, so writes through the
         # torch.optim-style state are seen here (int64: no saturation at 2**24).
         self.steps = torch.zeros(len(params), dtype=torch.int64)

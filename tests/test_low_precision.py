@@ -40,7 +40,7 @@ def spacing(x: torch.Tensor) -> torch.Tensor:
 def test_stochastic_rounding_is_within_one_spacing_unbiased_and_deterministic():
     torch.manual_seed(0)
     x = torch.randn(200_000) * torch.pow(10.0, torch.randint(-20, 20, (200_000,)).float())
-    salt = torch.randint(0, 2**32, (200_000,), dtype=torch.int64)
+    salt = torch.randint(-2**31, 2**31 - 1, (200_000,), dtype=torch.int32)
     q = low_precision.round_stochastic(x, salt)
     assert q.dtype == torch.bfloat16
     err = (q.double() - x.double()).abs()
@@ -49,13 +49,13 @@ def test_stochastic_rounding_is_within_one_spacing_unbiased_and_deterministic():
     assert torch.equal(q, low_precision.round_stochastic(x, salt))
     # representable values, zeros and non-finite values pass unchanged
     exact = torch.tensor([0.0, -0.0, 1.0, -2.5, 3.0 * 2**-100, float("inf"), -float("inf")])
-    assert torch.equal(low_precision.round_stochastic(exact, torch.arange(7)).float(), exact)
-    assert torch.isnan(low_precision.round_stochastic(torch.tensor([float("nan")]), torch.arange(1))).all()
+    assert torch.equal(low_precision.round_stochastic(exact, torch.arange(7, dtype=torch.int32)).float(), exact)
+    assert torch.isnan(low_precision.round_stochastic(torch.tensor([float("nan")]), torch.arange(1, dtype=torch.int32))).all()
     # unbiased: a value at a fraction f of the spacing rounds up with probability f (the mean stays put)
     for f in (0.001, 0.25, 0.7):
         n = 100_000
         value = 1.0 + f * 2**-7
-        r = low_precision.round_stochastic(torch.full((n,), value), torch.arange(n)).double()
+        r = low_precision.round_stochastic(torch.full((n,), value), torch.arange(n, dtype=torch.int32)).double()
         sigma = 2**-7 * math.sqrt(f * (1 - f) / n)
         assert abs(float(r.mean()) - value) < 5 * sigma, (f, float(r.mean()), value)
 

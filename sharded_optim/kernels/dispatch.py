@@ -153,10 +153,10 @@ def run(kernel: Kernel, mode: str, *tensors: torch.Tensor) -> object:
     first = tensors[1] if kernel.role is Role.GATED else tensors[0]   # gated kernels take the flag first
     if first.numel() == 0 and not kernel.returns_sums:
         return None  # an empty shard (FSDP2 gives some ranks 0 elements); size 0 would also compile apart
-    if kernel.precision == "int8" and first.numel() > int8_state.CHUNK:   # bounded temporaries (int8_state.CHUNK)
+    if kernel.precision == "int8" and first.dim() == 1:   # as (blocks, 256) views, in chunks: int8_state
         offset = 1 if kernel.role is Role.GATED else 0
         n_state = (len(tensors) - offset - 4) // 2   # (p, g, *codes, *scales, sc, step)
-        for part in int8_state.chunks(tensors, offset, n_state):
+        for part in int8_state.blocked_calls(tensors, offset, n_state):
             run(kernel, mode, *part)
         return None
     if mode == "eager" or kernel in _broken:

@@ -3,36 +3,45 @@ the same fused loop.
 
 Every state tensor is cut into blocks of :data:`BLOCK` = 256 consecutive elements (blocks start at multiples of
 256 of each parameter: the flat layout aligns parameters and shard boundaries to 256, so a block never straddles a
-parameter or a rank, and the blocks are the same on any number of ranks).  A block stores one fp32 scale and 256
-one-byte codes.  The code is logarithmic: a code ``k`` stands for
+parameter or a rank, and the blocks are the same on any number of ranks).  A block stores one fp32 scale, the
+power of two at or above its largest magnitude, and 256 one-byte codes.  The code is a tiny float under the block
+scale: 8 levels per octave, evenly spaced within the octave,
 
-.. math::  x = \pm\, \mathrm{scale}\cdot 2^{-k/S}, \qquad k = 0, 1, \dots, K-2, \qquad k = K-1 \text{ stands for } 0,
+.. math::  x = \pm\, 2^{e}\,(1 + i/8), \qquad i = 0, \dots, 7, \qquad
+           e = e_{\mathrm{scale}} - 1, e_{\mathrm{scale}} - 2, \dots
 
-with the scale the power of two at or above the block's largest magnitude, stored as :math:`\pm(K-1-k)` so that
-code 0 is the value 0 (a zeroed buffer is a zero state).  Signed states (``exp_avg``, ``previous_grad``) are int8
-(a sign and :math:`K = 128` magnitudes); the non-negative ones (``exp_avg_sq``, ``max_exp_avg_sq``,
-``exp_avg_lr``, ``exp_inf``) are uint8 (:math:`K = 256`).  Why this code (``bench/state_codes.py`` measured the
+which is the fp32 bit pattern with its mantissa cut to 3 bits: the code ``c`` (the distance from the scale, in
+levels) stands for the float whose bits are ``bits(scale) - c << 20``.  ``c`` runs from 0 (the scale itself) to
+``K - 2``; ``c = K - 1`` stands for 0.  Codes are stored as :math:`\pm(K-1-c)`, so code 0 is the value 0 (a zeroed
+buffer is a zero state).  Signed states (``exp_avg``, ``previous_grad``) are int8 (a sign and :math:`K = 128`
+magnitudes: 15.75 octaves); the non-negative ones (``exp_avg_sq``, ``max_exp_avg_sq``, ``exp_avg_lr``,
+``exp_inf``) are uint8 (:math:`K = 256`: 31.75 octaves).  Why this code (``bench/state_codes.py`` measured the
 alternatives on a training run: with a linear absmax code for :math:`v` AdamW diverged on every seed, with one for
-:math:`m` the update direction was off by 50% on average against 9% with this one):
+:math:`m` the update direction was off by 50% on average, against 9% with a logarithmic code):
 
-* a *relative* spacing, :math:`2^{1/S} - 1` (9% at :math:`S = 8`), wherever in the block an element is: a linear
-  absmax code spaces levels ``max/127`` apart, so an element 100x below its block's largest is held to about
-  +-40% and one 1000x below is 0.  In the denominator :math:`\sqrt{v}+\epsilon` that turns into wrong or exploding
-  steps;
-* a power-of-two scale puts every block on the same absolute grid :math:`2^{j/S}`, so a value that does not change
-  is stored again exactly, whatever happens to its block's largest element (a scale that follows the max would
-  re-round every element every step);
+* a *relative* spacing, 1/16 to 1/8 of the value (a true logarithmic code, :math:`2^{1/8}-1` = 9% everywhere, is
+  the same in quality and was 6x slower on CPU: its ``log2``/``exp2`` per element against integer adds and shifts
+  here), wherever in the block an element is: a linear absmax code spaces levels ``max/127`` apart, so an element
+  100x below its block's largest is held to about +-40% and one 1000x below is 0.  In the denominator
+  :math:`\sqrt{v}+\epsilon` that turns into wrong or exploding steps;
+* a power-of-two scale puts every block on the same absolute grid, so a value that does not change is stored again
+  exactly, whatever happens to its block's largest element (a scale that follows the max would re-round every
+  element every step);
 * a non-negative state never rounds to 0 (a value below the last level is stored as the last level: a larger
-  :math:`v` only shortens the step), while a signed one may (its error is then below :math:`2^{-(K-2)/S}` of the
-  scale).
+  :math:`v` only shortens the step), while a signed one may (its error is then below the last level).  The last
+  level is ``K - 2`` levels below the scale, or higher where that would leave the normal floats.
 
-Rounding is stochastic between the two neighbouring levels, with probability proportional to the distance, so the
-stored value is unbiased: the moving averages move by :math:`1-\beta` of the gap per step, far below one level,
-and round-to-nearest would stop them (see :mod:`.low_precision`).  The random bits are the same hash of element,
-gradient, step and state as in bf16, so results do not depend on the sharding.  A value on the grid is stored
-exactly (probability 0 or 1): dequantize-then-quantize is the identity, which makes fp32 checkpoints of int8 state
-exact.  Bound per stored element: :math:`|q(x) - x| <` one level spacing at :math:`x`, i.e.
-:math:`(2^{1/S}-1)|x|` above the last level and the last level itself below it.
+Rounding is stochastic between the two neighbouring levels, with probability proportional to the distance (to
+:math:`2^{-16}` of a spacing), so the stored value is unbiased: the moving averages move by :math:`1-\beta` of the gap
+per step, far below one level, and round-to-nearest would stop them (see :mod:`.low_precision`).  In the bit
+pattern that is the bfloat16 rule again: add 16 random bits under the kept mantissa and truncate.  The random bits
+are the same hash of element, gradient, step and state as in bf16, so results do not depend on the sharding.  A
+value on the grid is stored exactly (its dropped bits are 0): dequantize-then-quantize is the identity, which makes
+fp32 checkpoints of int8 state exact.  Bound per stored element: :math:`|q(x) - x| <` one level spacing at
+:math:`x`, :math:`2^{\lfloor \log_2 |x| \rfloor - 3} \le |x|/8`, above the last level; the last level itself below it.
+
+The kernel works on ``(blocks, 256)`` views (:func:`blocked`): with 1-D arguments reshaped inside the compiled
+function, Inductor indexes every element through divisions by the symbolic block count, 8x slower on CPU.
 """
 from __future__ import annotations
 
@@ -42,69 +51,93 @@ import torch
 from torch import Tensor
 
 from .adam_family import VARIANTS
-from .low_precision import _MASK32, distinct, random_bits, rounding_salt, state_letters
+from .low_precision import distinct, random_bits, rounding_salt, state_letters
 
 BLOCK = 256        # elements per scale
 LEVELS_PER_OCTAVE = 8
+SHIFT = 23 - 3     # fp32 mantissa bits dropped: 3 kept, 2**3 = LEVELS_PER_OCTAVE levels per octave
 SMALL_NUMEL = 4096  # tensors below this keep fp32 state (as bitsandbytes and torchao do): too small to matter
-# Elements per kernel call.  Inductor does not fuse the block reduction with the update into one loop, so a call
-# holds fp32 temporaries of ~50 bytes per element (measured: bench/state_precision_bench.py); chunks bound that to
-# ~50 MiB whatever the shard size, at one extra call (~0.2 ms of host time on CPU) per million elements.
+# Elements per kernel call.  Inductor computes the block maxima in one loop and the update again in a second one
+# over the same block, so temporaries are small; chunks still bound them whatever the shard size, at one extra call
+# (~0.2 ms of host time on CPU) per million elements.
 CHUNK = 1 << 20
+_ONE = 0x3F800000      # the bits of 1.0: the scale of an all-zero block
+_EXPONENT = 0x7F800000
+_MIN_NORMAL = 1 << 23 >> SHIFT   # the grid index of the smallest normal float: lower levels would be subnormal
 
 
 def _levels(signed: bool) -> int:
     return 128 if signed else 256
 
 
-def level(k: Tensor) -> Tensor:
-    r"""The magnitude :math:`2^{-k/S}` of code ``k`` relative to its block's scale (the last code is 0)."""
-    return torch.exp2(k.to(torch.float32) * (-1.0 / LEVELS_PER_OCTAVE))
+def _bits(x: Tensor) -> Tensor:
+    return x.view(torch.int32)
+
+
+def _floats(bits: Tensor) -> Tensor:
+    return bits.view(torch.float32)
 
 
 def block_scales(x: Tensor) -> Tensor:
-    """Per block of ``x`` (fp32, a multiple of :data:`BLOCK` long): the power of two at or above its largest
-    magnitude (1 for an all-zero block), shape ``(numel // BLOCK,)``."""
-    amax = x.view(-1, BLOCK).abs().amax(dim=1)
-    scale = torch.exp2(torch.ceil(torch.log2(torch.where(amax > 0, amax, 1.0))))
-    return torch.where(amax > scale, scale * 2, scale)   # log2 rounded down across a power of two
+    """Per block of ``x`` (fp32, ``(blocks, BLOCK)``): the power of two at or above its largest magnitude (1 for an
+    all-zero block), shape ``(blocks, 1)``.  Rounding the bits up to the next exponent is that power exactly."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    return _floats(torch.where(amax > 0, (_bits(amax) + 0x7FFFFF) & _EXPONENT, _ONE))
 
 
-def quantize(x: Tensor, signed: bool, u: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(codes, scales)`` of ``x`` (fp32, finite): stochastic rounding with uniforms ``u`` in (0, 1), nearest
-    with ``u=None``.  Codes are int8 (signed) or uint8."""
-    kmax = _levels(signed) - 1                       # the code of 0
+def _last(top: Tensor, signed: bool) -> Tensor:
+    """The distance (in levels) of the last non-zero level below grid index ``top``."""
+    return torch.clamp(top - _MIN_NORMAL, max=_levels(signed) - 2)
+
+
+def last_level(scales: Tensor, signed: bool) -> Tensor:
+    """The smallest non-zero magnitude a block with ``scales`` holds (the bound below it), fp32."""
+    top = _bits(scales) >> SHIFT
+    return _floats((top - _last(top, signed)) << SHIFT)
+
+
+def quantize_blocks(x: Tensor, signed: bool, r: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(codes, scales)`` of ``x`` (fp32, finite, ``(blocks, BLOCK)``): stochastic rounding with 16 random bits
+    per element ``r`` (int32 in [0, 65536)), nearest with ``r=None``.  Codes are int8 (signed) or uint8, scales
+    ``(blocks, 1)`` fp32."""
+    kmax = _levels(signed) - 1                       # the code distance of 0
+    mag = x.abs()
     scales = block_scales(x)
-    r = (x.view(-1, BLOCK).abs() / scales[:, None]).view(-1)   # in [0, 1]
-    t = torch.log2(r) * -LEVELS_PER_OCTAVE
-    k0 = torch.clamp(torch.nan_to_num(torch.floor(t), posinf=kmax - 1), 0, kmax - 1).to(torch.int32)
-    k0 = torch.where((r > level(k0)) & (k0 > 0), k0 - 1, k0)   # log2 rounded across a level
-    above = level(k0)                                 # the level at or above r
-    below = torch.where(k0 + 1 >= kmax, 0.0, level(k0 + 1))
-    p_up = torch.clamp((r - below) / (above - below), 0.0, 1.0)
-    k = torch.where((u if u is not None else 0.5) < p_up, k0, k0 + 1)
-    if not signed:   # never to zero: the last level, unless the value is exactly 0
-        k = torch.where(r > 0, torch.clamp(k, max=kmax - 1), kmax)
-    j = kmax - k     # stored as the distance from the code of 0, so a zeroed buffer holds zeros
-    if signed:
+    top = _bits(scales) >> SHIFT                     # the scale's index on the grid
+    last = _last(top, signed)
+    floor_bits = (top - last) << SHIFT               # the last level's bits
+    xb = _bits(mag)
+    noise = (r << (SHIFT - 16)) if r is not None else 1 << (SHIFT - 1)   # random bits under the kept mantissa
+    c = top - ((xb + noise) >> SHIFT)
+    below = xb < floor_bits
+    if signed:   # between 0 and the last level: up with probability |x| / last
+        u = (r.to(torch.float32) + 0.5) * (1.0 / 65536) if r is not None else 0.5
+        c = torch.where(below, torch.where(u * _floats(floor_bits) < mag, last, kmax), c)
+        j = kmax - c
         return torch.where(x < 0, -j, j).to(torch.int8), scales
-    return j.to(torch.uint8), scales
+    c = torch.where(below, torch.where(mag > 0, last, kmax), c)   # never to zero, unless exactly 0
+    return (kmax - c).to(torch.uint8), scales
 
 
-def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
-    """fp32 values of ``codes`` with their block ``scales`` (the inverse of :func:`quantize` on the grid)."""
+def dequantize_blocks(codes: Tensor, scales: Tensor) -> Tensor:
+    """fp32 values of ``codes`` (``(blocks, BLOCK)``) with their block ``scales`` (``(blocks, 1)``): the inverse of
+    :func:`quantize_blocks` on the grid."""
     c = codes.to(torch.int32)
     kmax = _levels(codes.dtype == torch.int8) - 1
     k = kmax - c.abs()
-    mag = torch.where(k >= kmax, 0.0, level(k))
-    value = (mag.view(-1, BLOCK) * scales[:, None]).view(-1)
+    value = torch.where(k >= kmax, 0.0, _floats(((_bits(scales) >> SHIFT) - k) << SHIFT))
     return torch.where(c < 0, -value, value)
 
 
-def uniforms(x: Tensor, salt: Tensor, position: int) -> Tensor:
-    """Uniforms in (0, 1), 16 bits, from the same element/gradient/step hash as bf16's stochastic rounding."""
-    bits = x.view(torch.int32).to(torch.int64) & _MASK32
-    return (random_bits(bits, salt, position).to(torch.float32) + 0.5) * (1.0 / 65536)
+def quantize(x: Tensor, signed: bool, r: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_blocks` of a 1-D ``x`` (a whole number of blocks): codes of ``x``'s shape, scales 1-D."""
+    codes, scales = quantize_blocks(x.view(-1, BLOCK), signed, None if r is None else r.view(-1, BLOCK))
+    return codes.view(x.shape), scales.view(-1)
+
+
+def dequantize(codes: Tensor, scales: Tensor) -> Tensor:
+    """:func:`dequantize_blocks` of 1-D ``codes`` and ``scales``: values of ``codes``' shape."""
+    return dequantize_blocks(codes.view(-1, BLOCK), scales.view(-1, 1)).view(codes.shape)
 
 
 def int8_state(variant: str) -> Callable[..., None]:
@@ -112,18 +145,18 @@ def int8_state(variant: str) -> Callable[..., None]:
 
     Signature ``(p, g, *codes, *scales, sc, step)``: the fp32 kernel's ``p``, ``g`` and ``sc``, then one codes tensor
     and one scales tensor per state (in the variant's order), and the int64 step counter ``step`` (0-d).  ``p``,
-    ``g`` and the codes are a whole number of blocks long."""
+    ``g`` and the codes are ``(blocks, BLOCK)``, the scales ``(blocks, 1)`` (:func:`blocked`)."""
     kernel = VARIANTS[variant]
     n = len(state_letters(variant))
 
     def update(p: Tensor, g: Tensor, *rest: Tensor) -> None:
         codes, scales, sc, step = rest[:n], rest[n:2 * n], rest[-2], rest[-1]
-        wide = [dequantize(c, s) for c, s in zip(codes, scales)]
+        wide = [dequantize_blocks(c, s) for c, s in zip(codes, scales)]
         kernel(p, g, *wide, sc)
         salt = rounding_salt(g, step)
         for position, (c, s, w) in enumerate(zip(codes, scales, wide)):
             # the codes' dtype says the sign (codes_dtype): int8 for a signed state, uint8 for a non-negative one
-            new_codes, new_scales = quantize(w, c.dtype == torch.int8, uniforms(w, salt, position))
+            new_codes, new_scales = quantize_blocks(w, c.dtype == torch.int8, random_bits(_bits(w), salt, position))
             c.copy_(new_codes)
             s.copy_(new_scales)
     return distinct(update, f"int8_{variant}")
@@ -137,19 +170,20 @@ def codes_dtype(key: str) -> torch.dtype:
     return torch.int8 if key in SIGNED_KEYS else torch.uint8
 
 
-def chunks(tensors: tuple[Tensor, ...], first: int, n_state: int) -> list[tuple[Tensor, ...]]:
-    """The arguments of one 8-bit kernel call cut into calls of at most :data:`CHUNK` elements.
+def blocked_calls(tensors: tuple[Tensor, ...], first: int, n_state: int) -> list[tuple[Tensor, ...]]:
+    """The arguments of an 8-bit kernel call as ``(blocks, BLOCK)`` views (scales ``(blocks, 1)``), cut into calls
+    of at most :data:`CHUNK` elements.
 
-    ``tensors[first:]`` are ``p, g, *codes, *scales, sc, step`` with ``n_state`` codes and scales (``first`` = 1
-    for the gated form, whose flag comes first); everything else passes whole."""
+    ``tensors[first:]`` are ``p, g, *codes, *scales, sc, step`` with ``n_state`` codes and scales, 1-D and a whole
+    number of blocks long (``first`` = 1 for the gated form, whose flag comes first); everything else passes
+    whole."""
     numel = tensors[first].numel()
-    if numel <= CHUNK:
-        return [tensors]
-    out = []
     elementwise = range(first, first + 2 + n_state)
     blockwise = range(first + 2 + n_state, first + 2 + 2 * n_state)
+    out = []
     for lo in range(0, numel, CHUNK):
         hi = min(numel, lo + CHUNK)
-        out.append(tuple(t[lo:hi] if i in elementwise else t[lo // BLOCK: hi // BLOCK] if i in blockwise else t
+        out.append(tuple(t[lo:hi].view(-1, BLOCK) if i in elementwise
+                         else t[lo // BLOCK: hi // BLOCK].view(-1, 1) if i in blockwise else t
                          for i, t in enumerate(tensors)))
     return out

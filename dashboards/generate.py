@@ -4,9 +4,10 @@ Built with grafana-foundation-sdk pinned to the Grafana 11.6 line (an unpinned i
 types).  The committed JSON must equal this script's output: ``python dashboards/generate.py --check``.
 
 Layout (MONITORING.md section 4): variables datasource -> job -> run_id -> param_group -> rank; rows
-Overview, Norms and update size, Adam internals, Per-rank health, and a collapsed row for the diffGrad friction:
-its series exist only when the algorithm is diffgrad or diffmod (Grafana 11 cannot hide a panel by a condition,
-nor repeat one zero times, so the row is collapsed and the other algorithms never create the series).
+Overview, Norms and update size, Adam internals, Per-rank health, and collapsed rows for the diffGrad friction
+and for low-precision state: their series exist only when the algorithm is diffgrad or diffmod, or the state is
+bf16/int8 (Grafana 11 cannot hide a panel by a condition, nor repeat one zero times, so the rows are collapsed and
+other runs never create the series).
 Per-rank panels always aggregate (topk/bottomk/quantile) so "All" stays readable at 1000 ranks.  Every
 ``rate()`` uses ``$__rate_interval``.
 """
@@ -50,7 +51,8 @@ class Spec:
 
 
 FRICTION_ROW = "DiffGrad / DiffMod friction"  # collapsed: see the module docstring
-COLLAPSED = {FRICTION_ROW}
+QUANT_ROW = "Low-precision state"
+COLLAPSED = {FRICTION_ROW, QUANT_ROW}
 
 
 def _g(metric: str) -> str:
@@ -141,6 +143,13 @@ ROWS: list[tuple[str, list[Spec]]] = [
              [(_g("friction_near_half_ratio"), "{{param_group}}")], extra={"min": 0, "max": 1},
              description="Fraction of elements with xi <= 0.51 (|g_prev - g| <= 0.04): gradients that did not "
              "change between steps."),
+    ]),
+    (QUANT_ROW, [
+        Spec("State quantization error (bf16/int8 state)", "percentunit",
+             [(f"{P}state_quantization_error{{{GRP}}}", "{{param_group}} {{moment}} moment")], log=True,
+             description="||q(x) - x|| / ||x||: the stored first (m) and second (v) moment against their fp32 "
+                         "values before rounding, on statistics steps.  bf16 sits near 2e-3, int8 near 4e-2; "
+                         "a rise means the blocks' dynamic range outgrows the code."),
     ]),
 ]
 

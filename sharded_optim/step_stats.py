@@ -23,7 +23,7 @@ from torch import Tensor
 from .kernels import dispatch
 from .kernels import stats as stats_kernels
 from .runtime import ParamRuntime
-from .telemetry.fields import NUM_FIELDS
+from .telemetry.fields import FIELD_INDEX, NUM_FIELDS
 from .telemetry.report import StepReport
 
 LOCAL = object()  # key for partial sums that need no reduction
@@ -65,6 +65,8 @@ class StepStats:
         self.deferred_post: list[Callable[[], None]] = []
         # id(runtime) -> copy of its previous_grad taken by the statistics pass before a diffgrad/diffmod update
         self.friction_before: dict[int, Tensor] = {}
+        # id(runtime) -> fp32 copies of the parameters and the state before a bf16/int8 update (statistics steps)
+        self.quant_before: dict[int, tuple[Tensor, dict[str, Tensor]]] = {}
 
     def next_is_stats_step(self) -> bool:
         """Whether the step about to run computes statistics (every ``stats_interval``-th step)."""
@@ -189,6 +191,7 @@ class StepStats:
         """Read back the updated state's sums over the ``post`` ranges: ``now`` (Lookahead is about to rewrite the
         parameters, or one process reports this very step), else at the next norm all-reduce
         (:meth:`finish_deferred`)."""
+        self.quantization_error(rt, variant, keys, post, stats)   # now: it reads this step's gradient
         read_back = functools.partial(self.post_stats, rt, variant, keys, post, stats, lr)
         if now:
             read_back()
@@ -218,12 +221,37 @@ class StepStats:
             # need the old one (see kernels.stats._post); a copy on statistics steps only, dropped by post_stats
             # (sharded: at the start of the next step, after the user's zero_grad, so zero_grad keeps it)
             self.friction_before[id(rt)] = _readable(rt, FRICTION_KEY).clone()
+        if rt.state_precision != "fp32":   # state_values: widened or dequantized copies
+            self.quant_before[id(rt)] = (rt.master.clone(), {k: rt.state_values(k) for k in rt.state})
         real = rt.stat_ranges()
         total = torch.zeros(len(stats_kernels.PRE_FIELDS), dtype=torch.float64, device=rt.device)
         for rng, _ in rt.update_runs(has_grad):
             for sub in intersect(rng, real):
                 total += dispatch.run(dispatch.PRE_SUMS, self.opt.kernel_mode, rt.grad[sub], m[sub], gscale, finite)
         return total
+
+    def quantization_error(self, rt: ParamRuntime, variant: str, keys: tuple[str, ...],
+                           post: list[tuple[slice, Tensor]], stats: Tensor) -> None:
+        r"""bf16/int8 state: add :math:`\sum (q(x) - x)^2` and :math:`\sum x^2` of the first and second moment
+        into ``stats``, where :math:`x` is the fp32 state the update computed before rounding and :math:`q(x)` the
+        stored one.
+
+        :math:`x` comes from running the fp32 kernel on copies of the state and parameters from before the update
+        (kept by :meth:`pre_pass`) with the same gradient and scalars: the low-precision kernels run that same math
+        on the same dequantized values (exactly so in eager mode; compiled loops may contract it differently, an
+        ulp against errors of 2**-8 and more).  Statistics steps only: one more fp32 update over the shard."""
+        before = self.quant_before.pop(id(rt), None)
+        if before is None:
+            return
+        master, state = before
+        stored = {k: rt.state_values(k) for k in keys[:2]}
+        for sub, sc in post:
+            exact = [state[k][sub].clone() for k in keys]
+            dispatch.run(dispatch.update(variant), self.opt.kernel_mode, master[sub].clone(), rt.grad[sub], *exact, sc)
+            for moment, key, x in zip("mv", keys, exact):
+                x = x.double()
+                stats[FIELD_INDEX[f"quant_err_{moment}_sumsq"]] += (stored[key][sub].double() - x).square().sum()
+                stats[FIELD_INDEX[f"quant_ref_{moment}_sumsq"]] += x.square().sum()
 
     def post_stats(self, rt: ParamRuntime, variant: str, keys: tuple[str, ...], post: list[tuple[slice, Tensor]],
                    stats: Tensor, lr: float) -> None:

@@ -74,12 +74,16 @@ def test_dashboard_structure() -> None:
     assert None not in ids and len(ids) == len(set(ids))
     rows = [p["title"] for p in all_panels if p["type"] == "row"]
     assert rows == ["Overview", "Norms and update size", "Adam internals", "Per-rank health",
-                    "DiffGrad / DiffMod friction"]
+                    "DiffGrad / DiffMod friction", "Low-precision state"]
     friction = next(p for p in all_panels if p["title"] == "DiffGrad / DiffMod friction")
     # collapsed: its panels (series that only diffgrad/diffmod create) stay out of the way of other algorithms
     assert friction["collapsed"] is True
     assert [p["targets"][0]["expr"].split("{")[0] for p in friction["panels"]] == [
         "sharded_optim_friction_mean", "sharded_optim_friction_near_half_ratio"]
+    quant = next(p for p in all_panels if p["title"] == "Low-precision state")   # series of bf16/int8 state only
+    assert quant["collapsed"] is True
+    assert [p["targets"][0]["expr"].split("{")[0] for p in quant["panels"]] == [
+        "sharded_optim_state_quantization_error"]
     variables = [v["name"] for v in d["templating"]["list"]]
     assert variables == ["datasource", "job", "run_id", "param_group", "rank"]
     cells: set[tuple[int, int]] = set()
@@ -107,13 +111,13 @@ def test_dashboard_structure() -> None:
 
 
 def test_dashboard_covers_every_exported_metric() -> None:
-    from sharded_optim.telemetry.exporter import FRICTION_GAUGES, GROUP_GAUGES
+    from sharded_optim.telemetry.exporter import FRICTION_GAUGES, GROUP_GAUGES, QUANT_GAUGE
     text = DASHBOARD.read_text()
     wanted = {"steps_total", "skipped_steps_total", "grad_nonfinite_elements_total", "grad_norm",
               "step_grad_norm_bucket", "learning_rate", "grad_clipped_steps_total", "effective_lr_bucket",
               "radam_rectification", "last_step_timestamp_seconds", "step_duration_seconds_bucket",
               "shard_grad_norm", "shard_nonfinite_grad_elements", "state_bytes"}
-    wanted |= set(GROUP_GAUGES) | set(FRICTION_GAUGES)
+    wanted |= set(GROUP_GAUGES) | set(FRICTION_GAUGES) | {QUANT_GAUGE}
     missing = {m for m in wanted if f"sharded_optim_{m}" not in text}
     assert not missing
 

@@ -37,6 +37,9 @@ def _stats(groups: int, seed: int = 0, nonfinite: float = 0.0) -> torch.Tensor:
     counts = torch.linspace(10, 900, len(EFF_LR_EDGES), dtype=torch.float64)  # cumulative, increasing
     for i in range(len(EFF_LR_EDGES)):
         s[:, FIELD_INDEX[f"eff_lr_le_{i}"]] = counts[i]
+    for name in FIELD_INDEX:
+        if name.startswith("quant_"):
+            s[:, FIELD_INDEX[name]] = 0.0   # fp32 state: no quantization error measured
     return s
 
 
@@ -103,6 +106,25 @@ def test_friction_gauges_exist_for_diffgrad_and_diffmod_only() -> None:
         assert get(PREFIX + "friction_near_half_ratio", {"param_group": "decay"}) == 0.12
         assert get(PREFIX + "friction_near_half_ratio", {"param_group": "no_decay"}) == 0.9
         assert finalize(stats, ["decay", "no_decay"])["decay"].friction_mean == 0.7
+
+
+def test_quantization_error_gauge_exists_for_low_precision_state_only() -> None:
+    fp32 = OptimizerMetrics(rank=0)
+    fp32.observe(_report(1, stats=_stats(2)))
+    assert PREFIX + "state_quantization_error" not in _families(fp32)   # absent, not 0
+    stats = _stats(2, seed=4)
+    stats[:, FIELD_INDEX["quant_err_m_sumsq"]] = torch.tensor([4.0, 0.0], dtype=torch.float64)
+    stats[:, FIELD_INDEX["quant_ref_m_sumsq"]] = torch.tensor([400.0, 0.0], dtype=torch.float64)   # m still 0
+    stats[:, FIELD_INDEX["quant_err_v_sumsq"]] = torch.tensor([1.0, 9.0], dtype=torch.float64)
+    stats[:, FIELD_INDEX["quant_ref_v_sumsq"]] = torch.tensor([1e4, 900.0], dtype=torch.float64)
+    m = OptimizerMetrics(rank=0)
+    m.observe(_report(1, stats=stats))
+    get = m.registry.get_sample_value
+    name = PREFIX + "state_quantization_error"
+    assert get(name, {"param_group": "decay", "moment": "first"}) == 0.1
+    assert get(name, {"param_group": "decay", "moment": "second"}) == 0.01
+    assert get(name, {"param_group": "no_decay", "moment": "first"}) == 0.0
+    assert get(name, {"param_group": "no_decay", "moment": "second"}) == 0.1
 
 
 def test_nonfinite_counts_and_nan_norm_do_not_poison_histogram() -> None:

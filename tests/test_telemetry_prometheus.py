@@ -39,7 +39,8 @@ def _worker(rank: int, world: int, port: int, targets: str, stop: Any, inject_na
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
     groups = [{"params": list(model[0].parameters()), "name": "hidden"},
               {"params": list(model[2].parameters()), "name": "head"}]
-    opt = ShardedOptimizer(groups, algorithm="radam", lr=1e-3, kernel="eager")
+    # bf16 state: the "Low-precision state" panel (series that only bf16/int8 state creates) must show data too
+    opt = ShardedOptimizer(groups, algorithm="radam", lr=1e-3, kernel="eager", state_precision="bf16")
     tel = telemetry.start(opt, base_port=0, run_id=RUN_ID, targets_file=targets, stats_interval=1)
     gen = torch.Generator().manual_seed(1 + rank)
     try:

@@ -53,6 +53,11 @@ FRICTION_GAUGES: dict[str, str] = {
     "friction_near_half_ratio": "fraction of elements with xi <= 0.51 (gradient unchanged: an Adam step at lr/2)",
 }
 
+# bf16/int8 state only: created on the first statistics of such state, one series per group and moment
+QUANT_GAUGE = "state_quantization_error"
+QUANT_HELP = ("relative error of the stored (bf16/int8) optimizer state against its fp32 value before rounding, "
+              "||q(x) - x|| / ||x||, per moment (first: m; second: v, AdaMax's u)")
+
 
 class _DropCreated(Collector):
     """Serves another registry's metrics without the ``_created`` samples (extra series in Prometheus)."""
@@ -145,6 +150,7 @@ class OptimizerMetrics:
         self.effective_lr = _EffectiveLRCollector()
         r.register(self.effective_lr)
         self.friction_gauges: dict[str, Gauge] | None = None  # see FRICTION_GAUGES
+        self.quant_gauge: Gauge | None = None  # see QUANT_GAUGE
 
     def observe(self, report: StepReport) -> None:
         """Update every metric from one step's report; register it with ``optimizer.add_report_hook``."""
@@ -213,6 +219,12 @@ class OptimizerMetrics:
                 gauge.set(getattr(st, key))
             for key, family in (self.friction_gauges or {}).items():  # labels() here: statistics steps only
                 family.labels(name).set(getattr(st, key))
+            if st.state_quantized:
+                if self.quant_gauge is None:
+                    self.quant_gauge = Gauge(PREFIX + QUANT_GAUGE, QUANT_HELP, ["param_group", "moment"],
+                                             registry=self._metrics)
+                self.quant_gauge.labels(name, "first").set(st.quant_error_m)
+                self.quant_gauge.labels(name, "second").set(st.quant_error_v)
         self.effective_lr.update(stats)
 
 

@@ -35,6 +35,12 @@ SUM_FIELDS: tuple[str, ...] = (
 ) + tuple(f"eff_lr_le_{i}" for i in range(len(EFF_LR_EDGES))) + (  # cumulative counts eta <= edge
     "friction_sum",        # sum of diffGrad's friction xi = sigmoid(|g_prev - g|) (diffgrad, diffmod; else 0)
     "friction_near_half",  # count of elements with xi <= 0.5 + FRICTION_NEAR_HALF (gradient ~unchanged)
+    # bf16/int8 state only (else 0): the stored first moment m (second: v, AdaMax's u) against its fp32 value
+    # before rounding, computed from the same state and gradient (step_stats.StepStats.quantization_error)
+    "quant_err_m_sumsq",   # sum (stored m - fp32 m)^2
+    "quant_ref_m_sumsq",   # sum (fp32 m)^2
+    "quant_err_v_sumsq",   # sum (stored v - fp32 v)^2
+    "quant_ref_v_sumsq",   # sum (fp32 v)^2
 )
 
 FIELD_INDEX: dict[str, int] = {name: i for i, name in enumerate(SUM_FIELDS)}

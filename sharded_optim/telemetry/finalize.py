@@ -45,6 +45,9 @@ class GroupStats:
     effective_lr_buckets: tuple[float, ...]  # cumulative counts eta <= EFF_LR_EDGES[i]
     friction_mean: float = 0.0       # mean diffGrad friction xi in [0.5, 1) (diffgrad/diffmod; else 0)
     friction_near_half_ratio: float = 0.0  # fraction with xi <= 0.5 + FRICTION_NEAR_HALF
+    state_quantized: bool = False    # the state is stored in bf16 or int8 (the two errors below are measured)
+    quant_error_m: float = 0.0       # ||stored m - fp32 m|| / ||fp32 m|| (0 for fp32 state or a zero m)
+    quant_error_v: float = 0.0       # the same for the second moment (v; AdaMax: u)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -93,6 +96,9 @@ def finalize_group(row: Sequence[float]) -> GroupStats:
         effective_lr_buckets=buckets,
         friction_mean=_ratio(s["friction_sum"], n),
         friction_near_half_ratio=_ratio(s["friction_near_half"], n),
+        state_quantized=s["quant_ref_m_sumsq"] > 0 or s["quant_ref_v_sumsq"] > 0,
+        quant_error_m=_norm_ratio(s["quant_err_m_sumsq"], s["quant_ref_m_sumsq"]),
+        quant_error_v=_norm_ratio(s["quant_err_v_sumsq"], s["quant_ref_v_sumsq"]),
     )
 
 

@@ -249,6 +249,23 @@ def test_quantization_error_statistics_equal_the_direct_computation(precision, l
             assert 0 < reported < limit, (step, key, reported)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_gradient_norm_of_a_statistics_step_is_not_rounded_to_the_state(precision):
+    """On a statistics step the gradient norm comes out of the statistics pass, which also reads the first moment:
+    the gradient is read in fp32 there, not rounded to a bf16 moment's dtype (that was 3e-5..8e-5 off).  Bound: one
+    fp32 rounding per squared element, summed in float64 (2**-24 relative; 1e-6 allowed)."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5000)) for _ in range(2)]
+    opt = ShardedOptimizer(ps, lr=1e-2, kernel="eager", stats_interval=1, state_precision=precision)
+    for step in range(3):
+        for p in ps:
+            p.grad = torch.randn(5000)
+        want = math.sqrt(sum(float(p.grad.double().square().sum()) for p in ps))
+        got = float(opt.clip_grad_norm_(1e9))
+        opt.step()
+        assert abs(got - want) <= 1e-6 * want, (step, got, want)
+
+
 def test_bad_precision_is_refused_by_name():
     p = torch.nn.Parameter(torch.randn(4))
     with pytest.raises(ValueError, match=r"state_precision must be one of \('fp32', 'bf16', 'int8'\), got 'int4'"):

@@ -97,8 +97,10 @@ def pre_sums(grad: Tensor, m_prev: Tensor, gscale: Tensor, finite: bool) -> Tens
     here over the plain norm).  ``gscale`` (+-1, 0-d) is the sign the update applies (``maximize``).
     ``finite=False`` masks non-finite gradient elements out of the momentum sums and counts them; ``True`` assumes
     none (the caller re-runs with ``False`` when the global norm says otherwise) and skips the masking, a third of
-    this pass."""
-    g = grad.to(m_prev.dtype) * gscale.to(m_prev.dtype)
+    this pass.  The gradient is read in the wider of its dtype and the first moment's: the update's own compute
+    dtype (a bf16 first moment of ``state_precision="bf16"`` must not round the fp32 gradient of the norm)."""
+    dt = torch.promote_types(grad.dtype, m_prev.dtype)
+    g = grad.to(dt) * gscale.to(dt)
     m = m_prev
     numel = torch.full((), g.numel(), dtype=_F64, device=g.device)
     zero = _count_le(_magnitude_bits(g), torch.zeros((), dtype=g.dtype, device=g.device))

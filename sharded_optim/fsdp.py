@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .flat import FlatLayout, merge_runs, run_counters
+from .kernels.low_precision import state_dtype
 from .serialization import MASTER_KEY
 from .zero import DIRECT_MIN_NUMEL, LOW_PRECISION
 
@@ -43,15 +44,23 @@ class DTensorParamGroup:
             same mesh dimension (FSDP2 parameters of one model always are).
         state_keys: names of the per-element state tensors, in kernel argument order.
         master_weights: keep an fp32 master copy (and fp32 state) for bf16/fp16 parameters.
+        state_precision: "fp32" (the compute dtype) or "bf16" (:mod:`.kernels.low_precision`: elementwise, so the
+            same on FSDP2's row shards as anywhere).  "int8" is refused: its 256-element blocks would run across
+            FSDP2's row shards, whose boundaries move with the world size.
     """
 
     # ShardedOptimizer.state_dict/load_state_dict read this: state stays sharded (DTensors), never gathered
     keeps_dtensor_state = True
-    state_precision = "fp32"   # low-precision state is for flat runtimes only (runtime.build_runtimes refuses)
 
-    def __init__(self, params: list[Tensor], *, state_keys: tuple[str, ...], master_weights: bool):
+    def __init__(self, params: list[Tensor], *, state_keys: tuple[str, ...], master_weights: bool,
+                 state_precision: str = "fp32"):
         if not params:
             raise ValueError("params must hold at least one DTensor parameter")
+        if state_precision not in ("fp32", "bf16"):
+            raise ValueError(f"state_precision={state_precision!r} is not available for FSDP2/DTensor parameters: "
+                             "its blocks of 256 elements would run across FSDP2's row shards, whose boundaries "
+                             "move with the world size; use 'bf16' (2 bytes per state element) or 'fp32' for "
+                             "that param group")
         for i, p in enumerate(params):
             if not isinstance(p, DTensor):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, not a DTensor: a param group cannot mix "
@@ -76,8 +85,9 @@ class DTensorParamGroup:
         n = self.layout.local_numel
         self.master = torch.zeros(n, dtype=self.compute_dtype, device=self.device)
         self.grad = torch.zeros(n, dtype=self.compute_dtype, device=self.device)
-        self.state: dict[str, Tensor] = {
-            key: torch.zeros(n, dtype=self.compute_dtype, device=self.device) for key in state_keys}
+        self.state_precision = state_precision
+        stored = self.compute_dtype if state_precision == "fp32" else state_dtype(state_precision)
+        self.state: dict[str, Tensor] = {key: torch.zeros(n, dtype=stored, device=self.device) for key in state_keys}
         self.steps = torch.zeros(len(params), dtype=torch.int64)   # per slot, as in FlatParamGroup
         self.mu_products = torch.ones(len(params), dtype=torch.float64)
         # partial sums (grad norm, non-finite check, statistics) add up over the shard dimension only: along an
@@ -106,11 +116,14 @@ class DTensorParamGroup:
 
     # ------------------------------------------------------------------------------------------------ views
     def state_values(self, key: str) -> Tensor:
-        """The local state buffer ``key`` (stored in the compute dtype: the values themselves)."""
-        return self.state[key]
+        """The local state buffer ``key`` as compute-dtype values: the buffer itself, or a widened copy of bf16
+        state (for serialization and statistics; never for updates)."""
+        buffer = self.state[key]
+        return buffer if buffer.dtype == self.compute_dtype else buffer.to(self.compute_dtype)
 
     def store_state(self, key: str, values: Tensor) -> None:
-        """Write ``values`` into the local state buffer ``key`` (nothing to do when they are the buffer)."""
+        """Write ``values`` into the local state buffer ``key``, rounding to nearest into bf16 state (nothing to do
+        when they are the buffer)."""
         if values is not self.state[key]:
             self.state[key].copy_(values)
 
@@ -128,11 +141,20 @@ class DTensorParamGroup:
         ``dtype``)."""
         return self.compute_dtype != self.dtype
 
-    def _as_dtensor(self, buffer: Tensor, slot_index: int) -> Tensor:
+    def _as_dtensor(self, buffer: Tensor, slot_index: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Parameter ``slot_index``'s range of the local ``buffer`` as a DTensor with the parameter's sharding: a
+        live view, or with ``dtype`` a converted copy."""
         p = self.params[self.layout.slots[slot_index].index]
         view = buffer[self._range(slot_index)].view(self.layout.slots[slot_index].shape)
-        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                  stride=p.stride())
+        return DTensor.from_local(view if dtype is None else view.to(dtype), p.device_mesh, p.placements,
+                                  run_check=False, shape=p.shape, stride=p.stride())
+
+    def _exported(self, key: str, slot_index: int) -> Tensor:
+        """State ``key`` of one parameter as ``state_dict()`` gives it: a live view, or for bf16 state an fp32
+        copy (torch.optim loads it; loading it back rounds to the same bf16 values)."""
+        buffer = self.state[key]
+        wide = None if buffer.dtype == self.compute_dtype else self.compute_dtype
+        return self._as_dtensor(buffer, slot_index, wide)
 
     def export_entry(self, slot_index: int, with_mu_product: bool) -> dict[str, Tensor]:
         """``ShardedOptimizer.state_dict()``'s entry for one parameter: state as sharded DTensors (DCP's format).
@@ -143,7 +165,7 @@ class DTensorParamGroup:
         """
         entry: dict[str, Tensor] = {"step": torch.tensor(int(self.steps[slot_index]), dtype=torch.int64)}
         for key in self.state:
-            entry[key] = self._as_dtensor(self.state[key], slot_index)
+            entry[key] = self._exported(key, slot_index)
         if with_mu_product:
             entry["mu_product"] = torch.tensor(float(self.mu_products[slot_index]), dtype=torch.float64)
         if self.has_master_copy:

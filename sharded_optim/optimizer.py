@@ -70,7 +70,7 @@ class ShardedOptimizer(Optimizer):
             (torch's word; for the same reason hyperparameters are read when the step is issued, so a captured
             graph replays the values it was captured with).  CUDA parameters take this path by default; on CPU it
             is opt-in (a synchronisation costs nothing there).
-        state_precision: "fp32", "bf16" (:mod:`.kernels.low_precision`) or "int8" (:mod:`.kernels.int8_state`).
+        state_precision: "fp32", "bf16" (.kernels.low_precision) or "int8" (.kernels.int8_state); per group too.
         **algorithm_options: ``amsgrad``, ``bias_correction``, ``decoupled_weight_decay``, ``maximize``,
             ``beta3`` (adamod, diffmod), ``len_memory`` (diffmod: ``beta3 = 1 - 1/len_memory``, not both),
             ``final_lr``/``gamma`` (adabound), ``momentum_decay`` (nadam), ``degenerated_to_sgd`` (radam).
@@ -94,7 +94,7 @@ class ShardedOptimizer(Optimizer):
         options.check_arguments(zero_stage=zero_stage, bucket_mb=bucket_mb, nonfinite_policy=nonfinite_policy,
                                 spike_sigma=spike_sigma, spike_window=spike_window, stats_interval=stats_interval,
                                 capturable=capturable, state_precision=state_precision)
-        self.capturable, self.state_precision = capturable, state_precision
+        self.capturable, self.state_precision = capturable, defaults.setdefault("state_precision", state_precision)
         self._on_device = capturable   # the device path (device_step); CUDA parameters switch it on too
         self.algorithm = algorithm
         self.zero_stage = zero_stage

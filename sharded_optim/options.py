@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import rules
+from .kernels.int8_state import effective_precision
 from .kernels.low_precision import STATE_PRECISIONS
 
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
@@ -135,6 +136,9 @@ def complete_param_group(algorithm: str, defaults: dict[str, Any], param_group: 
     if foreign:
         raise ValueError(f"option {foreign[0]!r} in a param group does not apply to algorithm {algorithm!r}")
     rules.validate_group(algorithm, merged)
+    if merged.get("state_precision", "fp32") not in STATE_PRECISIONS:
+        raise ValueError(f"param group {index}: state_precision must be one of {STATE_PRECISIONS}, got "
+                         f"{merged['state_precision']!r}")
     if algorithm == "adabound":
         param_group.setdefault("base_lr", float(merged["lr"]))  # AdaBound scales its bounds by lr/base_lr
     param_group.setdefault("name", f"group{index}")
@@ -152,6 +156,11 @@ def revalidate_group(algorithm: str, group: dict[str, Any], validated: dict[int,
     if runtimes and tuple(runtimes[0].state) != rules.state_keys(algorithm, group):
         raise ValueError("amsgrad of a param group was changed after construction; the state set of a group "
                          "is fixed (create a new optimizer to switch amsgrad on or off)")
+    if any(rt.state_precision != effective_precision(group["state_precision"], rt.params[0].numel())
+           for rt in runtimes):
+        raise ValueError(f"state_precision of param group {group['name']!r} was changed after construction to "
+                         f"{group['state_precision']!r}; the storage of a group is fixed (create a new optimizer, "
+                         "and load its state_dict, to change it)")
 
 
 def config_kwargs(init: Callable[..., Any], config: Any, exclude: Iterable[str] = ()) -> dict[str, Any]:

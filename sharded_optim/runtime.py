@@ -176,18 +176,17 @@ def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
     :class:`~sharded_optim.fsdp.DTensorParamGroup` for DTensor parameters, else a :class:`FlatParamGroup`."""
     by_kind: dict[tuple[torch.dtype, torch.device, str], list[Tensor]] = {}
     for p in group["params"]:
-        by_kind.setdefault((p.dtype, p.device, state_precision_of(opt, p)), []).append(p)
+        precision = int8_state.effective_precision(group["state_precision"], p.numel())
+        by_kind.setdefault((p.dtype, p.device, precision), []).append(p)
     keys = rules.state_keys(opt.algorithm, group)
     runtimes: list[ParamRuntime] = []
     for (dtype, _device, precision), params in by_kind.items():
         itemsize = torch.empty((), dtype=dtype).element_size()
         if is_dtensor(params[0]):
-            if opt.state_precision != "fp32":
-                raise ValueError(f"state_precision={opt.state_precision!r} is not available for FSDP2/DTensor "
-                                 "parameters yet (their state is kept in fp32 DTensors); use state_precision='fp32'")
             # FSDP2 / DTensor parameters are sharded already: never shard twice (see fsdp.py)
             from .fsdp import DTensorParamGroup
-            rt: ParamRuntime = DTensorParamGroup(params, state_keys=keys, master_weights=opt.master_weights)
+            rt: ParamRuntime = DTensorParamGroup(params, state_keys=keys, master_weights=opt.master_weights,
+                                                 state_precision=group["state_precision"])
             register_runtime(opt, rt, params, keys)
             runtimes.append(rt)
             continue
@@ -200,15 +199,6 @@ def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
         runtimes.append(rt)
         register_runtime(opt, rt, params, keys)
     return runtimes
-
-
-def state_precision_of(opt: Any, p: Tensor) -> str:
-    """The state precision of parameter ``p``: the optimizer's, except that with ``"int8"`` a tensor of fewer than
-    :data:`~sharded_optim.kernels.int8_state.SMALL_NUMEL` elements keeps fp32 state (biases, norms: a few percent of
-    the memory, and the tensors where blockwise scales fit worst; bitsandbytes and torchao do the same)."""
-    if opt.state_precision == "int8" and p.numel() < int8_state.SMALL_NUMEL:
-        return "fp32"
-    return opt.state_precision
 
 
 def register_runtime(opt: Any, rt: ParamRuntime, params: list[Tensor], keys: tuple[str, ...]) -> None:

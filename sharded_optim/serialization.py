@@ -120,13 +120,16 @@ def saved_hyperparameters(algorithm: str, saved: dict[str, Any], group: dict[str
     the group holds a tuple, ``betas`` always; a number where the group holds a tensor, as in capturable groups);
     validates the merged group for ``algorithm`` (:func:`rules.validate_group`).  Raises ``ValueError`` or
     ``TypeError`` whose text the caller prefixes with where the group came from; writes nothing.
+
+    ``state_precision`` is left out: it is how the live optimizer stores its state, not a hyperparameter (state
+    saved in one precision loads into any, as it loads at any world size).
     """
     foreign = rules.foreign_options(algorithm, saved)
     if foreign:
         raise ValueError(f"option(s) {foreign} that algorithm {algorithm!r} does not use: it was saved by "
                          "another algorithm")
-    hparams = dict(saved)
-    for k, v in saved.items():
+    hparams = {k: v for k, v in saved.items() if k != "state_precision"}
+    for k, v in hparams.items():
         current = group.get(k)
         if isinstance(v, list) and (k == "betas" or isinstance(current, tuple)):
             hparams[k] = tuple(v)

@@ -185,6 +185,8 @@ class StepStats:
         those it read)."""
         pre = self.pre_sums.pop(id(rt)) if finite else self.pre_pass(group, rt, has_grad, finite=False)
         stats_kernels.add_pre_sums(stats, pre)
+        if rt.state_precision != "fp32":   # for quantization_error; state_values: widened or dequantized copies
+            self.quant_before[id(rt)] = (rt.master.clone(), {k: rt.state_values(k) for k in rt.state})
 
     def schedule_post(self, rt: ParamRuntime, variant: str, keys: tuple[str, ...], post: list[tuple[slice, Tensor]],
                       stats: Tensor, lr: float, now: bool) -> None:
@@ -221,8 +223,6 @@ class StepStats:
             # need the old one (see kernels.stats._post); a copy on statistics steps only, dropped by post_stats
             # (sharded: at the start of the next step, after the user's zero_grad, so zero_grad keeps it)
             self.friction_before[id(rt)] = _readable(rt, FRICTION_KEY).clone()
-        if rt.state_precision != "fp32":   # state_values: widened or dequantized copies
-            self.quant_before[id(rt)] = (rt.master.clone(), {k: rt.state_values(k) for k in rt.state})
         real = rt.stat_ranges()
         total = torch.zeros(len(stats_kernels.PRE_FIELDS), dtype=torch.float64, device=rt.device)
         for rng, _ in rt.update_runs(has_grad):
@@ -236,10 +236,10 @@ class StepStats:
         into ``stats``, where :math:`x` is the fp32 state the update computed before rounding and :math:`q(x)` the
         stored one.
 
-        :math:`x` comes from running the fp32 kernel on copies of the state and parameters from before the update
-        (kept by :meth:`pre_pass`) with the same gradient and scalars: the low-precision kernels run that same math
-        on the same dequantized values (exactly so in eager mode; compiled loops may contract it differently, an
-        ulp against errors of 2**-8 and more).  Statistics steps only: one more fp32 update over the shard."""
+        :math:`x` comes from running the fp32 kernel on copies of the state and parameters taken right before the
+        update (by :meth:`add_pre`) with the same gradient and scalars: the low-precision kernels run that same
+        math on the same dequantized values (exactly so in eager mode; compiled loops may contract it differently,
+        an ulp against errors of 2**-8 and more).  Statistics steps only: one more fp32 update over the shard."""
         before = self.quant_before.pop(id(rt), None)
         if before is None:
             return

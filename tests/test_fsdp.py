@@ -175,7 +175,7 @@ def _train_pair(mesh: Any, dp_rank: int, dp_size: int, algorithm: str, reference
         losses.append(float(ref_loss.detach()))
     params, ref_params = dict(model.named_parameters()), dict(ref_model.named_parameters())
     param_err = max(_err(p.full_tensor(), ref_params[n]) for n, p in params.items())
-    state_err, kinds = 0.0, set()
+    state_err, kinds, dtypes = 0.0, set(), set()
     for name, p in params.items():
         for key, value in opt.state[p].items():
             if key == "step":
@@ -185,12 +185,13 @@ def _train_pair(mesh: Any, dp_rank: int, dp_size: int, algorithm: str, reference
             assert value.placements == p.placements and value.device_mesh == p.device_mesh, (name, key)
             assert value.to_local().shape == p.to_local().shape, (name, key)
             kinds.add(key)
+            dtypes.add(str(value.dtype))
             state_err = max(state_err, _err(value.full_tensor(), ref_opt.state[ref_params[name]][key]))
     local_numel = sum(p.to_local().numel() for p in params.values())
     return {"param_err": param_err, "state_err": state_err, "norm_rel_diff": max(norm_diffs),
             "grad_rel_err": max(grad_errs),
             "in_place_slots": sum(len(rt._direct_slots) for rts in opt._runtimes.values() for rt in rts),
-            "state_keys": sorted(kinds), "local_numel": local_numel,
+            "state_keys": sorted(kinds), "state_dtypes": sorted(dtypes), "local_numel": local_numel,
             "state_bytes": opt.memory_report()["state_bytes"], "losses": losses,
             "empty_shards": [n for n, p in params.items() if p.to_local().numel() == 0],
             "uneven": [n for n, p in params.items() if p.shape[0] % dp_size]}
@@ -262,6 +263,20 @@ def _dcp_resume(mesh: Any, rank: int, directory: str, algorithm: str, dtype: tor
             "state_types": state_types, "saved_keys": sorted(next(iter(saved_osd["state"].values())))}
 
 
+def _int8_refused(mesh: Any) -> dict:
+    """int8 state on FSDP2 parameters large enough to hold it: refused when the runtimes are built, by name."""
+    from torch.distributed.fsdp import fully_shard
+
+    from sharded_optim import ShardedOptimizer
+    model = fully_shard(nn.Linear(128, 64), mesh=mesh)   # 8192 weights: int8-sized
+    opt = ShardedOptimizer(model.parameters(), zero_stage=0, state_precision="int8")
+    try:
+        opt.memory_report()   # builds the runtimes
+    except ValueError as exc:
+        return {"error_text": str(exc)}
+    return {"error_text": None}
+
+
 def _protocol(mesh: Any) -> dict:
     """Every runtime attribute the optimizer (and Lookahead, and the storage re-binding) use exists on the DTensor
     runtime too: the protocol grows with zero.py, and a name missing here would only fail deep inside a step."""
@@ -290,6 +305,11 @@ def _one_d_worker(rank: int, world: int, directory: str) -> Scenarios:
                                                 weight_decay=1e-3))
     _guard(out, "radam", lambda: _train_pair(mesh, rank, world, "radam", "ours"))
     _guard(out, "diffmod", lambda: _train_pair(mesh, rank, world, "diffmod", "ours", weight_decay=1e-3))
+    # bf16 state on the DTensor runtime against ours unsharded with bf16 state: the rounding bits depend on the
+    # element and the step only, so the results are bitwise the same; statistics every other step
+    _guard(out, "adamw_bf16_state", lambda: _train_pair(mesh, rank, world, "adamw", "ours", state_precision="bf16",
+                                                         stats_interval=2))
+    _guard(out, "int8_refused", lambda: _int8_refused(mesh))
     _guard(out, "nonfinite", lambda: _nonfinite_skip(mesh, rank))
     _guard(out, "protocol", lambda: _protocol(mesh))
     # every local shard updated where FSDP2 keeps it (threshold 1), statistics every other step (those copy)
@@ -303,6 +323,9 @@ def _one_d_worker(rank: int, world: int, directory: str) -> Scenarios:
     # eagerly built runtimes (zero_stage=2 on a process group): no dummy step; bf16 params keep an fp32 master
     _guard(out, "dcp_eager_bf16", lambda: _dcp_resume(mesh, rank, os.path.join(directory, "eager"), "nadam",
                                                       torch.bfloat16, 2))
+    # bf16 state: state_dict() exports fp32 DTensors, which load back into the same bf16 values
+    _guard(out, "dcp_bf16_state", lambda: _dcp_resume(mesh, rank, os.path.join(directory, "bf16_state"), "adamod",
+                                                      torch.float32, 0, amsgrad=True, state_precision="bf16"))
     return out
 
 
@@ -343,7 +366,8 @@ def _scenario(results: list[dict], name: str) -> list[dict]:
     return per_rank
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamod", "amsgrad", "radam", "adamod_in_place", "diffmod"])
+@pytest.mark.parametrize("name", ["adamw", "adamod", "amsgrad", "radam", "adamod_in_place", "diffmod",
+                                  "adamw_bf16_state"])
 def test_fully_shard_matches_unsharded_reference(one_d, name):
     for rank, r in enumerate(_scenario(one_d, name)):
         assert r["param_err"] <= 1.0 and r["state_err"] <= 1.0, f"{name} rank {rank}: {r}"
@@ -353,7 +377,12 @@ def test_fully_shard_matches_unsharded_reference(one_d, name):
         # the tiny model's shards are all under the CPU threshold; the in-place scenario lowers it to 1
         assert (r["in_place_slots"] > 5) == (name == "adamod_in_place"), \
             f"{name} rank {rank}: {r['in_place_slots']} in-place slots"
-    expected = {"adamw": ["exp_avg", "exp_avg_sq"], "adamod": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
+    if name == "adamw_bf16_state":
+        for rank, r in enumerate(_scenario(one_d, name)):
+            assert r["state_dtypes"] == ["torch.bfloat16"], f"{name} rank {rank}: {r['state_dtypes']}"
+            assert r["param_err"] == 0 and r["state_err"] == 0, f"{name} rank {rank}: not bitwise: {r}"
+    expected = {"adamw": ["exp_avg", "exp_avg_sq"], "adamw_bf16_state": ["exp_avg", "exp_avg_sq"],
+                "adamod": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
                 "adamod_in_place": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
                 "amsgrad": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], "radam": ["exp_avg", "exp_avg_sq"],
                 "diffmod": ["exp_avg", "exp_avg_lr", "exp_avg_sq", "previous_grad"]}
@@ -375,6 +404,13 @@ def test_no_double_sharding_and_uneven_shards(one_d):
         f"adamod: empty shards {ranks[0]['empty_shards']} (rank 0), {ranks[1]['empty_shards']} (rank 1)"
 
 
+def test_int8_state_on_fsdp2_parameters_is_refused_by_name(one_d):
+    for rank, r in enumerate(_scenario(one_d, "int8_refused")):
+        text = r["error_text"] or ""
+        assert "state_precision='int8' is not available for FSDP2" in text and "'bf16'" in text, \
+            f"int8_refused rank {rank}: {r}"
+
+
 def test_dtensor_runtime_has_every_attribute_the_optimizer_uses(one_d):
     for rank, r in enumerate(_scenario(one_d, "protocol")):
         assert r["type"] == "DTensorParamGroup" and len(r["used"]) > 20, f"protocol rank {rank}: {r}"
@@ -386,7 +422,7 @@ def test_nonfinite_gradient_on_one_rank_skips_everywhere(one_d):
         assert r == {"skipped": 1, "changed": 0}, f"nonfinite rank {rank}: {r}"
 
 
-@pytest.mark.parametrize("name", ["dcp_lazy", "dcp_eager_bf16", "dcp_in_place"])
+@pytest.mark.parametrize("name", ["dcp_lazy", "dcp_eager_bf16", "dcp_in_place", "dcp_bf16_state"])
 def test_dcp_save_load_resumes_bitwise(one_d, name):
     for rank, r in enumerate(_scenario(one_d, name)):
         assert r["compared"] > 20 and r["mismatched"] == [], \

@@ -266,6 +266,44 @@ def test_gradient_norm_of_a_statistics_step_is_not_rounded_to_the_state(precisio
         assert abs(got - want) <= 1e-6 * want, (step, got, want)
 
 
+def test_state_precision_per_param_group():
+    """Each param group stores its state in its own ``state_precision`` (the constructor's is the default), with
+    results bitwise those of one optimizer per group; the setting is fixed once the group has state, and a
+    state_dict loads into any precision (the live optimizer's storage stays)."""
+    torch.manual_seed(0)
+    init = [torch.randn(5000), torch.randn(5000), torch.randn(10)]
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    alone = [torch.nn.Parameter(t.clone()) for t in init]
+    kw = dict(algorithm="adamw", lr=1e-2, kernel="eager")
+    opt = ShardedOptimizer([{"params": params[:1], "state_precision": "int8"}, {"params": params[1:]}],
+                           state_precision="bf16", **kw)
+    ones = [ShardedOptimizer(alone[:1], state_precision="int8", **kw),
+            ShardedOptimizer(alone[1:], state_precision="bf16", **kw)]
+    assert [g["state_precision"] for g in opt.param_groups] == ["int8", "bf16"]
+    for step in range(3):
+        for p, q in zip(params, alone):
+            p.grad = q.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+        opt.step()
+        for o in ones:
+            o.step()
+    for p, q in zip(params, alone):
+        assert torch.equal(p, q)
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.int8
+    assert opt.state[params[1]]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[params[2]]["exp_avg_sq"].dtype == torch.bfloat16
+    fp32 = ShardedOptimizer([{"params": [torch.nn.Parameter(t.clone()) for t in init[:1]]},
+                             {"params": [torch.nn.Parameter(t.clone()) for t in init[1:]]}], **kw)
+    fp32.load_state_dict(opt.state_dict())
+    assert [g["state_precision"] for g in fp32.param_groups] == ["fp32", "fp32"]
+    assert fp32.state[fp32.param_groups[0]["params"][0]]["exp_avg"].dtype == torch.float32
+    assert torch.equal(fp32.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    opt.param_groups[0]["state_precision"] = "bf16"
+    with pytest.raises(ValueError, match="state_precision of param group 'group0' was changed"):
+        opt.step()
+    with pytest.raises(ValueError, match="param group 0: state_precision must be one of"):
+        ShardedOptimizer([{"params": [torch.nn.Parameter(torch.zeros(3))], "state_precision": "fp8"}])
+
+
 def test_bad_precision_is_refused_by_name():
     p = torch.nn.Parameter(torch.randn(4))
     with pytest.raises(ValueError, match=r"state_precision must be one of \('fp32', 'bf16', 'int8'\), got 'int4'"):

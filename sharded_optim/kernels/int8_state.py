@@ -66,6 +66,14 @@ _EXPONENT = 0x7F800000
 _MIN_NORMAL = 1 << 23 >> SHIFT   # the grid index of the smallest normal float: lower levels would be subnormal
 
 
+def effective_precision(precision: str, numel: int) -> str:
+    """The state precision of a tensor of ``numel`` elements in a param group of state ``precision``: that, except
+    that with ``"int8"`` a tensor of fewer than :data:`SMALL_NUMEL` elements keeps fp32 state (biases, norms: a few
+    percent of the memory, and the tensors where blockwise scales fit worst; bitsandbytes and torchao do the
+    same)."""
+    return "fp32" if precision == "int8" and numel < SMALL_NUMEL else precision
+
+
 def _levels(signed: bool) -> int:
     return 128 if signed else 256
 

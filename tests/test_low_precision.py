@@ -183,7 +183,8 @@ def test_state_dict_exports_fp32_for_torch_and_round_trips(precision):
 
 @pytest.mark.parametrize("saved_as", ["bf16", "int8"])
 def test_checkpoints_load_across_precisions(tmp_path, saved_as):
-    """bf16 values widen to fp32 exactly; int8 checkpoints hold fp32 values on the code grid, stored back exactly."""
+    """bf16 values widen to fp32 exactly; int8 checkpoints hold codes and block scales, which decode into values
+    on the code grid: stored back exactly in an int8 runtime, and exact in fp32 (bf16 rounds them to nearest)."""
     def build(precision):
         torch.manual_seed(0)
         model = torch.nn.Linear(80, 64)   # a 5120-element weight (int8 state) and a 64-element bias (fp32 in int8)
@@ -196,17 +197,63 @@ def test_checkpoints_load_across_precisions(tmp_path, saved_as):
         opt.step()
     checkpoint.save(tmp_path / saved_as, model, opt, step=3)
     saved = opt.state_dict()["state"]   # fp32 values of the stored state
-    for precision in (saved_as, "fp32"):
+    for precision in ("fp32", "bf16", "int8"):
         m2, o2 = build(precision)
         checkpoint.load(tmp_path / saved_as, m2, o2)
         for a, b in zip(model.parameters(), m2.parameters()):
             assert torch.equal(a, b)
         for i, entry in o2.state_dict()["state"].items():
             for key, value in entry.items():
-                assert torch.equal(value, saved[i][key]), (precision, i, key)
+                want = saved[i][key]
+                if precision == "int8" and saved_as == "bf16" and key != "step" and value.numel() >= 4096:
+                    continue   # bf16 values rounded to the 8-bit grid: the quantizer's own tests bound that
+                if precision == "bf16" and key != "step":
+                    # int8 grid values (3 significant bits) are bf16 values; the fp32 state of an int8
+                    # optimizer's small tensors rounds to nearest
+                    want = want.to(torch.bfloat16).float()
+                assert torch.equal(value, want), (precision, saved_as, i, key)
         weight = next(m2.parameters())
         assert o2.state[weight]["exp_avg"].dtype == {"bf16": torch.bfloat16, "int8": torch.int8,
                                                      "fp32": torch.float32}[precision]
+
+
+def test_int8_checkpoints_store_codes_and_block_scales(tmp_path):
+    """An int8 runtime's state goes to disk as it lives: 1-byte codes plus one fp32 scale per 256 elements
+    (format version 3, so older readers refuse it); a checkpoint without 8-bit state stays version 2.  The
+    offline reader decodes the codes into the values state_dict() gives."""
+    import json
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from sharded_optim.checkpoint.verify import read_checkpoint
+
+    def run(precision):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(256, 256, bias=False)   # 65536 weights: the state dominates the files
+        opt = ShardedOptimizer(model.parameters(), algorithm="adam", amsgrad=True, lr=1e-2, kernel="eager",
+                               state_precision=precision)
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(4, 256)).square().sum().backward()
+            opt.step()
+        checkpoint.save(tmp_path / precision, model, opt, step=2)
+        files = sum(f.stat().st_size for f in (tmp_path / precision).glob("*.distcp"))
+        return opt, files, json.loads((tmp_path / precision / "meta.json").read_text())
+    o8, bytes8, meta8 = run("int8")
+    _, bytes32, meta32 = run("fp32")
+    assert (meta8["format_version"], meta32["format_version"]) == (3, 2)
+    assert meta8["params"]["weight"]["state_format"] == "int8"
+    stored = FileSystemReader(str(tmp_path / "int8")).read_metadata().state_dict_metadata
+    assert stored["optim.weight.exp_avg"].properties.dtype == torch.int8
+    assert stored["optim.weight.exp_avg_sq"].properties.dtype == torch.uint8
+    assert tuple(stored["optim.weight.exp_avg_block_scales"].size) == (65536 // 256,)
+    # model 4 B/element in both; state 3 x 4 B (fp32) against 3 x (1 + 4/256) B (int8)
+    assert bytes8 < 0.45 * bytes32, (bytes8, bytes32)
+    _, tensors = read_checkpoint(tmp_path / "int8")
+    assert not any(k.endswith("_block_scales") for k in tensors)
+    for key, value in o8.state_dict()["state"][0].items():
+        if key != "step":
+            assert torch.equal(tensors[f"optim.weight.{key}"], value), key
 
 
 @pytest.mark.parametrize("precision,limit", [("bf16", 2.0 ** -8), ("int8", 1 / 8)])

@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 
 FORMAT_NAME = "sharded-optim-checkpoint"
-FORMAT_VERSION = 2  # 2: checksums (integrity, checksum) and model_params in meta.json
+# 2: checksums (integrity, checksum) and model_params in meta.json; 3: 8-bit state saved as codes + block scales
+# ("state_format": "int8" per parameter); a checkpoint without such state is still written as version 2
+FORMAT_VERSION = 3
 META_FILE = "meta.json"
 RNG_DIR = "rng"
 LATEST_FILE = "latest"

@@ -14,6 +14,7 @@ that only resolves DCP's metadata classes and a few builtins; the data files are
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -129,6 +130,24 @@ class SlotSharding:
         """Copy this parameter's elements from one rank-local flat buffer to another (padding untouched)."""
         for lo, hi, local_lo in self.local:
             dst[local_lo: local_lo + hi - lo].copy_(src[local_lo: local_lo + hi - lo])
+
+    def blocks(self, block: int, compact: bool) -> "SlotSharding":
+        """The same parameter seen as its ``ceil(numel / block)`` blocks (the block scales of 8-bit state): each
+        piece of elements ``[lo, hi)`` becomes blocks ``[lo // block, ceil(hi / block))``.  Not ``compact``: at
+        ``local_lo // block`` of the runtime's scales buffer (the 8-bit layout puts pieces on block boundaries);
+        ``compact``: packed one piece after another into a buffer of :attr:`local_numel` (a load into a layout
+        without blocks, where neighbouring pieces may share a block)."""
+        out = copy.copy(self)
+        out.shape = (-(-self.numel // block),)
+        out.numel = out.shape[0]
+        out.local, packed = [], 0
+        for lo, hi, local_lo in self.local:
+            first, stop = lo // block, -(-hi // block)
+            out.local.append((first, stop, packed if compact else local_lo // block))
+            packed += stop - first
+        out.local_numel = packed
+        out.all_ranks = [(r, lo // block, -(-hi // block)) for r, lo, hi in self.all_ranks]
+        return out
 
 
 _MESHES: dict[tuple[int, str], Any] = {}

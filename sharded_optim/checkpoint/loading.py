@@ -34,8 +34,8 @@ from . import io as ckpt_io
 from .format import (FORMAT_NAME, FORMAT_VERSION, MASTER_KEY, META_FILE, RNG_DIR, SLOW_KEY, CheckpointCorruptError,
                      CheckpointError, candidates)
 from .integrity import IntegrityError
-from .state import (_agree, _distributed, _flat_state, _Param, _params, _rank, _state_keys, _tensor_map,
-                    _unwrap)
+from .state import (_agree, _distributed, _flat_state, _Param, _params, _rank, _state_keys, _tensor_map, _unwrap,
+                    decode_loaded)
 
 log = logging.getLogger("sharded_optim.checkpoint")
 
@@ -235,6 +235,9 @@ def _load_one(path: Path, model: torch.nn.Module, optimizer: Any, strict: bool) 
         with ckpt_io.single_process_quiet():
             dcp.load(plan["staging"], storage_reader=ckpt_io.reader(path, _chunks(plan["meta"])),
                      planner=DefaultLoadPlanner(allow_partial_load=False), no_dist=not _distributed())
+        for entry in params:   # 8-bit codes and scales into values, where a checkpoint of values loads them
+            if entry.name in plan["compressed"]:
+                decode_loaded(opt, entry, plan["scratch"])
         _check_finite(path, plan, params)
     except CheckpointError as exc:
         error = exc
@@ -322,14 +325,15 @@ def _validate(path: Path, model: torch.nn.Module, opt: Any, la: Any, params: lis
             return scratch.setdefault((owner, key), torch.empty_like(live))
         return scratch.setdefault((owner, key), torch.zeros_like(live))
 
-    optim = _tensor_map(opt, la if lookahead is not None else None, params, buffer_of)
+    compressed = {e.name for e in params if meta["params"][e.name].get("state_format") == "int8"}
+    optim = _tensor_map(opt, la if lookahead is not None else None, params, buffer_of, compressed)
     for entry in params:
         if entry.has_master and not meta["params"][entry.name].get("master"):
             optim.pop(f"optim.{entry.name}.{MASTER_KEY}")
     staging.update(optim)
     _check_dcp(path, staging, meta)
     return {"meta": meta, "hparams": hparams, "lookahead": lookahead, "staging": staging, "scratch": scratch,
-            "owners": owners, "rng": _read_rng(path, meta)}
+            "owners": owners, "rng": _read_rng(path, meta), "compressed": compressed}
 
 
 @torch.no_grad()

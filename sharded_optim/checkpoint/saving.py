@@ -24,6 +24,7 @@ from . import integrity as ckpt_integrity
 from . import io as ckpt_io
 from .format import FORMAT_NAME, FORMAT_VERSION, LATEST_FILE, META_FILE, RNG_DIR, CheckpointError, _complete, latest
 from .state import (_agree, _barrier, _comm_device, _distributed, _Param, _params, _rank, _state_keys, _tensor_map,
+                    compressed_params,
                     _unwrap)
 
 
@@ -83,7 +84,7 @@ def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any, *, ste
     agreement.verify(opt)  # a checkpoint of ranks that disagree would record one rank's view as everyone's
     meta = _build_meta(model, opt, la, params, step, extra)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    state.update(_tensor_map(opt, la, params, lambda entry, key, live: live))
+    state.update(_tensor_map(opt, la, params, lambda entry, key, live: live, compressed_params(opt, params)))
     rank = _rank()
     tmp = path.parent / f".{path.name}.partial"
     needed = _bytes_to_write(state)
@@ -159,15 +160,19 @@ def _build_meta(model: torch.nn.Module, opt: ShardedOptimizer, la: Lookahead | N
         hp["state_keys"] = list(rules.state_keys(opt.algorithm, group))
         groups.append(hp)
     info = {}
+    compressed = compressed_params(opt, params)
     for entry in params:
         st, mu = counters[id(entry.p)]
         state_dtype = entry.rt.compute_dtype if entry.flat else opt.state[entry.p][_state_keys(opt, entry)[0]].dtype
         info[entry.name] = {"shape": list(entry.p.shape), "dtype": str(entry.p.dtype).removeprefix("torch."),
                             "state_dtype": str(state_dtype).removeprefix("torch."), "group": entry.gi,
                             "step": st, "mu_product": mu if opt.algorithm == "nadam" else None,
-                            "master": entry.has_master}
+                            "master": entry.has_master,
+                            "state_format": "int8" if entry.name in compressed else "values"}
     return {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "algorithm": opt.algorithm, "step": step,
+        # version 2 unless some state is 8-bit codes: readers of version 2 then refuse instead of misreading them
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION if compressed else FORMAT_VERSION - 1,
+        "algorithm": opt.algorithm, "step": step,
         "extra": extra, "world_size": dist.get_world_size() if _distributed() else 1,
         "zero_stage": opt.zero_stage, "param_groups": groups, "params": info,
         "model_keys": {k: list(v.shape) for k, v in model.state_dict().items()},

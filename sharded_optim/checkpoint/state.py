@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import rules
+from ..kernels import int8_state
 from ..lookahead import Lookahead
 from ..optimizer import ShardedOptimizer
 from ..zero import FlatParamGroup
@@ -99,15 +100,19 @@ def _state_keys(opt: ShardedOptimizer, entry: _Param) -> tuple[str, ...]:
     return rules.state_keys(opt.algorithm, opt.param_groups[entry.gi])
 
 
-def _tensor_map(opt: ShardedOptimizer, la: Lookahead | None, params: list[_Param],
-                buffer_of: Any) -> dict[str, Tensor]:
+def _tensor_map(opt: ShardedOptimizer, la: Lookahead | None, params: list[_Param], buffer_of: Any,
+                compressed: set[str]) -> dict[str, Tensor]:
     """DCP entries of the optimizer state; ``buffer_of(entry, key, live)`` gives the rank-local flat buffer
-    (the live one when saving, a scratch one when loading) or, for non-flat runtimes, the tensor itself."""
+    (the live one when saving, a scratch one like ``live`` when loading) or, for non-flat runtimes, the tensor
+    itself.  The state of the parameters named in ``compressed`` is 8-bit codes plus block scales
+    (:func:`_codes_and_scales`); that of the others, values."""
     out: dict[str, Tensor] = {}
     values: dict[tuple[int, str], Tensor] = {}
     for entry in params:
-        keys = list(_state_keys(opt, entry)) + ([MASTER_KEY] if entry.has_master else [])
-        for key in keys:
+        if entry.name in compressed:
+            out.update(_codes_and_scales(opt, entry, buffer_of))
+        keys = [] if entry.name in compressed else list(_state_keys(opt, entry))
+        for key in keys + ([MASTER_KEY] if entry.has_master else []):
             live = entry.rt.master if key == MASTER_KEY else (_flat_state(entry.rt, key, values) if entry.flat
                                                               else opt.state[entry.p][key])
             out[f"optim.{entry.name}.{key}"] = _describe(entry, buffer_of(entry, key, live))
@@ -119,10 +124,63 @@ def _tensor_map(opt: ShardedOptimizer, la: Lookahead | None, params: list[_Param
     return out
 
 
+SCALES_SUFFIX = "_block_scales"   # DCP key of an 8-bit state's block scales: optim.<param>.<state key><suffix>
+
+
+def compressed_params(opt: ShardedOptimizer, params: list[_Param]) -> set[str]:
+    """The parameters whose state a checkpoint saves as 8-bit codes and block scales: those of int8 runtimes."""
+    return {e.name for e in params if e.flat and e.rt.state_precision == "int8"}
+
+
+def _codes_and_scales(opt: ShardedOptimizer, entry: _Param, buffer_of: Any) -> dict[str, Tensor]:
+    """DCP entries of one parameter's 8-bit state: per state key its codes (int8/uint8, one per element, sharded as
+    the values would be) and its block scales (fp32, one per 256 elements from the parameter's first).
+
+    In an int8 runtime (always, saving) ``buffer_of`` gets the runtime's codes and scales buffers: the 8-bit
+    layout puts every piece on a block boundary.  Loading into another precision, it gets codes flat like the
+    runtime's values and scales packed per parameter (:meth:`SlotSharding.blocks` ``compact``: neighbouring
+    pieces of a layout without blocks may share one).  :func:`decode_loaded` turns them into values."""
+    if not entry.flat:
+        raise CheckpointError(f"the state of parameter {entry.name!r} is stored as 8-bit codes, which load into "
+                              "ShardedOptimizer's own flat sharding only, not FSDP2/DTensor parameters; save it "
+                              "from state_precision='fp32' or 'bf16' to load it there")
+    rt, out = entry.rt, {}
+    blocked = rt.state_precision == "int8"
+    blocks = entry.sharding.blocks(int8_state.BLOCK, compact=not blocked)
+    for key in _state_keys(opt, entry):
+        if blocked:
+            codes = buffer_of(entry, f"{key}:codes", rt.state[key])
+            scales = buffer_of(entry, f"{key}:scales", rt.scales[key])
+        else:
+            codes = buffer_of(entry, f"{key}:codes", torch.empty(rt.layout.local_numel, device=rt.device,
+                                                                 dtype=int8_state.codes_dtype(key)))
+            scales = buffer_of(entry, f"{key}:scales:{entry.name}", torch.empty(blocks.local_numel, device=rt.device))
+        out[f"optim.{entry.name}.{key}"] = entry.sharding.sharded(codes)
+        out[f"optim.{entry.name}.{key}{SCALES_SUFFIX}"] = blocks.sharded(scales)
+    return out
+
+
+def decode_loaded(opt: ShardedOptimizer, entry: _Param, scratch: dict[tuple[int, str], Tensor]) -> None:
+    """After a load: the values of one parameter's 8-bit state, decoded from the codes and scales read into
+    ``scratch`` (keys as :func:`_codes_and_scales` named them) into ``scratch[(id(runtime), key)]``, where a load
+    of values would have put them."""
+    rt = entry.rt
+    blocked = rt.state_precision == "int8"
+    blocks = entry.sharding.blocks(int8_state.BLOCK, compact=not blocked)
+    for key in _state_keys(opt, entry):
+        codes = scratch[(id(rt), f"{key}:codes")]
+        scales = scratch[(id(rt), f"{key}:scales" if blocked else f"{key}:scales:{entry.name}")]
+        values = scratch.setdefault((id(rt), key), torch.zeros(rt.layout.local_numel, dtype=rt.compute_dtype,
+                                                                device=rt.device))
+        for (lo, hi, local_lo), (first, stop, at) in zip(entry.sharding.local, blocks.local):
+            values[local_lo: local_lo + hi - lo] = int8_state.dequantize_range(
+                codes[local_lo: local_lo + hi - lo], scales[at: at + stop - first], lo)
+
+
 def _flat_state(rt: FlatParamGroup, key: str, cache: dict[tuple[int, str], Tensor]) -> Tensor:
-    """The local buffer a checkpoint saves for state ``key`` of ``rt`` (and loads into): the state itself, or for
-    8-bit state its fp32 values, one copy per runtime (exactly on the code grid, so a load stores them exactly;
-    the checkpoint is then fp32-sized: compressed checkpoints are not built yet)."""
+    """The local buffer a load writes state ``key`` of ``rt`` from (a checkpoint of values loads into it, one of
+    8-bit codes is decoded into it): the state itself, or for 8-bit state its fp32 values, one copy per runtime,
+    stored back after the load (values from 8-bit codes lie on the grid and are stored exactly)."""
     if rt.state_precision != "int8":
         return rt.state[key]
     if (id(rt), key) not in cache:

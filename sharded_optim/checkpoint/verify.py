@@ -19,11 +19,13 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..kernels import int8_state
 from . import integrity as ckpt_integrity
 from . import io as ckpt_io
 from .format import CheckpointCorruptError, CheckpointError
 from .integrity import IntegrityError
 from .loading import _chunks, _files, _read_failure, _read_meta, finite
+from .state import SCALES_SUFFIX
 
 
 def verify(path: str | os.PathLike) -> dict[str, Any]:
@@ -114,6 +116,20 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     for fqn in list(tensors):
         kind, _, rest = fqn.partition(".")
         name = rest.rpartition(".")[0]  # parameter names may contain dots, state keys do not
-        if kind in ("optim", "lookahead") and name in meta["params"]:
+        if kind in ("optim", "lookahead") and name in meta["params"] and not fqn.endswith(SCALES_SUFFIX):
             tensors[fqn] = tensors[fqn].view(tuple(meta["params"][name]["shape"]))
+    _decode_codes(meta, tensors)
     return meta, tensors
+
+
+def _decode_codes(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """8-bit state (format version 3) as the values it stands for: the offline tools see values either way."""
+    for group in meta["param_groups"]:
+        for name in group["params"]:
+            if meta["params"][name].get("state_format") != "int8":
+                continue
+            for key in group["state_keys"]:
+                codes = tensors[f"optim.{name}.{key}"]
+                scales = tensors.pop(f"optim.{name}.{key}{SCALES_SUFFIX}")
+                tensors[f"optim.{name}.{key}"] = int8_state.dequantize_range(codes.reshape(-1), scales, 0).view(
+                    codes.shape)

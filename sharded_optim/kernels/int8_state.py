@@ -127,14 +127,27 @@ def quantize_blocks(x: Tensor, signed: bool, r: Tensor | None) -> tuple[Tensor, 
     return (kmax - c).to(torch.uint8), scales
 
 
-def dequantize_blocks(codes: Tensor, scales: Tensor) -> Tensor:
-    """fp32 values of ``codes`` (``(blocks, BLOCK)``) with their block ``scales`` (``(blocks, 1)``): the inverse of
-    :func:`quantize_blocks` on the grid."""
+def _decode(codes: Tensor, scales: Tensor) -> Tensor:
+    """fp32 values of ``codes`` under ``scales`` (broadcastable to them)."""
     c = codes.to(torch.int32)
     kmax = _levels(codes.dtype == torch.int8) - 1
     k = kmax - c.abs()
     value = torch.where(k >= kmax, 0.0, _floats(((_bits(scales) >> SHIFT) - k) << SHIFT))
     return torch.where(c < 0, -value, value)
+
+
+def dequantize_blocks(codes: Tensor, scales: Tensor) -> Tensor:
+    """fp32 values of ``codes`` (``(blocks, BLOCK)``) with their block ``scales`` (``(blocks, 1)``): the inverse of
+    :func:`quantize_blocks` on the grid."""
+    return _decode(codes, scales)
+
+
+def dequantize_range(codes: Tensor, scales: Tensor, first: int) -> Tensor:
+    """fp32 values of the 1-D ``codes`` of elements ``first, first + 1, ...`` of one parameter, whose blocks from
+    the one holding ``first`` on have the scales ``scales`` (a range that need not start on a block: checkpoints
+    load into shards laid out without blocks)."""
+    block = (torch.arange(codes.numel(), device=codes.device) + first % BLOCK) // BLOCK
+    return _decode(codes, scales[block])
 
 
 def quantize(x: Tensor, signed: bool, r: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -381,5 +381,8 @@ def test_low_precision_state_is_bitwise_the_same_on_1_2_3_ranks_and_resumes_n_to
         if world == 3:   # resumed from the 2-rank checkpoint
             bad = lps.same(r[f"{name} resumed"], one[f"{name} continued"])
             assert not bad, f"{name} resumed 2 -> 3 ranks, rank {rank}: {bad} differ"
+            # into fp32 state on 3 ranks: the values exactly (bf16 widens exactly, int8 codes decode exactly)
+            bad = lps.same(r[f"{name} into fp32"], one[f"{name} trained"])
+            assert not bad, f"{name} 2 ranks -> fp32 state on 3 ranks, rank {rank}: {bad} differ"
     bad = lps.same(one[f"{name} resumed"], one[f"{name} continued"])   # 3 -> 1
     assert not bad, f"{name} resumed 3 -> 1 rank: {bad} differ"

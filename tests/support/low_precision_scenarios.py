@@ -46,7 +46,8 @@ def _optimizer(model: torch.nn.Module, algorithm: str, precision: str) -> Any:
 
 def scenarios(rank: int, world: int, directory: str, resume_from: str | None) -> dict[str, Any]:
     """``{"<algorithm> <precision> trained": snapshot after STEPS, "... continued": after STEPS + MORE,
-    "... resumed": the same, from the checkpoint in ``resume_from`` (saved at another world size)}``;
+    "... resumed": the same, from the checkpoint in ``resume_from`` (saved at another world size), "... into fp32":
+    that checkpoint loaded into fp32 state}``;
     saves this world's checkpoint of each algorithm and precision at STEPS under ``directory``."""
     from sharded_optim import checkpoint
     from tests.support.scenarios import Scenarios
@@ -80,6 +81,11 @@ def _run_all(out: Any, directory: str, resume_from: str | None) -> None:
                 assert checkpoint.load(Path(resume_from) / name, model, opt)["step"] == STEPS
                 _train(model, opt, MORE, STEPS)
                 out[f"{name} resumed"] = _snapshot(model, opt)
+                # the same checkpoint into fp32 state: 256-element buckets cut the parameters inside blocks
+                model = _model()
+                opt = _optimizer(model, algorithm, "fp32")
+                checkpoint.load(Path(resume_from) / name, model, opt)
+                out[f"{name} into fp32"] = _snapshot(model, opt)
 
 
 def same(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -26,8 +26,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .flat import FlatLayout, merge_runs, run_counters
-from .kernels.low_precision import state_dtype
+from .kernels import int8_state
 from .serialization import MASTER_KEY
+from .state_storage import StateStorage, layout_options
 from .zero import DIRECT_MIN_NUMEL, LOW_PRECISION
 
 
@@ -44,9 +45,10 @@ class DTensorParamGroup:
             same mesh dimension (FSDP2 parameters of one model always are).
         state_keys: names of the per-element state tensors, in kernel argument order.
         master_weights: keep an fp32 master copy (and fp32 state) for bf16/fp16 parameters.
-        state_precision: "fp32" (the compute dtype) or "bf16" (:mod:`.kernels.low_precision`: elementwise, so the
-            same on FSDP2's row shards as anywhere).  "int8" is refused: its 256-element blocks would run across
-            FSDP2's row shards, whose boundaries move with the world size.
+        state_precision: "fp32" (the compute dtype), "bf16" (:mod:`.kernels.low_precision`: elementwise, so the
+            same on FSDP2's row shards as anywhere) or "int8" (:mod:`.kernels.int8_state`) for parameters whose
+            rows are whole blocks (:func:`~sharded_optim.kernels.int8_state.effective_precision` decides): FSDP2
+            shards whole rows, so blocks never straddle a shard and are the blocks of the unsharded parameter.
     """
 
     # ShardedOptimizer.state_dict/load_state_dict read this: state stays sharded (DTensors), never gathered
@@ -56,11 +58,12 @@ class DTensorParamGroup:
                  state_precision: str = "fp32"):
         if not params:
             raise ValueError("params must hold at least one DTensor parameter")
-        if state_precision not in ("fp32", "bf16"):
-            raise ValueError(f"state_precision={state_precision!r} is not available for FSDP2/DTensor parameters: "
-                             "its blocks of 256 elements would run across FSDP2's row shards, whose boundaries "
-                             "move with the world size; use 'bf16' (2 bytes per state element) or 'fp32' for "
-                             "that param group")
+        if state_precision == "int8":
+            for i, p in enumerate(params):
+                if int8_state.effective_precision("int8", p.shape, row_sharded=True) != "int8":
+                    raise ValueError(f"params[{i}] of shape {tuple(p.shape)} cannot keep int8 state under FSDP2: "
+                                     f"its rows are not a whole number of {int8_state.BLOCK}-element blocks, so "
+                                     "blocks would straddle the row shards (such parameters keep fp32 state)")
         for i, p in enumerate(params):
             if not isinstance(p, DTensor):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, not a DTensor: a param group cannot mix "
@@ -80,14 +83,14 @@ class DTensorParamGroup:
         self.dtype = first.dtype
         locals_ = [p.to_local() for p in self.params]
         self.device = locals_[0].device
-        self.layout = FlatLayout([t.shape for t in locals_], 1, 0, None)
+        self.layout = FlatLayout([t.shape for t in locals_], 1, 0, None, **layout_options(state_precision))
         self.compute_dtype = torch.float32 if (self.dtype in LOW_PRECISION and master_weights) else self.dtype
         n = self.layout.local_numel
         self.master = torch.zeros(n, dtype=self.compute_dtype, device=self.device)
         self.grad = torch.zeros(n, dtype=self.compute_dtype, device=self.device)
         self.state_precision = state_precision
-        stored = self.compute_dtype if state_precision == "fp32" else state_dtype(state_precision)
-        self.state: dict[str, Tensor] = {key: torch.zeros(n, dtype=stored, device=self.device) for key in state_keys}
+        self.storage = StateStorage(n, state_keys, state_precision, self.compute_dtype, self.device)
+        self.state, self.scales = self.storage.state, self.storage.scales
         self.steps = torch.zeros(len(params), dtype=torch.int64)   # per slot, as in FlatParamGroup
         self.mu_products = torch.ones(len(params), dtype=torch.float64)
         # partial sums (grad norm, non-finite check, statistics) add up over the shard dimension only: along an
@@ -100,7 +103,8 @@ class DTensorParamGroup:
         # unused (``grad``'s stays zero so norms over it count nothing twice).  zero.DIRECT_MIN_NUMEL says why
         # the threshold.
         threshold = DIRECT_MIN_NUMEL.get(self.device.type)
-        self._direct_slots = set() if self.has_master_copy or threshold is None else {
+        # (8-bit state runs over whole blocks, into the padding after a parameter: never in place)
+        self._direct_slots = set() if self.has_master_copy or threshold is None or state_precision == "int8" else {
             s for s, slot in enumerate(self.layout.slots) if slot.numel >= threshold}
         self._direct: dict[int, tuple[Tensor, Tensor]] = {}   # this step: slot -> (local param, local grad), flat
         self._stale_direct: set[int] = set()   # in-place slots whose region of ``grad`` a copying step wrote
@@ -116,20 +120,16 @@ class DTensorParamGroup:
 
     # ------------------------------------------------------------------------------------------------ views
     def state_values(self, key: str) -> Tensor:
-        """The local state buffer ``key`` as compute-dtype values: the buffer itself, or a widened copy of bf16
-        state (for serialization and statistics; never for updates)."""
-        buffer = self.state[key]
-        return buffer if buffer.dtype == self.compute_dtype else buffer.to(self.compute_dtype)
+        """The local state ``key`` as compute-dtype values (:meth:`StateStorage.values`)."""
+        return self.storage.values(key)
 
     def store_state(self, key: str, values: Tensor) -> None:
-        """Write ``values`` into the local state buffer ``key``, rounding to nearest into bf16 state (nothing to do
-        when they are the buffer)."""
-        if values is not self.state[key]:
-            self.state[key].copy_(values)
+        """Store ``values`` as the local state ``key``, rounding to nearest (:meth:`StateStorage.store`)."""
+        self.storage.store(key, values)
 
     def state_args(self, keys: tuple[str, ...], rng: slice) -> tuple[Tensor, ...]:
-        """The state slices an update kernel over run ``rng`` takes."""
-        return tuple(self.state[k][rng] for k in keys)
+        """The state arguments an update kernel over run ``rng`` takes (:meth:`StateStorage.args`)."""
+        return self.storage.args(keys, rng)
 
     def param_state_view(self, slot_index: int, key: str) -> Tensor:
         """State ``key`` of parameter ``slot_index`` as a DTensor (live view) with the parameter's sharding."""
@@ -141,20 +141,21 @@ class DTensorParamGroup:
         ``dtype``)."""
         return self.compute_dtype != self.dtype
 
-    def _as_dtensor(self, buffer: Tensor, slot_index: int, dtype: torch.dtype | None = None) -> Tensor:
-        """Parameter ``slot_index``'s range of the local ``buffer`` as a DTensor with the parameter's sharding: a
-        live view, or with ``dtype`` a converted copy."""
+    def _as_dtensor(self, buffer: Tensor, slot_index: int) -> Tensor:
+        """Parameter ``slot_index``'s range of the local ``buffer`` as a DTensor with the parameter's sharding (a
+        view of ``buffer``)."""
+        return self._wrap(buffer[self._range(slot_index)], slot_index)
+
+    def _wrap(self, local: Tensor, slot_index: int) -> Tensor:
         p = self.params[self.layout.slots[slot_index].index]
-        view = buffer[self._range(slot_index)].view(self.layout.slots[slot_index].shape)
-        return DTensor.from_local(view if dtype is None else view.to(dtype), p.device_mesh, p.placements,
+        return DTensor.from_local(local.view(self.layout.slots[slot_index].shape), p.device_mesh, p.placements,
                                   run_check=False, shape=p.shape, stride=p.stride())
 
-    def _exported(self, key: str, slot_index: int) -> Tensor:
-        """State ``key`` of one parameter as ``state_dict()`` gives it: a live view, or for bf16 state an fp32
-        copy (torch.optim loads it; loading it back rounds to the same bf16 values)."""
-        buffer = self.state[key]
-        wide = None if buffer.dtype == self.compute_dtype else self.compute_dtype
-        return self._as_dtensor(buffer, slot_index, wide)
+    def exported_state(self, key: str, slot_index: int) -> Tensor:
+        """State ``key`` of one parameter as ``state_dict()`` and checkpoints give it: values in the compute dtype,
+        a live view when stored so, else a copy (bf16 widened, int8 dequantized: torch.optim loads it, and loading
+        it back stores the same values)."""
+        return self._wrap(self.storage.range_values(key, self._range(slot_index)), slot_index)
 
     def export_entry(self, slot_index: int, with_mu_product: bool) -> dict[str, Tensor]:
         """``ShardedOptimizer.state_dict()``'s entry for one parameter: state as sharded DTensors (DCP's format).
@@ -165,7 +166,7 @@ class DTensorParamGroup:
         """
         entry: dict[str, Tensor] = {"step": torch.tensor(int(self.steps[slot_index]), dtype=torch.int64)}
         for key in self.state:
-            entry[key] = self._exported(key, slot_index)
+            entry[key] = self.exported_state(key, slot_index)
         if with_mu_product:
             entry["mu_product"] = torch.tensor(float(self.mu_products[slot_index]), dtype=torch.float64)
         if self.has_master_copy:
@@ -174,13 +175,14 @@ class DTensorParamGroup:
 
     def import_entry(self, slot_index: int, entry: dict[str, Any] | None, with_mu_product: bool) -> None:
         """Load one parameter's (validated) ``state_dict()`` entry; ``None`` resets it to a fresh state."""
+        rng = self._range(slot_index)
         for key, buffer in self.state.items():
             if entry is None:
-                buffer[self._range(slot_index)].zero_()
+                buffer[rng].zero_()   # codes 0: the value 0 in every precision
             else:
-                self._import(slot_index, key, entry[key], buffer)
+                self.import_state(slot_index, key, entry[key])
         if entry is not None and self.has_master_copy and MASTER_KEY in entry:
-            self._import(slot_index, MASTER_KEY, entry[MASTER_KEY], self.master)
+            self.master[rng].copy_(self._local_part(slot_index, MASTER_KEY, entry[MASTER_KEY]))
             self._local(slot_index).copy_(self.master[self._range(slot_index)].view(
                 self.layout.slots[slot_index].shape))   # the parameter follows its restored master
         step = 0 if entry is None else entry["step"]
@@ -188,8 +190,13 @@ class DTensorParamGroup:
         if with_mu_product:
             self.mu_products[slot_index] = 1.0 if entry is None else float(entry["mu_product"])
 
-    def _import(self, slot_index: int, key: str, value: Tensor, buffer: Tensor) -> None:
-        """Copy ``value`` (a DTensor of any placements, or a full logical tensor) into this rank's shard."""
+    def import_state(self, slot_index: int, key: str, value: Tensor) -> None:
+        """Store ``value`` (a DTensor of any placements, or a full logical tensor) as parameter ``slot_index``'s
+        state ``key`` on this rank, in the state's precision."""
+        self.storage.store_range(key, self._range(slot_index), self._local_part(slot_index, key, value))
+
+    def _local_part(self, slot_index: int, key: str, value: Tensor) -> Tensor:
+        """This rank's shard of ``value`` (a DTensor of any placements, or a full logical tensor), flat."""
         p = self.params[self.layout.slots[slot_index].index]
         local_shape = self.layout.slots[slot_index].shape
         if isinstance(value, DTensor):
@@ -205,7 +212,7 @@ class DTensorParamGroup:
         if tuple(local.shape) != tuple(local_shape):
             raise ValueError(f"state {key!r}: the local shard has shape {tuple(local.shape)}, the parameter's "
                              f"local shard {tuple(local_shape)}")
-        buffer[self._range(slot_index)].copy_(local.reshape(-1))
+        return local.reshape(-1)
 
     # ------------------------------------------------------------------------------------ update protocol
     def collect_grads(self, in_place: bool = True) -> list[bool]:
@@ -255,7 +262,7 @@ class DTensorParamGroup:
             return [(slice(0, self.layout.local_numel), list(range(len(self.layout.slots))))]
         # slots are in increasing offset order; in-place slots run alone
         pieces = ((slot.offset, slot.offset + slot.numel, s) for s, slot in enumerate(self.layout.slots))
-        return merge_runs(pieces, has_grad, steps, mus, alone=self._direct)
+        return self.storage.whole_blocks(merge_runs(pieces, has_grad, steps, mus, alone=self._direct))
 
     def prepare_update(self) -> None:
         """Make ``master`` agree with the local shards, which others may have written (a model checkpoint load).
@@ -324,14 +331,21 @@ class DTensorParamGroup:
         return total
 
     def stat_ranges(self) -> list[slice]:
-        """The local range holding parameter elements, ``[0, real numel)`` (alignment padding excluded); none when this
-        rank holds no elements."""
-        real = self.layout.local_real_numel()
-        return [slice(0, real)] if real else []
+        """The local ranges holding parameter elements (alignment padding excluded: with 8-bit state every
+        parameter starts a block); none when this rank holds no elements."""
+        ranges: list[slice] = []
+        for slot in sorted(self.layout.slots, key=lambda s: s.offset):
+            if not slot.numel:
+                continue
+            if ranges and ranges[-1].stop == slot.offset:
+                ranges[-1] = slice(ranges[-1].start, slot.offset + slot.numel)
+            else:
+                ranges.append(slice(slot.offset, slot.offset + slot.numel))
+        return ranges
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds, by buffer: each state tensor, ``master`` and ``grad_shard``."""
-        out = {key: t.numel() * t.element_size() for key, t in self.state.items()}
+        out = self.storage.bytes()
         out["master"] = self.master.numel() * self.master.element_size()
         out["grad_shard"] = self.grad.numel() * self.grad.element_size()
         return out

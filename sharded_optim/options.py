@@ -156,8 +156,8 @@ def revalidate_group(algorithm: str, group: dict[str, Any], validated: dict[int,
     if runtimes and tuple(runtimes[0].state) != rules.state_keys(algorithm, group):
         raise ValueError("amsgrad of a param group was changed after construction; the state set of a group "
                          "is fixed (create a new optimizer to switch amsgrad on or off)")
-    if any(rt.state_precision != effective_precision(group["state_precision"], rt.params[0].numel())
-           for rt in runtimes):
+    if any(rt.state_precision != effective_precision(group["state_precision"], rt.params[0].shape,
+                                                     rt.keeps_dtensor_state) for rt in runtimes):
         raise ValueError(f"state_precision of param group {group['name']!r} was changed after construction to "
                          f"{group['state_precision']!r}; the storage of a group is fixed (create a new optimizer, "
                          "and load its state_dict, to change it)")

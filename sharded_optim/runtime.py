@@ -176,7 +176,7 @@ def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
     :class:`~sharded_optim.fsdp.DTensorParamGroup` for DTensor parameters, else a :class:`FlatParamGroup`."""
     by_kind: dict[tuple[torch.dtype, torch.device, str], list[Tensor]] = {}
     for p in group["params"]:
-        precision = int8_state.effective_precision(group["state_precision"], p.numel())
+        precision = int8_state.effective_precision(group["state_precision"], p.shape, is_dtensor(p))
         by_kind.setdefault((p.dtype, p.device, precision), []).append(p)
     keys = rules.state_keys(opt.algorithm, group)
     runtimes: list[ParamRuntime] = []
@@ -186,7 +186,7 @@ def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
             # FSDP2 / DTensor parameters are sharded already: never shard twice (see fsdp.py)
             from .fsdp import DTensorParamGroup
             rt: ParamRuntime = DTensorParamGroup(params, state_keys=keys, master_weights=opt.master_weights,
-                                                 state_precision=group["state_precision"])
+                                                 state_precision=precision)
             register_runtime(opt, rt, params, keys)
             runtimes.append(rt)
             continue

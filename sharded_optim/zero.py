@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .flat import FlatLayout, bound_views, flatten_into_views, merge_runs, refresh_master_pieces, run_counters
-from .kernels import int8_state, low_precision
 from .kernels.stats import sumsq
+from .state_storage import StateStorage, layout_options
 from .zero_grads import GradientReduction, _Pending
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -61,10 +61,9 @@ class FlatParamGroup(GradientReduction):
         self.world, self.rank = world, rank
         self.zero_stage = zero_stage
         self.reduce_grads = reduce_grads and world > 1
-        # blockwise 8-bit state: parameters and shard boundaries on block boundaries (kernels.int8_state)
-        block = int8_state.BLOCK if state_precision == "int8" else 1
+        # blockwise 8-bit state: parameters and shard boundaries on block boundaries (state_storage)
         self.layout = FlatLayout([p.shape for p in params], world, rank, bucket_numel if world > 1 else None,
-                                 **({"align": block, "slot_align": block} if block > 1 else {}))
+                                 **layout_options(state_precision))
         self.compute_dtype = torch.float32 if (self.dtype in LOW_PRECISION and master_weights) else self.dtype
         self.grad_dtype = grad_reduce_dtype or self.compute_dtype
         self.gather_dtype = gather_dtype or self.dtype
@@ -84,13 +83,9 @@ class FlatParamGroup(GradientReduction):
         # the state is stored in ``state_precision`` (kernels.low_precision, kernels.int8_state): bf16 halves it,
         # int8 keeps one byte per element plus an fp32 scale per block (``scales``); the math stays fp32
         self.state_precision = state_precision
-        self.state: dict[str, Tensor] = {
-            key: torch.zeros(self.layout.local_numel, dtype=self._storage_dtype(key), device=self.device)
-            for key in state_keys}
-        # (views of one spare element more: torch.compile guards on a view's base, and a base as long as a whole
-        # shard's block count would be duck-sized equal to the blocks of a one-call update and recompile for chunks)
-        self.scales: dict[str, Tensor] = {} if state_precision != "int8" else {
-            key: torch.ones(self.layout.local_numel // block + 1, device=self.device)[:-1] for key in state_keys}
+        self.storage = StateStorage(self.layout.local_numel, state_keys, state_precision, self.compute_dtype,
+                                    self.device)
+        self.state, self.scales = self.storage.state, self.storage.scales
         # Host-side per-parameter counters; state[p]["step"] are 0-d views of these, so writes through the
         # torch.optim-style state are seen here (int64: no saturation at 2**24).
         self.steps = torch.zeros(len(params), dtype=torch.int64)
@@ -124,40 +119,18 @@ class FlatParamGroup(GradientReduction):
             self._register_hooks()
 
     # ----------------------------------------------------------------------------------------------- views
-    def _storage_dtype(self, key: str) -> torch.dtype:
-        if self.state_precision == "int8":
-            return int8_state.codes_dtype(key)
-        return self.compute_dtype if self.state_precision == "fp32" else low_precision.state_dtype(self.state_precision)
-
     def state_values(self, key: str) -> Tensor:
-        """This rank's shard of state ``key`` as values in the compute dtype: the buffer itself when it is stored
-        so, else a widened or dequantized copy (for serialization, checkpoints and statistics; never for updates)."""
-        buffer = self.state[key]
-        if self.state_precision == "int8":
-            return int8_state.dequantize(buffer, self.scales[key])
-        return buffer if buffer.dtype == self.compute_dtype else buffer.to(self.compute_dtype)
+        """This rank's shard of state ``key`` as values in the compute dtype (:meth:`StateStorage.values`)."""
+        return self.storage.values(key)
 
     def store_state(self, key: str, values: Tensor) -> None:
-        """Store ``values`` (this rank's whole shard of state ``key``) in the state's precision, rounding to nearest
-        (values already on the 8-bit grid, as :meth:`state_values` returns them, are stored exactly)."""
-        if values is self.state[key]:
-            return
-        if self.state_precision == "int8":
-            signed = self.state[key].dtype == torch.int8   # as the kernel reads it (int8_state.codes_dtype)
-            codes, scales = int8_state.quantize(values.to(torch.float32), signed, None)
-            self.state[key].copy_(codes)
-            self.scales[key].copy_(scales)
-        else:
-            self.state[key].copy_(values)
+        """Store ``values`` (this rank's whole shard of state ``key``), rounding to nearest
+        (:meth:`StateStorage.store`)."""
+        self.storage.store(key, values)
 
     def state_args(self, keys: tuple[str, ...], rng: slice) -> tuple[Tensor, ...]:
-        """The state arguments of an update kernel over run ``rng``: the state slices, then for 8-bit state the
-        slices of their block scales (``rng`` starts and stops on block boundaries, see :meth:`update_runs`)."""
-        states = tuple(self.state[k][rng] for k in keys)
-        if self.state_precision != "int8":
-            return states
-        block = int8_state.BLOCK
-        return states + tuple(self.scales[k][rng.start // block: rng.stop // block] for k in keys)
+        """The state arguments of an update kernel over run ``rng`` (:meth:`StateStorage.args`)."""
+        return self.storage.args(keys, rng)
 
     def param_state_view(self, slot_index: int, key: str) -> Tensor:
         """This rank's part of parameter ``slot_index``'s state ``key``: full-shape view when wholly local."""
@@ -249,11 +222,7 @@ class FlatParamGroup(GradientReduction):
         """
         if self._direct:
             return self._split_direct(self._runs(has_grad, uniform_steps))
-        runs = self._runs(has_grad, uniform_steps)
-        if self.state_precision == "int8":   # whole blocks: a run's last block continues into zero padding
-            block = int8_state.BLOCK
-            runs = [(slice(rng.start, -(-rng.stop // block) * block), slots) for rng, slots in runs]
-        return runs
+        return self.storage.whole_blocks(self._runs(has_grad, uniform_steps))
 
     def _split_direct(self, runs: list[tuple[slice, list[int]]]) -> list[tuple[slice, list[int]]]:
         """Cut each run around the slots whose gradient is read in place: those run alone (one rank)."""
@@ -332,9 +301,7 @@ class FlatParamGroup(GradientReduction):
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds, by buffer: each state tensor, ``master`` (when not the parameters' own flat buffer)
         and ``grad_shard``."""
-        out = {key: t.numel() * t.element_size() for key, t in self.state.items()}
-        for key, scales in self.scales.items():   # 8-bit state: its block scales belong to it
-            out[key] += scales.numel() * scales.element_size()
+        out = self.storage.bytes()
         if self.master is not self.full:
             out["master"] = self.master.numel() * self.master.element_size()
         out["grad_shard"] = self.grad.numel() * self.grad.element_size()

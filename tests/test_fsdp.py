@@ -263,18 +263,56 @@ def _dcp_resume(mesh: Any, rank: int, directory: str, algorithm: str, dtype: tor
             "state_types": state_types, "saved_keys": sorted(next(iter(saved_osd["state"].values())))}
 
 
-def _int8_refused(mesh: Any) -> dict:
-    """int8 state on FSDP2 parameters large enough to hold it: refused when the runtimes are built, by name."""
-    from torch.distributed.fsdp import fully_shard
+def _int8_state(mesh: Any, directory: str) -> dict:
+    """int8 state on FSDP2: a 47x256 weight (rows of one block, uneven row shards) keeps 8-bit state, the rest
+    fp32.  Teacher-forced against the unsharded optimizer with int8 state (same blocks: FSDP2 shards whole rows),
+    statistics every other step; then a checkpoint of this module and a state_dict round trip into fresh ones."""
+    import copy
 
-    from sharded_optim import ShardedOptimizer
-    model = fully_shard(nn.Linear(128, 64), mesh=mesh)   # 8192 weights: int8-sized
-    opt = ShardedOptimizer(model.parameters(), zero_stage=0, state_precision="int8")
-    try:
-        opt.memory_report()   # builds the runtimes
-    except ValueError as exc:
-        return {"error_text": str(exc)}
-    return {"error_text": None}
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from sharded_optim import ShardedOptimizer, checkpoint
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(256, 47), nn.Tanh(), nn.Linear(47, 5))
+    kw = dict(algorithm="adamw", lr=LR, zero_stage=0, state_precision="int8", stats_interval=2)
+
+    def build(seed: int) -> tuple[nn.Module, Any]:
+        torch.manual_seed(seed)
+        model = fully_shard(copy.deepcopy(ref) if seed == 0 else nn.Sequential(
+            nn.Linear(256, 47), nn.Tanh(), nn.Linear(47, 5)), mesh=mesh)
+        return model, ShardedOptimizer(model.parameters(), **kw)
+    model, opt = build(0)
+    ref_opt = ShardedOptimizer(ref.parameters(), **kw)
+    for step in range(STEPS):
+        x = torch.randn(8, 256, generator=torch.Generator().manual_seed(step))
+        ref(x).square().mean().backward()
+        model(x).square().mean().backward()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            p.grad.to_local().copy_(distribute_tensor(q.grad, p.device_mesh, p.placements,
+                                                      src_data_rank=None).to_local())
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    mine, theirs = opt.state_dict()["state"], ref_opt.state_dict()["state"]
+
+    def differing(a: dict, b: dict) -> list[str]:
+        return [f"{i}.{k}" for i in b for k, v in b[i].items() if k != "step" and not torch.equal(
+            a[i][k].full_tensor() if hasattr(a[i][k], "full_tensor") else a[i][k], v)]
+    weight = next(model.parameters())
+    out = {"state_dtype": str(opt.state[weight]["exp_avg"].dtype),
+           "params_differ": [n for (n, p), q in zip(model.named_parameters(), ref.parameters())
+                             if not torch.equal(p.full_tensor(), q)],
+           "state_differs": differing(mine, theirs)}
+    checkpoint.save(Path(directory) / "int8", model, opt, step=STEPS)
+    model2, opt2 = build(7)
+    checkpoint.load(Path(directory) / "int8", model2, opt2)
+    out["checkpoint_state_differs"] = differing(opt2.state_dict()["state"], theirs)
+    model3, opt3 = build(7)
+    opt3.load_state_dict(opt.state_dict())
+    out["state_dict_differs"] = differing(opt3.state_dict()["state"], theirs)
+    return out
 
 
 def _protocol(mesh: Any) -> dict:
@@ -309,7 +347,7 @@ def _one_d_worker(rank: int, world: int, directory: str) -> Scenarios:
     # element and the step only, so the results are bitwise the same; statistics every other step
     _guard(out, "adamw_bf16_state", lambda: _train_pair(mesh, rank, world, "adamw", "ours", state_precision="bf16",
                                                          stats_interval=2))
-    _guard(out, "int8_refused", lambda: _int8_refused(mesh))
+    _guard(out, "int8_state", lambda: _int8_state(mesh, os.path.join(directory, "int8_state")))
     _guard(out, "nonfinite", lambda: _nonfinite_skip(mesh, rank))
     _guard(out, "protocol", lambda: _protocol(mesh))
     # every local shard updated where FSDP2 keeps it (threshold 1), statistics every other step (those copy)
@@ -404,11 +442,11 @@ def test_no_double_sharding_and_uneven_shards(one_d):
         f"adamod: empty shards {ranks[0]['empty_shards']} (rank 0), {ranks[1]['empty_shards']} (rank 1)"
 
 
-def test_int8_state_on_fsdp2_parameters_is_refused_by_name(one_d):
-    for rank, r in enumerate(_scenario(one_d, "int8_refused")):
-        text = r["error_text"] or ""
-        assert "state_precision='int8' is not available for FSDP2" in text and "'bf16'" in text, \
-            f"int8_refused rank {rank}: {r}"
+def test_int8_state_on_fsdp2_rows_of_whole_blocks_is_bitwise_the_unsharded_one(one_d):
+    for rank, r in enumerate(_scenario(one_d, "int8_state")):
+        assert r["state_dtype"] == "torch.int8", f"int8_state rank {rank}: {r}"
+        for what in ("params_differ", "state_differs", "checkpoint_state_differs", "state_dict_differs"):
+            assert r[what] == [], f"int8_state rank {rank}: {what} {r[what]}"
 
 
 def test_dtensor_runtime_has_every_attribute_the_optimizer_uses(one_d):

@@ -319,7 +319,7 @@ def _validate(path: Path, model: torch.nn.Module, opt: Any, la: Any, params: lis
     def buffer_of(entry: _Param, key: str, live: Tensor) -> Tensor:
         if key == MASTER_KEY and not meta["params"][entry.name].get("master"):
             return live  # described but dropped below: master comes from the loaded weights instead
-        owner = id(live) if not entry.flat else id(entry.rt)
+        owner = entry.name if not entry.flat else id(entry.rt)
         owners.setdefault((owner, key), []).append(entry.name)
         if not entry.flat:
             return scratch.setdefault((owner, key), torch.empty_like(live))
@@ -362,8 +362,7 @@ def _apply(model: torch.nn.Module, opt: Any, la: Any, params: list[_Param], plan
                 entry.sharding.write(la._slow[id(rt)], scratch[(id(rt), SLOW_KEY)])
         else:
             for key in keys:
-                live = opt.state[entry.p][key]
-                live.copy_(scratch[(id(live), key)])
+                rt.import_state(entry.slot, key, scratch[(entry.name, key)])
         rt.steps[entry.slot] = int(saved["step"])
         if opt.algorithm == "nadam":
             rt.mu_products[entry.slot] = float(saved["mu_product"])

@@ -114,7 +114,7 @@ def _tensor_map(opt: ShardedOptimizer, la: Lookahead | None, params: list[_Param
         keys = [] if entry.name in compressed else list(_state_keys(opt, entry))
         for key in keys + ([MASTER_KEY] if entry.has_master else []):
             live = entry.rt.master if key == MASTER_KEY else (_flat_state(entry.rt, key, values) if entry.flat
-                                                              else opt.state[entry.p][key])
+                                                              else _dtensor_state(opt, entry, key))
             out[f"optim.{entry.name}.{key}"] = _describe(entry, buffer_of(entry, key, live))
         if la is not None:
             if not entry.flat:
@@ -175,6 +175,14 @@ def decode_loaded(opt: ShardedOptimizer, entry: _Param, scratch: dict[tuple[int,
         for (lo, hi, local_lo), (first, stop, at) in zip(entry.sharding.local, blocks.local):
             values[local_lo: local_lo + hi - lo] = int8_state.dequantize_range(
                 codes[local_lo: local_lo + hi - lo], scales[at: at + stop - first], lo)
+
+
+def _dtensor_state(opt: ShardedOptimizer, entry: _Param, key: str) -> Tensor:
+    """State ``key`` of an FSDP2/DTensor parameter as a checkpoint holds it: the live DTensor (fp32, bf16), or
+    for 8-bit state a DTensor of its values (those checkpoints hold values)."""
+    if entry.rt.state_precision == "int8":
+        return entry.rt.exported_state(key, entry.slot)
+    return opt.state[entry.p][key]
 
 
 def _flat_state(rt: FlatParamGroup, key: str, cache: dict[tuple[int, str], Tensor]) -> Tensor:

@@ -45,7 +45,8 @@ function, Inductor indexes every element through divisions by the symbolic block
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -66,12 +67,18 @@ _EXPONENT = 0x7F800000
 _MIN_NORMAL = 1 << 23 >> SHIFT   # the grid index of the smallest normal float: lower levels would be subnormal
 
 
-def effective_precision(precision: str, numel: int) -> str:
-    """The state precision of a tensor of ``numel`` elements in a param group of state ``precision``: that, except
-    that with ``"int8"`` a tensor of fewer than :data:`SMALL_NUMEL` elements keeps fp32 state (biases, norms: a few
+def effective_precision(precision: str, shape: Sequence[int], row_sharded: bool = False) -> str:
+    """The state precision of a parameter of ``shape`` in a param group of state ``precision``: that, except that
+    with ``"int8"`` a tensor of fewer than :data:`SMALL_NUMEL` elements keeps fp32 state (biases, norms: a few
     percent of the memory, and the tensors where blockwise scales fit worst; bitsandbytes and torchao do the
-    same)."""
-    return "fp32" if precision == "int8" and numel < SMALL_NUMEL else precision
+    same), and so does a ``row_sharded`` one (FSDP2/DTensor: its shards are whole rows, wherever the world size
+    cuts them) whose rows are not a whole number of blocks: its blocks would straddle shards."""
+    if precision != "int8":
+        return precision
+    numel, row = math.prod(shape), math.prod(shape[1:])
+    if numel < SMALL_NUMEL or (row_sharded and (len(shape) < 2 or row % BLOCK)):
+        return "fp32"
+    return precision
 
 
 def _levels(signed: bool) -> int:

@@ -151,6 +151,17 @@ class DTensorParamGroup:
         return DTensor.from_local(local.view(self.layout.slots[slot_index].shape), p.device_mesh, p.placements,
                                   run_check=False, shape=p.shape, stride=p.stride())
 
+    def state_as_dtensor(self, values: Tensor, slot_index: int, whole: bool = True) -> Tensor:
+        """A DTensor with parameter ``slot_index``'s sharding over ``values``: a whole local flat buffer (its range
+        is taken), or with ``whole=False`` the parameter's local elements themselves."""
+        return self._as_dtensor(values, slot_index) if whole else self._wrap(values, slot_index)
+
+    def global_offset(self, slot_index: int) -> int:
+        """The index, within its parameter, of this rank's first local element (FSDP2 shards are contiguous)."""
+        p = self.params[self.layout.slots[slot_index].index]
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        return sum(o * s for o, s in zip(offset, p.stride()))
+
     def exported_state(self, key: str, slot_index: int) -> Tensor:
         """State ``key`` of one parameter as ``state_dict()`` and checkpoints give it: values in the compute dtype,
         a live view when stored so, else a copy (bf16 widened, int8 dequantized: torch.optim loads it, and loading

@@ -312,6 +312,15 @@ def _int8_state(mesh: Any, directory: str) -> dict:
     model3, opt3 = build(7)
     opt3.load_state_dict(opt.state_dict())
     out["state_dict_differs"] = differing(opt3.state_dict()["state"], theirs)
+    # the unsharded optimizer's checkpoint (8-bit codes and block scales) into FSDP2 int8 and fp32 state
+    checkpoint.save(Path(directory) / "flat_int8", ref, ref_opt, step=STEPS)
+    model4, opt4 = build(7)
+    checkpoint.load(Path(directory) / "flat_int8", model4, opt4)
+    out["codes_into_fsdp_differ"] = differing(opt4.state_dict()["state"], theirs)
+    kw["state_precision"] = "fp32"
+    model5, opt5 = build(7)
+    checkpoint.load(Path(directory) / "flat_int8", model5, opt5)
+    out["codes_into_fsdp_fp32_differ"] = differing(opt5.state_dict()["state"], theirs)
     return out
 
 
@@ -445,7 +454,8 @@ def test_no_double_sharding_and_uneven_shards(one_d):
 def test_int8_state_on_fsdp2_rows_of_whole_blocks_is_bitwise_the_unsharded_one(one_d):
     for rank, r in enumerate(_scenario(one_d, "int8_state")):
         assert r["state_dtype"] == "torch.int8", f"int8_state rank {rank}: {r}"
-        for what in ("params_differ", "state_differs", "checkpoint_state_differs", "state_dict_differs"):
+        for what in ("params_differ", "state_differs", "checkpoint_state_differs", "state_dict_differs",
+                     "codes_into_fsdp_differ", "codes_into_fsdp_fp32_differ"):
             assert r[what] == [], f"int8_state rank {rank}: {what} {r[what]}"
 
 

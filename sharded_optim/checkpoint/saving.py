@@ -84,7 +84,7 @@ def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any, *, ste
     agreement.verify(opt)  # a checkpoint of ranks that disagree would record one rank's view as everyone's
     meta = _build_meta(model, opt, la, params, step, extra)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    state.update(_tensor_map(opt, la, params, lambda entry, key, live: live, compressed_params(opt, params)))
+    state.update(_tensor_map(opt, la, params, lambda entry, key, live: live, compressed_params(params)))
     rank = _rank()
     tmp = path.parent / f".{path.name}.partial"
     needed = _bytes_to_write(state)
@@ -160,7 +160,7 @@ def _build_meta(model: torch.nn.Module, opt: ShardedOptimizer, la: Lookahead | N
         hp["state_keys"] = list(rules.state_keys(opt.algorithm, group))
         groups.append(hp)
     info = {}
-    compressed = compressed_params(opt, params)
+    compressed = compressed_params(params)
     for entry in params:
         st, mu = counters[id(entry.p)]
         state_dtype = entry.rt.compute_dtype if entry.flat else opt.state[entry.p][_state_keys(opt, entry)[0]].dtype

@@ -127,7 +127,7 @@ def _tensor_map(opt: ShardedOptimizer, la: Lookahead | None, params: list[_Param
 SCALES_SUFFIX = "_block_scales"   # DCP key of an 8-bit state's block scales: optim.<param>.<state key><suffix>
 
 
-def compressed_params(opt: ShardedOptimizer, params: list[_Param]) -> set[str]:
+def compressed_params(params: list[_Param]) -> set[str]:
     """The parameters whose state a checkpoint saves as 8-bit codes and block scales: those of int8 runtimes."""
     return {e.name for e in params if e.flat and e.rt.state_precision == "int8"}
 
@@ -140,11 +140,16 @@ def _codes_and_scales(opt: ShardedOptimizer, entry: _Param, buffer_of: Any) -> d
     layout puts every piece on a block boundary.  Loading into another precision, it gets codes flat like the
     runtime's values and scales packed per parameter (:meth:`SlotSharding.blocks` ``compact``: neighbouring
     pieces of a layout without blocks may share one).  :func:`decode_loaded` turns them into values."""
-    if not entry.flat:
-        raise CheckpointError(f"the state of parameter {entry.name!r} is stored as 8-bit codes, which load into "
-                              "ShardedOptimizer's own flat sharding only, not FSDP2/DTensor parameters; save it "
-                              "from state_precision='fp32' or 'bf16' to load it there")
     rt, out = entry.rt, {}
+    if not entry.flat:   # loading into FSDP2 (only flat runtimes save codes): codes as the parameter is sharded,
+        numel = entry.p.numel()   # the scales whole on every rank (a 256th of the elements)
+        for key in _state_keys(opt, entry):
+            codes = rt.state_as_dtensor(torch.empty(rt.layout.local_numel, device=rt.device,
+                                                    dtype=int8_state.codes_dtype(key)), entry.slot)
+            out[f"optim.{entry.name}.{key}"] = buffer_of(entry, f"{key}:codes", codes)
+            out[f"optim.{entry.name}.{key}{SCALES_SUFFIX}"] = buffer_of(
+                entry, f"{key}:scales", torch.empty(-(-numel // int8_state.BLOCK), device=rt.device))
+        return out
     blocked = rt.state_precision == "int8"
     blocks = entry.sharding.blocks(int8_state.BLOCK, compact=not blocked)
     for key in _state_keys(opt, entry):
@@ -165,6 +170,14 @@ def decode_loaded(opt: ShardedOptimizer, entry: _Param, scratch: dict[tuple[int,
     ``scratch`` (keys as :func:`_codes_and_scales` named them) into ``scratch[(id(runtime), key)]``, where a load
     of values would have put them."""
     rt = entry.rt
+    if not entry.flat:
+        for key in _state_keys(opt, entry):
+            codes = scratch[(entry.name, f"{key}:codes")]
+            first = rt.global_offset(entry.slot)
+            values = int8_state.dequantize_range(codes.to_local().reshape(-1), scratch[(entry.name, f"{key}:scales")]
+                                                 [first // int8_state.BLOCK:], first)
+            scratch[(entry.name, key)] = rt.state_as_dtensor(values, entry.slot, whole=False)
+        return
     blocked = rt.state_precision == "int8"
     blocks = entry.sharding.blocks(int8_state.BLOCK, compact=not blocked)
     for key in _state_keys(opt, entry):
@@ -186,9 +199,9 @@ def _dtensor_state(opt: ShardedOptimizer, entry: _Param, key: str) -> Tensor:
 
 
 def _flat_state(rt: FlatParamGroup, key: str, cache: dict[tuple[int, str], Tensor]) -> Tensor:
-    """The local buffer a load writes state ``key`` of ``rt`` from (a checkpoint of values loads into it, one of
-    8-bit codes is decoded into it): the state itself, or for 8-bit state its fp32 values, one copy per runtime,
-    stored back after the load (values from 8-bit codes lie on the grid and are stored exactly)."""
+    """The local buffer of state ``key`` of ``rt`` that checkpoints of values save from and load into: the state
+    itself; for 8-bit state (a load of values, or of codes decoded into values) its fp32 values, one copy per
+    runtime, stored back after the load (values decoded from codes lie on the grid and are stored exactly)."""
     if rt.state_precision != "int8":
         return rt.state[key]
     if (id(rt), key) not in cache:

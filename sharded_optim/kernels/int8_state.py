@@ -58,10 +58,12 @@ BLOCK = 256        # elements per scale
 LEVELS_PER_OCTAVE = 8
 SHIFT = 23 - 3     # fp32 mantissa bits dropped: 3 kept, 2**3 = LEVELS_PER_OCTAVE levels per octave
 SMALL_NUMEL = 4096  # tensors below this keep fp32 state (as bitsandbytes and torchao do): too small to matter
-# Elements per kernel call.  Inductor computes the block maxima in one loop and the update again in a second one
-# over the same block, so temporaries are small; chunks still bound them whatever the shard size, at one extra call
-# (~0.2 ms of host time on CPU) per million elements.
+# Elements per kernel call on CPU: Inductor keeps the updated fp32 state of a call in temporaries (8 bytes per
+# element for two states), and chunks bound them whatever the shard size, at one extra call (~0.2 ms of host
+# time) per million elements.  Elsewhere one call per GPU_CHUNK: a launch costs tens of microseconds there, and
+# Triton reduces each 256-element row on chip (the bound only keeps element indices small).
 CHUNK = 1 << 20
+GPU_CHUNK = 1 << 27
 _ONE = 0x3F800000      # the bits of 1.0: the scale of an all-zero block
 _EXPONENT = 0x7F800000
 _MIN_NORMAL = 1 << 23 >> SHIFT   # the grid index of the smallest normal float: lower levels would be subnormal
@@ -200,17 +202,18 @@ def codes_dtype(key: str) -> torch.dtype:
 
 def blocked_calls(tensors: tuple[Tensor, ...], first: int, n_state: int) -> list[tuple[Tensor, ...]]:
     """The arguments of an 8-bit kernel call as ``(blocks, BLOCK)`` views (scales ``(blocks, 1)``), cut into calls
-    of at most :data:`CHUNK` elements.
+    of at most :data:`CHUNK` elements on CPU, :data:`GPU_CHUNK` elsewhere.
 
     ``tensors[first:]`` are ``p, g, *codes, *scales, sc, step`` with ``n_state`` codes and scales, 1-D and a whole
     number of blocks long (``first`` = 1 for the gated form, whose flag comes first); everything else passes
     whole."""
     numel = tensors[first].numel()
+    chunk = CHUNK if tensors[first].device.type == "cpu" else GPU_CHUNK
     elementwise = range(first, first + 2 + n_state)
     blockwise = range(first + 2 + n_state, first + 2 + 2 * n_state)
     out = []
-    for lo in range(0, numel, CHUNK):
-        hi = min(numel, lo + CHUNK)
+    for lo in range(0, numel, chunk):
+        hi = min(numel, lo + chunk)
         out.append(tuple(t[lo:hi].view(-1, BLOCK) if i in elementwise
                          else t[lo // BLOCK: hi // BLOCK].view(-1, 1) if i in blockwise else t
                          for i, t in enumerate(tensors)))

@@ -164,3 +164,49 @@ def test_capturable_step_replays_as_a_cuda_graph() -> None:
     assert int(graphed.state[graph_model[0].weight]["step"]) == 8
     for a, b in zip(eager_model.parameters(), graph_model.parameters()):
         assert torch.equal(a, b)
+
+
+def _low_precision_against_fp32(precision: str, device: str) -> None:
+    """Teacher-forced steps of ``precision`` state against fp32 state on ``device`` (compiled kernels, the default
+    device path); on CUDA the low-precision steps after the first (which compiles) run under
+    ``set_sync_debug_mode("error")``."""
+    from tests.test_int8_state import bound as int8_bound
+    from tests.test_low_precision import NEAREST_KEYS, spacing
+    n, lr = 5000, 1e-2   # >= 4096 elements: int8 blocks
+    torch.manual_seed(0)
+    p32 = torch.nn.Parameter(torch.randn(n, device=device) * 0.1)
+    plow = torch.nn.Parameter(p32.detach().clone())
+    kw = dict(algorithm="adamod", amsgrad=True, lr=lr)
+    o32 = so.ShardedOptimizer([p32], **kw)
+    olow = so.ShardedOptimizer([plow], state_precision=precision, **kw)
+    for step in range(4):
+        o32.load_state_dict(olow.state_dict())   # the same (exported, exact) state on both sides
+        g = torch.randn(n, generator=torch.Generator().manual_seed(step)).to(device)
+        p32.grad, plow.grad = g.clone(), g.clone()
+        o32.step()
+        if device == "cuda" and step:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            olow.step()
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+        assert float((plow - p32).detach().abs().max()) < lr * 1e-4, (precision, step)
+        for key, got in olow.state_dict()["state"][0].items():
+            if key == "step":
+                continue
+            want = o32.state[p32][key].detach().double().cpu()
+            if precision == "int8":
+                from sharded_optim.kernels.int8_state import SIGNED_KEYS
+                limit = int8_bound(want, key in SIGNED_KEYS) * 1.001
+            else:   # within a bf16 spacing (stochastic), half of one (nearest), plus the kernels' FMA slack
+                limit = spacing(want) * (0.5 if key in NEAREST_KEYS else 1.0) + want.abs() * 1e-6
+            assert bool(((got.double().cpu() - want).abs() <= limit).all()), (precision, step, key)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_low_precision_state_on_cuda_follows_fp32_within_its_bound(precision: str) -> None:
+    """bf16/int8 state through the compiled Triton kernels: parameters within lr * 1e-4 of fp32 state's from the
+    same state and gradient, every stored element within the quantizer's bound (the CPU tests' bounds), and no
+    host synchronisation inside ``step()``."""
+    _low_precision_against_fp32(precision, "cuda")

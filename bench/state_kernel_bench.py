@@ -16,12 +16,12 @@ kernel's speed on CPU; >= 0.8 of the copy bandwidth on the compressed bytes on a
 from __future__ import annotations
 
 import argparse
-import time
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 
 from common import environment, interleaved, md_table, median, write_json, write_markdown
+from gpu_bench import Clock
 from kernel_bench import hyper
 from sharded_optim import rules
 from sharded_optim.kernels import dispatch
@@ -30,25 +30,6 @@ from sharded_optim.state_storage import StateStorage
 CASES = [("adamw", "adamw", {}), ("amsgrad", "adam", {"amsgrad": True})]
 PRECISIONS = ("fp32", "bf16", "int8")
 STATE_BYTES = {"fp32": 8.0, "bf16": 4.0, "int8": 2.0 + 8.0 / 256}   # per element and state, read + written
-
-
-def _timer(device: torch.device):
-    if device.type != "cuda":
-        def wall(fn) -> float:
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-        return wall
-
-    def events(fn) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    return events
 
 
 def _kernel(algorithm: str, options: dict, precision: str, numel: int, device: torch.device):
@@ -79,7 +60,7 @@ def main() -> None:
     numel = -(-int(args.numel) // 256) * 256   # whole 8-bit blocks, as the optimizer's layout pads them
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    timer = _timer(device)
+    timer = Clock(device)   # CUDA events on a GPU, wall time on CPU
     rows, table = [], []
     for name, algorithm, options in CASES:
         fns = {"copy": lambda: dst.copy_(src)}

@@ -82,9 +82,10 @@ def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any, *, ste
         raise ValueError(f"path must name a checkpoint directory (not hidden), got {str(path)!r}")
     params = _params(model, opt)
     agreement.verify(opt)  # a checkpoint of ranks that disagree would record one rank's view as everyone's
-    meta = _build_meta(model, opt, la, params, step, extra)
+    compressed = compressed_params(params)   # 8-bit state saved as codes and block scales
+    meta = _build_meta(model, opt, la, params, step, extra, compressed)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    state.update(_tensor_map(opt, la, params, lambda entry, key, live: live, compressed_params(params)))
+    state.update(_tensor_map(opt, la, params, lambda entry, key, live: live, compressed))
     rank = _rank()
     tmp = path.parent / f".{path.name}.partial"
     needed = _bytes_to_write(state)
@@ -151,7 +152,7 @@ def _save_failed(path: Path, tmp: Path, exc: BaseException, needed: int) -> Chec
 
 
 def _build_meta(model: torch.nn.Module, opt: ShardedOptimizer, la: Lookahead | None, params: list[_Param],
-                step: int, extra: Any) -> dict[str, Any]:
+                step: int, extra: Any, compressed: set[str]) -> dict[str, Any]:
     counters = _slot_counters(opt, params)
     groups = []
     for gi, group in enumerate(opt.param_groups):
@@ -160,7 +161,6 @@ def _build_meta(model: torch.nn.Module, opt: ShardedOptimizer, la: Lookahead | N
         hp["state_keys"] = list(rules.state_keys(opt.algorithm, group))
         groups.append(hp)
     info = {}
-    compressed = compressed_params(params)
     for entry in params:
         st, mu = counters[id(entry.p)]
         state_dtype = entry.rt.compute_dtype if entry.flat else opt.state[entry.p][_state_keys(opt, entry)[0]].dtype

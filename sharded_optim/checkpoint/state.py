@@ -171,9 +171,9 @@ def decode_loaded(opt: ShardedOptimizer, entry: _Param, scratch: dict[tuple[int,
     of values would have put them."""
     rt = entry.rt
     if not entry.flat:
+        first = rt.global_offset(entry.slot)
         for key in _state_keys(opt, entry):
             codes = scratch[(entry.name, f"{key}:codes")]
-            first = rt.global_offset(entry.slot)
             values = int8_state.dequantize_range(codes.to_local().reshape(-1), scratch[(entry.name, f"{key}:scales")]
                                                  [first // int8_state.BLOCK:], first)
             scratch[(entry.name, key)] = rt.state_as_dtensor(values, entry.slot, whole=False)

@@ -40,7 +40,7 @@ value on the grid is stored exactly (its dropped bits are 0): dequantize-then-qu
 fp32 checkpoints of int8 state exact.  Bound per stored element: :math:`|q(x) - x| <` one level spacing at
 :math:`x`, :math:`2^{\lfloor \log_2 |x| \rfloor - 3} \le |x|/8`, above the last level; the last level itself below it.
 
-The kernel works on ``(blocks, 256)`` views (:func:`blocked`): with 1-D arguments reshaped inside the compiled
+The kernel works on ``(blocks, 256)`` views (:func:`blocked_calls`): with 1-D arguments reshaped inside the compiled
 function, Inductor indexes every element through divisions by the symbolic block count, 8x slower on CPU.
 """
 from __future__ import annotations
@@ -175,7 +175,7 @@ def int8_state(variant: str) -> Callable[..., None]:
 
     Signature ``(p, g, *codes, *scales, sc, step)``: the fp32 kernel's ``p``, ``g`` and ``sc``, then one codes tensor
     and one scales tensor per state (in the variant's order), and the int64 step counter ``step`` (0-d).  ``p``,
-    ``g`` and the codes are ``(blocks, BLOCK)``, the scales ``(blocks, 1)`` (:func:`blocked`)."""
+    ``g`` and the codes are ``(blocks, BLOCK)``, the scales ``(blocks, 1)`` (:func:`blocked_calls`)."""
     kernel = VARIANTS[variant]
     n = len(state_letters(variant))
 

@@ -247,8 +247,11 @@ def test_int8_checkpoints_store_codes_and_block_scales(tmp_path):
     assert stored["optim.weight.exp_avg"].properties.dtype == torch.int8
     assert stored["optim.weight.exp_avg_sq"].properties.dtype == torch.uint8
     assert tuple(stored["optim.weight.exp_avg_block_scales"].size) == (65536 // 256,)
-    # model 4 B/element in both; state 3 x 4 B (fp32) against 3 x (1 + 4/256) B (int8)
-    assert bytes8 < 0.45 * bytes32, (bytes8, bytes32)
+    # model 4 B/element in both; state 3 x 4 B (fp32) against 3 x (1 + 4/256) B (int8), plus file framing
+    # framing: DCP's headers, measured ~11 KiB; fp32 state instead of codes would add 576 KiB
+    model, numel, framing = 4 * 65536, 65536, 64 << 10
+    assert bytes32 >= model + 3 * 4 * numel, (bytes32, "fp32 state stored in full")
+    assert bytes8 <= model + 3 * numel * (1 + 4 / 256) + framing, (bytes8, "int8 state stored as codes + scales")
     _, tensors = read_checkpoint(tmp_path / "int8")
     assert not any(k.endswith("_block_scales") for k in tensors)
     for key, value in o8.state_dict()["state"][0].items():
@@ -256,13 +259,15 @@ def test_int8_checkpoints_store_codes_and_block_scales(tmp_path):
             assert torch.equal(tensors[f"optim.weight.{key}"], value), key
 
 
-@pytest.mark.parametrize("precision,limit", [("bf16", 2.0 ** -8), ("int8", 1 / 8)])
+@pytest.mark.parametrize("precision,limit", [("bf16", 2.0 ** -7), ("int8", 1 / 8)])
 @pytest.mark.parametrize("algorithm,opts", [("adamw", {}), ("adamax", {}), ("adamw", {"capturable": True})])
 def test_quantization_error_statistics_equal_the_direct_computation(precision, limit, algorithm, opts):
     """On a statistics step the reported relative error of each stored moment is ||q(x) - x|| / ||x|| with x the
     fp32 state from the same state and gradient (teacher forcing, computed here with an fp32 optimizer), and lies
-    within the quantizer's relative bound: a bf16 spacing is at most 2**-7 of the value (stochastic rounding errs
-    by less than one; RMS about half), an int8 level at most 1/8."""
+    within the quantizer's relative bound, which holds per element and so for the norms: stochastic rounding errs
+    by less than one spacing, a bf16 spacing is at most 2**-7 of the value (measured here about 2.3e-3), an int8
+    level at most 1/8 above the block's last level (measured about 4e-2; the elements below it are 2**-15 of the
+    block's largest and weigh nothing in the norm)."""
     from sharded_optim.telemetry.finalize import finalize
     torch.manual_seed(0)
     n = 5000

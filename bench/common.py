@@ -109,3 +109,28 @@ def md_table(header: list[str], rows: list[list[object]]) -> str:
 def plot_path(name: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{name}.png"
+
+
+def grouped_bars(name: str, panels: list[tuple[str, str, list[str], dict[str, list[float]], float | None]]) -> Path:
+    """``bench/results/<name>.png``: one bar chart per panel ``(title, y label, categories, {series: values},
+    reference line or None)``, the series side by side within each category."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (title, ylabel, categories, series, line) in zip(axes[0], panels):
+        width = 0.8 / len(series)
+        for i, (label, values) in enumerate(series.items()):
+            ax.bar([k + (i - (len(series) - 1) / 2) * width for k in range(len(categories))], values, width,
+                   label=label)
+        if line is not None:
+            ax.axhline(line, color="k", ls="--", lw=1)
+        ax.set_xticks(list(range(len(categories))), categories)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = plot_path(name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

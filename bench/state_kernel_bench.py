@@ -11,7 +11,7 @@ kernel's speed on CPU; >= 0.8 of the copy bandwidth on the compressed bytes on a
 
     python bench/state_kernel_bench.py                                   # CPU, 16M elements
     python bench/state_kernel_bench.py --device cuda --numel 268435456   # one GPU, 256M elements
-    # writes bench/results/state_kernel_<device>.{json,md}
+    # writes bench/results/state_kernel_<device>.{json,md,png}
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import argparse
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 
-from common import environment, interleaved, md_table, median, write_json, write_markdown
+from common import environment, grouped_bars, interleaved, md_table, median, write_json, write_markdown
 from gpu_bench import Clock
 from kernel_bench import hyper
 from sharded_optim import rules
@@ -90,6 +90,14 @@ def main() -> None:
         f"({rows[0]['copy_GBps']:.1f} GB/s).", "",
         md_table(["algorithm", "state", "ms", "speed vs fp32 state", "GB/s moved", "of copy bandwidth"], table)])
     write_markdown(f"state_kernel_{tag}", text)
+    names = [name for name, _, _ in CASES]
+    pick = {prec: [next(r for r in rows if r["algorithm"] == n and r["precision"] == prec) for n in names]
+            for prec in PRECISIONS}
+    grouped_bars(f"state_kernel_{tag}", [
+        ("update kernel: speed vs fp32 state (target int8 >= 0.8)", "fp32 time / time", names,
+         {p: [r["speed_vs_fp32"] for r in pick[p]] for p in PRECISIONS}, 0.8),
+        (f"bandwidth on the bytes moved, {device_name}", "fraction of a device copy", names,
+         {p: [r["fraction_of_copy"] for r in pick[p]] for p in PRECISIONS}, 0.8)])
     print(text)
 
 

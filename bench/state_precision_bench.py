@@ -8,7 +8,7 @@ the size, and ``malloc_trim`` then hands the compiler's freed heap back, so neit
 hides in the figures.  The optimizer's own buffers besides the state: the flat gradient shard (4 B/param).
 
     python bench/state_precision_bench.py [--numel 16777216] [--repeats 20]
-    # writes bench/results/state_precision.{json,md}
+    # writes bench/results/state_precision.{json,md,png}
 """
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import common  # noqa: F401  (puts the repository root on sys.path)
+from common import grouped_bars
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = [("adamw", {}), ("amsgrad", {"amsgrad": True})]
@@ -114,6 +117,15 @@ def main() -> None:
                      f"{row['retained_rss_growth_bytes_per_param']:.2f} |")
     (RESULTS / "state_precision.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    names = [name for name, _ in CONFIGS]
+    pick = {prec: [next(r for r in rows if r["algorithm"] == n and r["precision"] == prec) for n in names]
+            for prec in PRECISIONS}
+    fp32 = {r["algorithm"]: r["step_ms"] for r in pick["fp32"]}
+    grouped_bars("state_precision", [
+        ("step(): speed vs fp32 state", "fp32 step time / step time", names,
+         {p: [fp32[r["algorithm"]] / r["step_ms"] for r in pick[p]] for p in PRECISIONS}, None),
+        ("optimizer memory, measured resident growth", "bytes per parameter", names,
+         {p: [r["peak_rss_growth_bytes_per_param"] for r in pick[p]] for p in PRECISIONS}, None)])
 
 
 if __name__ == "__main__":

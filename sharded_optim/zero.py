@@ -94,6 +94,8 @@ class FlatParamGroup(GradientReduction):
         self._ready = [0] * len(self.layout.buckets)
         self._reduced = [False] * len(self.layout.buckets)
         self._pending: list[_Pending] = []
+        self._staging_free: list[Tensor] = []   # reusable reduction buffers (zero_grads.STAGING_BUFFERS)
+        self._bucket_gaps = self._staging_gaps()
         self._hooks: list[Any] = []
         self.sync_enabled = True
         self._versions = [p._version for p in self.params]
@@ -111,6 +113,7 @@ class FlatParamGroup(GradientReduction):
         # 10.9 ms), so on gloo the same data movement goes through those; NCCL keeps the real collectives.
         self._gloo = world > 1 and dist.get_backend(process_group) == "gloo"
         self._scatters = self.zero_stage >= 2 and not self._gloo  # reduce-scatter straight into the shard
+        self._exchanges = self.zero_stage >= 2 and self._gloo   # reduce-scatter by send/recv (zero_grads)
         self._ranks = [dist.get_global_rank(process_group, r) for r in range(world)] if world > 1 else [0]
         self._gathers: dict[int, tuple[Any, Tensor | None, Tensor]] = {}  # bucket -> in-flight all-gather
         # partial sums (gradient norm, statistics) are summed over this group: the shards are disjoint in it

@@ -1,8 +1,9 @@
 """Gradient reduction of a ZeRO param group: each gradient reaches this rank's shard of ``grad``, averaged.
 
 ZeRO-2 reduce-scatters each bucket as soon as backward has produced every gradient in it (post-accumulate-grad
-hooks, so communication overlaps the rest of backward) and frees the full gradients; ZeRO-1 all-reduces the
-bucket and keeps this rank's slice; with ``reduce_grads=False`` (a DDP-wrapped model, gradients already averaged)
+hooks, so communication overlaps the rest of backward) and frees the full gradients (on gloo by a send/recv
+exchange, :meth:`GradientReduction._exchange`); ZeRO-1 all-reduces the bucket and keeps this rank's slice.  Buckets
+are staged in a small pool of reused buffers (:data:`STAGING_BUFFERS`); with ``reduce_grads=False`` (a DDP-wrapped model, gradients already averaged)
 the slice is copied; on one rank large gradients are read where autograd left them.  With ``world`` ranks the
 shard holds
 
@@ -26,6 +27,15 @@ from .flat import FlatLayout
 reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+# Bucket-sized staging buffers in flight at once, and kept for reuse across buckets and steps.  A fresh buffer per
+# bucket cost more than the reduction on CPU: a 32 MiB bucket is above glibc's largest mmap threshold, so every
+# allocation was a new mapping, page-faulted and zero-filled again (2 gloo ranks, 25.2M-parameter MLP: 3 such
+# fills per step took 60-70 ms of a 300 ms step).  Two buffers, as DeepSpeed's double-buffered IPG bucket: a third
+# bucket waits for the oldest reduction (gloo runs them one after the other anyway; on NCCL the wait only orders
+# streams).  They cost 2 buckets of memory between steps, against DDP's full-size gradient buckets.
+STAGING_BUFFERS = 2
+
+
 @dataclass
 class _Pending:
     """An in-flight gradient reduction of one bucket."""
@@ -35,8 +45,8 @@ class _Pending:
     out: Tensor | None      # where this rank's averaged slice lands (reduce-scatter only)
     accumulate: bool        # add the result into the shard (a later micro-batch) instead of overwriting it
     bucket: int
-
-
+    buffer: Tensor          # the pooled buffer ``staging`` is a view of, reused once this reduction is folded in
+    pieces: list[Tensor] | None = None   # exchange: every rank's piece of this rank's slice, in rank order
 
 
 class GradientReduction:
@@ -54,8 +64,12 @@ class GradientReduction:
     _ready: list[int]
     _reduced: list[bool]
     _pending: list[_Pending]
+    _staging_free: list[Tensor]
+    _bucket_gaps: list[list[tuple[int, int]]]
     _hooks: list[Any]
     _scatters: bool
+    _exchanges: bool
+    _ranks: list[int]
     _grad_pieces: list[list[tuple[Tensor, int | None, int | None]]]
     _direct_slots: set[int]
     _direct: dict[int, Tensor]
@@ -79,26 +93,74 @@ class GradientReduction:
         """Average bucket ``bucket_index``'s gradients into this rank's slice, asynchronously."""
         bucket = self.layout.buckets[bucket_index]
         self._ready[bucket_index] = 0
-        staging = torch.zeros(bucket.numel, dtype=self.grad_dtype, device=self.device)
+        buffer = self._take_staging()
+        staging = buffer[:bucket.numel]
+        for lo, hi in self._bucket_gaps[bucket_index]:
+            staging[lo:hi].zero_()  # padding: a reused buffer holds the last bucket's values there
         for s in bucket.slots:
             slot = self.layout.slots[s]
             p = self.params[slot.index]
+            dst = staging[slot.offset - bucket.start: slot.offset - bucket.start + slot.numel]
             if p.grad is not None:
                 # pre-divide by the world size (as DDP does): gloo has no AVG reduction, and it keeps sums small
-                torch.div(p.grad.reshape(-1), self.world,
-                          out=staging[slot.offset - bucket.start: slot.offset - bucket.start + slot.numel])
+                torch.div(p.grad.reshape(-1), self.world, out=dst)
                 p.grad = None  # the full gradient is no longer needed: only the shard is kept (ZeRO-2 memory)
+            else:
+                dst.zero_()
         accumulate = self._reduced[bucket_index]
-        out = None
-        if self._scatters:
+        out = pieces = None
+        if self._exchanges:
+            work, pieces = self._exchange(staging, buffer[bucket.numel:], bucket, accumulate)
+        elif self._scatters:
             # a later micro-batch lands in a temporary that wait() adds to the shard; the first writes in place
             out = torch.empty(bucket.shard_numel, dtype=self.grad_dtype, device=self.device) if accumulate \
                 else self.grad[self.layout.bucket_local_range(bucket)]
             work = reduce_scatter(out, staging, group=self.process_group, async_op=True)
-        else:  # ZeRO-1, or ZeRO-2 on gloo: all-reduce the transient bucket; wait() keeps this rank's slice
+        else:  # ZeRO-1: all-reduce the transient bucket; wait() keeps this rank's slice
             work = dist.all_reduce(staging, group=self.process_group, async_op=True)
-        self._pending.append(_Pending(work, staging, out, accumulate, bucket_index))
+        self._pending.append(_Pending(work, staging, out, accumulate, bucket_index, buffer, pieces))
         self._reduced[bucket_index] = True
+
+    def _exchange(self, staging: Tensor, spare: Tensor, bucket: Any,
+                  accumulate: bool) -> tuple[list[Any], list[Tensor]]:
+        """A reduce-scatter by point-to-point exchange (ZeRO-2 on gloo): send every other rank its slice of the
+        bucket, receive this rank's slice from each of them; :meth:`_sum_exchanged` adds them up.
+
+        The same bytes as a ring reduce-scatter, but gloo's ``reduce_scatter`` and ``all_reduce`` are 2-4x slower
+        than its send/recv (2 ranks, 32 MiB bucket, one thread each: send/recv + add 12 ms, all_reduce 27 ms,
+        reduce_scatter 40-46 ms).  The first piece received lands in the gradient shard itself (unless a later
+        micro-batch adds to it), the others in ``spare``, so two ranks need no buffer beyond the bucket.  The tag is
+        the bucket, so reductions in flight together never take each other's messages.
+        Returns the works and every rank's piece in rank order (this rank's own is its slice of ``staging``)."""
+        n, works, pieces = bucket.shard_numel, [], []
+        shard = None if accumulate else self.grad[self.layout.bucket_local_range(bucket)]
+        for r in range(self.world):
+            if r == self.rank:
+                pieces.append(staging[r * n:(r + 1) * n])
+                continue
+            if shard is not None:
+                piece, shard = shard, None
+            else:
+                piece, spare = spare[:n], spare[n:]
+                if piece.numel() < n:   # a micro-batch after the first: no room was kept for it
+                    piece = torch.empty(n, dtype=self.grad_dtype, device=self.device)
+            peer = self._ranks[r]
+            works.append(dist.isend(staging[r * n:(r + 1) * n], peer, group=self.process_group, tag=bucket.index))
+            works.append(dist.irecv(piece, peer, group=self.process_group, tag=bucket.index))
+            pieces.append(piece)
+        return works, pieces
+
+    def _take_staging(self) -> Tensor:
+        """A pooled buffer of the largest bucket's size (see :data:`STAGING_BUFFERS`): a free one, a new one while
+        fewer exist, else the oldest reduction's once it is complete and folded into the shard."""
+        while not self._staging_free and len(self._pending) >= STAGING_BUFFERS:
+            self._complete(self._pending.pop(0))
+        if self._staging_free:
+            return self._staging_free.pop()
+        numel = max(b.numel for b in self.layout.buckets)
+        if self._exchanges:   # room for the pieces the other ranks send beyond the first (:meth:`_exchange`)
+            numel += (self.world - 2) * max(b.shard_numel for b in self.layout.buckets)
+        return torch.empty(numel, dtype=self.grad_dtype, device=self.device)
 
     def collect_grads(self, in_place: bool = True) -> list[bool]:
         """Make ``self.grad`` hold this rank's averaged gradient shard; return which params had a gradient.
@@ -155,18 +217,42 @@ class GradientReduction:
     def wait(self) -> None:
         """Wait for every in-flight reduction and fold its result into the gradient shard."""
         for pending in self._pending:
-            pending.work.wait()
-            bucket = self.layout.buckets[pending.bucket]
-            local = self.layout.bucket_local_range(bucket)
-            if self._scatters:
-                result = pending.out
-            else:
-                result = pending.staging[self.layout.bucket_rank_range(bucket).start - bucket.start:][:bucket.shard_numel]
-            if pending.accumulate:
-                self.grad[local].add_(result)
-            elif not self._scatters:
-                self.grad[local].copy_(result)
+            self._complete(pending)
         self._pending.clear()
+
+    def _complete(self, pending: _Pending) -> None:
+        """Wait for one reduction, fold its result into the gradient shard, and free its staging buffer."""
+        for work in pending.work if isinstance(pending.work, list) else [pending.work]:
+            work.wait()
+        bucket = self.layout.buckets[pending.bucket]
+        shard = self.grad[self.layout.bucket_local_range(bucket)]
+        if pending.pieces is not None:
+            self._sum_exchanged(pending, shard)
+        elif self._scatters:
+            if pending.accumulate:
+                shard.add_(pending.out)
+        else:
+            result = pending.staging[self.layout.bucket_rank_range(bucket).start - bucket.start:][:bucket.shard_numel]
+            if pending.accumulate:
+                shard.add_(result)
+            else:
+                shard.copy_(result)
+        self._staging_free.append(pending.buffer)
+
+    def _sum_exchanged(self, pending: _Pending, shard: Tensor) -> None:
+        """Fold this rank's slice of an exchanged bucket into ``shard``: the sum of every rank's piece in rank order,
+        ``((p_0 + p_1) + p_2) + ...`` (for two ranks what gloo's all-reduce computes, bitwise).  The first two terms
+        add in whichever order holds the shard (IEEE addition commutes)."""
+        p0, p1, *rest = pending.pieces
+        if pending.accumulate:
+            total = torch.add(p0, p1)
+        else:
+            total = shard   # it received p0 or p1 (the lowest-ranked other rank's piece)
+            total.add_(p1 if p0.data_ptr() == shard.data_ptr() else p0)
+        for piece in rest:
+            total.add_(piece)
+        if pending.accumulate:
+            shard.add_(total)
 
     def end_step(self) -> None:
         """Forget this step's reductions: the next backward starts a new accumulation cycle."""
@@ -200,6 +286,23 @@ class GradientReduction:
         for piece in self.layout.pieces:
             out[piece.slot].append((self.grad[piece.local_lo: piece.local_lo + piece.hi - piece.lo],
                                     piece.lo, piece.hi))
+        return out
+
+    def _staging_gaps(self) -> list[list[tuple[int, int]]]:
+        """Per bucket, the ranges of its staging buffer (bucket coordinates) that no parameter covers: alignment
+        padding, zeroed at every launch."""
+        out: list[list[tuple[int, int]]] = []
+        for bucket in self.layout.buckets:
+            gaps, cursor = [], 0
+            for lo, hi in sorted((self.layout.slots[s].offset - bucket.start,
+                                  self.layout.slots[s].offset - bucket.start + self.layout.slots[s].numel)
+                                 for s in bucket.slots):
+                if lo > cursor:
+                    gaps.append((cursor, lo))
+                cursor = max(cursor, hi)
+            if cursor < bucket.numel:
+                gaps.append((cursor, bucket.numel))
+            out.append(gaps)
         return out
 
     def _hand_over_grad_views(self, has_grad: list[bool]) -> None:

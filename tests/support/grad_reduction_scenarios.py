@@ -1,0 +1,74 @@
+"""Rank function for tests/test_grad_reduction.py: ZeRO-2's gradient reduction on gloo (the send/recv exchange and
+its pooled staging buffers) against the averaged gradient computed directly from every rank's gradients."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tests.support.scenarios import Scenarios
+
+SHAPES = [(37, 11), (37,), (5, 37), (5,), (64, 5), (64,), (3, 64)]   # uneven sizes: padding inside buckets
+
+
+def _model() -> torch.nn.ModuleList:
+    torch.manual_seed(0)
+    return torch.nn.ModuleList([torch.nn.Linear(11, 37), torch.nn.Linear(37, 5), torch.nn.Linear(5, 64),
+                                torch.nn.Linear(64, 3, bias=False)])
+
+
+def _loss(model: torch.nn.ModuleList, x: torch.Tensor, rank: int, skip_middle: bool) -> torch.Tensor:
+    h = torch.tanh(model[0](x))
+    if skip_middle and rank == 1:   # this rank produces no gradient for layer 1 (counts as zero, as in DeepSpeed)
+        return model[3](torch.tanh(model[2](h[:, :5]))).square().mean()
+    return model[3](torch.tanh(model[2](torch.tanh(model[1](h))))).square().mean()
+
+
+def _flat_grads(model: torch.nn.ModuleList) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in model.parameters()])
+
+
+def scenarios(rank: int, world: int) -> Scenarios:
+    """Per case, per parameter: whether it equals, after the ZeRO-2 steps so far, that of a one-process optimizer fed
+    the average ``sum_r g_r / world`` (rank order, fp32) of every rank's gradients; plus the staging buffers."""
+    from sharded_optim import ShardedOptimizer
+    from sharded_optim.zero_grads import STAGING_BUFFERS
+
+    out = Scenarios()
+    model, ref = _model(), _model()
+    # buckets of 64 elements: the 7 parameters spread over more buckets than there are staging buffers
+    opt = ShardedOptimizer(model.parameters(), algorithm="adamw", lr=1e-2, zero_stage=2, bucket_mb=256 / 2**20,
+                           kernel="eager")
+    ref_opt = ShardedOptimizer(ref.parameters(), algorithm="adamw", lr=1e-2, zero_stage=0, kernel="eager")
+    gen = torch.Generator().manual_seed(100 + rank)
+    cases = {"one backward": (1, False), "two micro-batches": (2, False), "a parameter without gradient": (1, True)}
+    for name, (micro, skip_middle) in cases.items():
+        average = None
+        for _ in range(micro):   # each backward's bucket reductions average that micro-batch: the sum of averages
+            x = torch.randn(4, 11, generator=gen)
+            _loss(model, x, rank, skip_middle).backward()
+            ref_opt.zero_grad()
+            _loss(ref, x, rank, skip_middle).backward()
+            mine = _flat_grads(ref)
+            every = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(every, mine)
+            this = every[0] / world
+            for g in every[1:]:
+                this = this + g / world
+            average = this if average is None else average + this
+        offset = 0
+        for p in ref.parameters():
+            p.grad = average[offset: offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        # (bitwise equal, max |difference|) per parameter: tensors do not cross the process boundary
+        out[name] = [(torch.equal(a, b), float((a - b).abs().max())) for a, b in zip(model.parameters(),
+                                                                                   ref.parameters())]
+    rt = next(iter(opt._runtimes.values()))[0]
+    out["buckets"] = len(rt.layout.buckets)
+    out["staging buffers"] = len(rt._staging_free)
+    out["staging limit"] = STAGING_BUFFERS
+    return out

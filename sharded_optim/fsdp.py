@@ -27,6 +27,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from .flat import FlatLayout, merge_runs, run_counters
 from .kernels import int8_state
+from .kernels.stats import sumsq
 from .serialization import MASTER_KEY
 from .state_storage import StateStorage, layout_options
 from .zero import DIRECT_MIN_NUMEL, LOW_PRECISION
@@ -335,10 +336,12 @@ class DTensorParamGroup:
         return [self.grad, *(g for _p, g in self._direct.values())]
 
     def local_grad_sumsq(self) -> Tensor:
-        """Sum of squares of the local gradient shards in float64 (summed over ``reduce_group`` by the caller)."""
-        total = torch.linalg.vector_norm(self.grad, dtype=torch.float64).square()
+        """Sum of squares of the local gradient shards in float64 (summed over ``reduce_group`` by the caller), by
+        :func:`~sharded_optim.kernels.stats.sumsq` as for flat groups: a float64 ``vector_norm`` converts every
+        element first and took 64 ms of a 97 ms step for 12.6M local elements (2 gloo ranks, one thread each)."""
+        total = sumsq(self.grad)
         for _p, g in self._direct.values():
-            total = total + torch.linalg.vector_norm(g, dtype=torch.float64).square()
+            total = total + sumsq(g)
         return total
 
     def stat_ranges(self) -> list[slice]:

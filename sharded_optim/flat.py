@@ -106,6 +106,19 @@ class FlatLayout:
         self.slot_of_index = slot_of_index
         self.pieces = self._local_pieces()
 
+    def slot_ranges(self) -> list[slice]:
+        """The ranges of a world-size-1 layout that hold parameter elements, merged where slots touch (padding
+        excluded); empty slots add nothing."""
+        ranges: list[slice] = []
+        for slot in sorted(self.slots, key=lambda s: s.offset):
+            if not slot.numel:
+                continue
+            if ranges and ranges[-1].stop == slot.offset:
+                ranges[-1] = slice(ranges[-1].start, slot.offset + slot.numel)
+            else:
+                ranges.append(slice(slot.offset, slot.offset + slot.numel))
+        return ranges
+
     def _local_pieces(self) -> list[Piece]:
         pieces = []
         for bucket in self.buckets:

@@ -9,6 +9,8 @@ shards of one (param group, dtype) end to end in a world-size-1 :class:`~sharded
 FSDP2 owns the parameters' storage (its all-gather reads from it), so the parameters are never re-pointed:
 gradients are copied in (``collect_grads``), the updated ``master`` is copied back into the local shards
 (``gather_params``), and ``master`` follows the shards when something else wrote them (a model checkpoint load).
+Large same-dtype shards are instead updated where they live, and come last in the layout: ``master`` and ``grad``
+cover only the shards before them until a step copies one (a statistics step, Lookahead).
 
 ``self.state[p][key]`` is a DTensor with the parameter's mesh, placements, global shape and stride, a live view of
 the flat buffer.  That is what ``torch.distributed.checkpoint`` needs: state held as plain local tensors would be
@@ -80,15 +82,30 @@ class DTensorParamGroup:
         if len(dims) > 1:
             raise NotImplementedError(f"parameters sharded over several mesh dimensions {dims} (placements "
                                       f"{first.placements}) are not supported; FSDP2 and HSDP shard over one")
-        self.params = list(params)
         self.dtype = first.dtype
-        locals_ = [p.to_local() for p in self.params]
-        self.device = locals_[0].device
-        self.layout = FlatLayout([t.shape for t in locals_], 1, 0, None, **layout_options(state_precision))
+        self.device = first.to_local().device
         self.compute_dtype = torch.float32 if (self.dtype in LOW_PRECISION and master_weights) else self.dtype
+        # Same dtype (no master copy): large local shards are updated where FSDP2 keeps them, from their own local
+        # gradient, by a kernel call each, instead of three copies a step (gradient in, parameter in, parameter
+        # out: 12 bytes/element of the ~28 an update moves).  zero.DIRECT_MIN_NUMEL says why the threshold.
+        # (8-bit state runs over whole blocks, into the padding after a parameter: never in place.)
+        # Decided from the global size, never the local one: the order below must be the same on every rank
+        # (uneven shards differ in size; per-parameter loops over the slots issue collectives).
+        threshold = DIRECT_MIN_NUMEL.get(self.device.type)
+        shards = self.mesh.size(dims[0]) if dims else 1
+        direct = [not self.has_master_copy and threshold is not None and state_precision != "int8"
+                  and p.numel() >= threshold * shards for p in params]
+        # Those shards come last in the layout (which lays parameters out last to first: they are listed first), so
+        # ``master`` and ``grad`` need only the prefix before them on the common path: 8 bytes per element of a large
+        # shard saved, until a step copies one (statistics, Lookahead, a non-contiguous gradient: ensure_full_buffers)
+        self.params = [p for p, d in zip(params, direct) if d] + [p for p, d in zip(params, direct) if not d]
+        locals_ = [p.to_local() for p in self.params]
+        self.layout = FlatLayout([t.shape for t in locals_], 1, 0, None, **layout_options(state_precision))
         n = self.layout.local_numel
-        self.master = torch.zeros(n, dtype=self.compute_dtype, device=self.device)
-        self.grad = torch.zeros(n, dtype=self.compute_dtype, device=self.device)
+        self._direct_slots = {s for s, slot in enumerate(self.layout.slots) if slot.index < sum(direct)}
+        prefix = min((self.layout.slots[s].offset for s in self._direct_slots), default=n)
+        self.master = torch.zeros(prefix, dtype=self.compute_dtype, device=self.device)
+        self.grad = torch.zeros(prefix, dtype=self.compute_dtype, device=self.device)
         self.state_precision = state_precision
         self.storage = StateStorage(n, state_keys, state_precision, self.compute_dtype, self.device)
         self.state, self.scales = self.storage.state, self.storage.scales
@@ -98,19 +115,22 @@ class DTensorParamGroup:
         # HSDP replicate dimension the shards are copies and summing there would count them twice
         self.reduce_group = self.mesh.get_group(dims[0]) if dims else None
         self.sync_enabled = True   # no_sync() toggles it; FSDP2 has its own set_requires_gradient_sync
-        # Same dtype (no master copy): large local shards are updated where FSDP2 keeps them, from their own local
-        # gradient, by a kernel call each, instead of three copies a step (gradient in, parameter in, parameter
-        # out: 12 bytes/element of the ~28 an update moves).  Their regions of ``master`` and ``grad`` are then
-        # unused (``grad``'s stays zero so norms over it count nothing twice).  zero.DIRECT_MIN_NUMEL says why
-        # the threshold.
-        threshold = DIRECT_MIN_NUMEL.get(self.device.type)
-        # (8-bit state runs over whole blocks, into the padding after a parameter: never in place)
-        self._direct_slots = set() if self.has_master_copy or threshold is None or state_precision == "int8" else {
-            s for s, slot in enumerate(self.layout.slots) if slot.numel >= threshold}
         self._direct: dict[int, tuple[Tensor, Tensor]] = {}   # this step: slot -> (local param, local grad), flat
         self._stale_direct: set[int] = set()   # in-place slots whose region of ``grad`` a copying step wrote
 
     # ----------------------------------------------------------------------------------------------- helpers
+    def ensure_full_buffers(self) -> None:
+        """Grow ``master`` and ``grad`` from the prefix the common path needs to the whole layout (zeros beyond);
+        for callers that read ``master`` whole (Lookahead's slow weights)."""
+        n = self.layout.local_numel
+        if self.grad.numel() == n:
+            return
+        for name in ("master", "grad"):
+            old = getattr(self, name)
+            new = torch.zeros(n, dtype=old.dtype, device=old.device)
+            new[:old.numel()].copy_(old)
+            setattr(self, name, new)
+
     def _range(self, slot_index: int) -> slice:
         slot = self.layout.slots[slot_index]
         return slice(slot.offset, slot.offset + slot.numel)
@@ -236,7 +256,7 @@ class DTensorParamGroup:
         self._direct = {}
         for s, slot in enumerate(self.layout.slots):
             p = self.params[slot.index]
-            dst = self.grad[self._range(s)]
+            dst = self.grad[self._range(s)]   # empty beyond the prefix while the buffers have not grown
             g = p.grad
             if g is None:
                 dst.zero_()  # no stale gradient may reach the norm or the statistics
@@ -256,6 +276,9 @@ class DTensorParamGroup:
                     dst.zero_()
                     self._stale_direct.discard(s)
             else:
+                if dst.numel() != slot.numel:
+                    self.ensure_full_buffers()
+                    dst = self.grad[self._range(s)]
                 dst.copy_(g.reshape(-1))
                 if s in self._direct_slots:
                     self._stale_direct.add(s)
@@ -285,8 +308,8 @@ class DTensorParamGroup:
         DCP and FSDP2's state-dict hooks write the shards without always bumping them.
         """
         for s in range(len(self.layout.slots)):
-            if s in self._direct:
-                continue   # updated where it lives: its master region is unused this step
+            if not self._through_master(s):
+                continue   # updated where it lives, or not at all: no master region is used this step
             local = self._local(s).reshape(-1)
             master = self.master[self._range(s)]
             if not self.has_master_copy:
@@ -308,8 +331,13 @@ class DTensorParamGroup:
         """
         del wait
         for s, slot in enumerate(self.layout.slots):
-            if s not in self._direct:   # in-place shards already hold their new values
+            if self._through_master(s):   # in-place shards already hold their new values
                 self._local(s).copy_(self.master[self._range(s)].view(slot.shape))
+
+    def _through_master(self, slot_index: int) -> bool:
+        """Whether this step updates parameter ``slot_index`` through ``master``: not in place, and inside the
+        buffer (a large shard beyond the prefix that is not in place had no gradient: nothing updates it)."""
+        return slot_index not in self._direct and self._range(slot_index).stop <= self.master.numel()
 
     def wait_params(self, buckets: Iterable[int] | None = None) -> None:
         """Nothing in flight: see :meth:`gather_params`."""
@@ -347,15 +375,7 @@ class DTensorParamGroup:
     def stat_ranges(self) -> list[slice]:
         """The local ranges holding parameter elements (alignment padding excluded: with 8-bit state every
         parameter starts a block); none when this rank holds no elements."""
-        ranges: list[slice] = []
-        for slot in sorted(self.layout.slots, key=lambda s: s.offset):
-            if not slot.numel:
-                continue
-            if ranges and ranges[-1].stop == slot.offset:
-                ranges[-1] = slice(ranges[-1].start, slot.offset + slot.numel)
-            else:
-                ranges.append(slice(slot.offset, slot.offset + slot.numel))
-        return ranges
+        return self.layout.slot_ranges()
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds, by buffer: each state tensor, ``master`` and ``grad_shard``."""

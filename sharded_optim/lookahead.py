@@ -118,6 +118,8 @@ class Lookahead(Optimizer):
         self.optimizer._ensure_runtimes()
         for _, rt in self.optimizer._all_runtimes():
             if rt not in self._slow_by_rt:
+                rt.ensure_full_buffers()   # an FSDP2 runtime keeps no master room for in-place shards until now
+                rt.prepare_update()   # and fills its master from the shards only when a step needs it
                 self._slow_by_rt[rt] = rt.master.clone()
 
     def _on_shard(self, rt: FlatParamGroup, group: dict[str, Any]) -> None:

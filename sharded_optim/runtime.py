@@ -78,6 +78,11 @@ class ParamRuntime(Protocol):
         """The runs of this step's update (see :func:`merge_runs`)."""
         ...
 
+    def ensure_full_buffers(self) -> None:
+        """Make ``master`` and ``grad`` cover every parameter (an FSDP2 runtime keeps only what its common path
+        copies through them); for callers that read ``master`` whole."""
+        ...
+
     def prepare_update(self) -> None:
         """Make ``master`` reflect parameters written from outside since the last step."""
         ...
@@ -187,7 +192,7 @@ def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
             from .fsdp import DTensorParamGroup
             rt: ParamRuntime = DTensorParamGroup(params, state_keys=keys, master_weights=opt.master_weights,
                                                  state_precision=precision)
-            register_runtime(opt, rt, params, keys)
+            register_runtime(opt, rt, keys)
             runtimes.append(rt)
             continue
         rt = FlatParamGroup(
@@ -197,12 +202,13 @@ def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
             grad_reduce_dtype=opt.grad_reduce_dtype, gather_dtype=opt.param_gather_dtype,
             overlap=opt.overlap, state_precision=precision)
         runtimes.append(rt)
-        register_runtime(opt, rt, params, keys)
+        register_runtime(opt, rt, keys)
     return runtimes
 
 
-def register_runtime(opt: Any, rt: ParamRuntime, params: list[Tensor], keys: tuple[str, ...]) -> None:
-    """Expose the runtime's buffers as torch.optim-style ``opt.state[p]`` (live views, not copies).
+def register_runtime(opt: Any, rt: ParamRuntime, keys: tuple[str, ...]) -> None:
+    """Expose the runtime's buffers as torch.optim-style ``opt.state[p]`` (live views, not copies), for each
+    parameter in the runtime's own order (an FSDP2 runtime puts its large shards last).
 
     Device path: the step counters move to the parameters' device first, as torch's fused optimizers keep
     ``state['step']`` (then ``state[p]['step']`` is a device tensor; reading it synchronises)."""
@@ -210,7 +216,7 @@ def register_runtime(opt: Any, rt: ParamRuntime, params: list[Tensor], keys: tup
         rt.steps = rt.steps.to(rt.device)
         rt.mu_products = rt.mu_products.to(rt.device)
     for slot_index, slot in enumerate(rt.layout.slots):
-        p = params[slot.index]
+        p = rt.params[slot.index]
         opt._locate[id(p)] = (rt, slot_index)
         entry = {"step": rt.steps[slot_index]}
         for key in keys:

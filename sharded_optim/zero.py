@@ -264,6 +264,9 @@ class FlatParamGroup(GradientReduction):
         pieces = sorted(self.layout.pieces, key=lambda q: q.local_lo)
         return merge_runs(((q.local_lo, q.local_lo + q.hi - q.lo, q.slot) for q in pieces), has_grad, steps, mus)
 
+    def ensure_full_buffers(self) -> None:
+        """Nothing to do: ``master`` and ``grad`` always cover the whole shard."""
+
     def prepare_update(self) -> None:
         """Refresh the master copy of any parameter written from outside since the last step.
 

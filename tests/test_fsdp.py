@@ -342,6 +342,53 @@ def _protocol(mesh: Any) -> dict:
     return {"type": type(rt).__name__, "used": sorted(used), "missing": sorted(n for n in used if not hasattr(rt, n))}
 
 
+def _compact_buffers(mesh: Any, rank: int, world: int) -> dict:
+    """In-place shards (threshold: 64 elements per rank) need no room in ``master`` and ``grad`` until a step
+    copies them; Lookahead over such a runtime steps exactly like Lookahead over one that copies everything."""
+    from sharded_optim import Lookahead, ShardedOptimizer
+    from sharded_optim import zero
+
+    models, optimizers = [], []
+    for threshold in (64, None):   # None: this machine's default, above every parameter of the tiny model
+        saved = dict(zero.DIRECT_MIN_NUMEL)
+        if threshold is not None:
+            zero.DIRECT_MIN_NUMEL["cpu"] = threshold
+        try:
+            model = shard(make_model(0), mesh)
+            opt = ShardedOptimizer(model.parameters(), algorithm="adamw", lr=LR, zero_stage=0)
+            opt.memory_report()   # builds the runtimes now, under this threshold
+        finally:
+            zero.DIRECT_MIN_NUMEL.update(saved)
+        models.append(model)
+        optimizers.append(opt)
+    rt = next(rt for _, rt in optimizers[0]._all_runtimes())
+    small = sum(p.to_local().numel() for p in rt.params if p.numel() < 64 * world)
+    out = {"local_numel": rt.layout.local_numel, "small_numel": small, "direct": len(rt._direct_slots)}
+    batch = batches(1)[0]
+    for model, opt in zip(models, optimizers):
+        loss_of(model, local_rows(batch, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+    out["buffers_after_plain_step"] = (rt.master.numel(), rt.grad.numel())
+    wrapped = [Lookahead(opt, k=2, alpha=0.5) for opt in optimizers]   # needs the whole master: buffers grow
+    out["buffers_with_lookahead"] = (rt.master.numel(), rt.grad.numel())
+    for model, opt in zip(models, wrapped):
+        for batch in batches(STEPS):
+            loss_of(model, local_rows(batch, rank, world)).backward()
+            opt.step()
+            opt.zero_grad()
+    named = dict(models[1].named_parameters())
+    out["lookahead_differs"] = [n for n, p in models[0].named_parameters()
+                                if not torch.equal(p.to_local(), named[n].to_local())]
+    # Lookahead over a fresh optimizer: its slow weights start as the parameters (not as an unfilled master)
+    fresh = Lookahead(ShardedOptimizer(shard(make_model(0), mesh).parameters(), zero_stage=0), k=2)
+    rt = next(rt for _, rt in fresh.optimizer._all_runtimes())
+    slow = fresh._slow_by_rt[rt]
+    out["fresh_slow_differs"] = [i for i, slot in enumerate(rt.layout.slots) if not torch.equal(
+        slow[slot.offset: slot.offset + slot.numel], rt.params[slot.index].to_local().reshape(-1))]
+    return out
+
+
 def _one_d_worker(rank: int, world: int, directory: str) -> Scenarios:
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("shard",))
@@ -362,6 +409,7 @@ def _one_d_worker(rank: int, world: int, directory: str) -> Scenarios:
     # every local shard updated where FSDP2 keeps it (threshold 1), statistics every other step (those copy)
     _guard(out, "adamod_in_place", lambda: _in_place(lambda: _train_pair(mesh, rank, world, "adamod", "ours",
                                                                           stats_interval=2)))
+    _guard(out, "compact_buffers", lambda: _compact_buffers(mesh, rank, world))
     _guard(out, "dcp_in_place", lambda: _in_place(lambda: _dcp_resume(
         mesh, rank, os.path.join(directory, "in_place"), "adamod", torch.float32, 0, amsgrad=True)))
     # lazily built runtimes (zero_stage=0): DCP takes its dummy step (zero grads, lr=0) on the empty state
@@ -463,6 +511,21 @@ def test_dtensor_runtime_has_every_attribute_the_optimizer_uses(one_d):
     for rank, r in enumerate(_scenario(one_d, "protocol")):
         assert r["type"] == "DTensorParamGroup" and len(r["used"]) > 20, f"protocol rank {rank}: {r}"
         assert r["missing"] == [], f"protocol rank {rank}: {r}"
+
+
+def test_in_place_shards_take_no_room_in_master_and_grad_until_copied(one_d):
+    """The common path keeps ``master`` and ``grad`` for the copied shards only (8 bytes per element of every large
+    shard saved); Lookahead, which reads the whole master, grows them, and then trains bitwise like the runtime
+    that copies everything."""
+    for rank, r in enumerate(one_d):
+        c = r["compact_buffers"]
+        assert "error" not in c, f"rank {rank}:\n{c['error']}"
+        assert c["direct"] > 0 and c["small_numel"] < c["local_numel"], f"rank {rank}: nothing in place: {c}"
+        assert c["buffers_after_plain_step"] == (c["small_numel"], c["small_numel"]), f"rank {rank}: {c}"
+        assert c["buffers_with_lookahead"] == (c["local_numel"], c["local_numel"]), f"rank {rank}: {c}"
+        assert c["lookahead_differs"] == [], f"rank {rank}: Lookahead in place differs in {c['lookahead_differs']}"
+        assert c["fresh_slow_differs"] == [], \
+            f"rank {rank}: fresh slow weights differ in slots {c['fresh_slow_differs']}"
 
 
 def test_nonfinite_gradient_on_one_rank_skips_everywhere(one_d):

@@ -95,6 +95,7 @@ class FlatParamGroup(GradientReduction):
         self._reduced = [False] * len(self.layout.buckets)
         self._pending: list[_Pending] = []
         self._staging_free: list[Tensor] = []   # reusable reduction buffers (zero_grads.STAGING_BUFFERS)
+        self._staging_made = 0
         self._bucket_gaps = self._staging_gaps()
         self._hooks: list[Any] = []
         self.sync_enabled = True

@@ -3,9 +3,9 @@
 ZeRO-2 reduce-scatters each bucket as soon as backward has produced every gradient in it (post-accumulate-grad
 hooks, so communication overlaps the rest of backward) and frees the full gradients (on gloo by a send/recv
 exchange, :meth:`GradientReduction._exchange`); ZeRO-1 all-reduces the bucket and keeps this rank's slice.  Buckets
-are staged in a small pool of reused buffers (:data:`STAGING_BUFFERS`); with ``reduce_grads=False`` (a DDP-wrapped model, gradients already averaged)
-the slice is copied; on one rank large gradients are read where autograd left them.  With ``world`` ranks the
-shard holds
+are staged in a small pool of reused buffers (:data:`STAGING_BUFFERS`).  With ``reduce_grads=False`` (a
+DDP-wrapped model, gradients already averaged) the slice is copied; on one rank large gradients are read where
+autograd left them.  With ``world`` ranks the shard holds
 
     grad = sum_r g_r / world        (pre-divided by ``world`` as DDP does: gloo has no AVG, and sums stay small)
 
@@ -27,13 +27,16 @@ from .flat import FlatLayout
 reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-# Bucket-sized staging buffers in flight at once, and kept for reuse across buckets and steps.  A fresh buffer per
-# bucket cost more than the reduction on CPU: a 32 MiB bucket is above glibc's largest mmap threshold, so every
-# allocation was a new mapping, page-faulted and zero-filled again (2 gloo ranks, 25.2M-parameter MLP: 3 such
-# fills per step took 60-70 ms of a 300 ms step).  Two buffers, as DeepSpeed's double-buffered IPG bucket: a third
-# bucket waits for the oldest reduction (gloo runs them one after the other anyway; on NCCL the wait only orders
-# streams).  They cost 2 buckets of memory between steps, against DDP's full-size gradient buckets.
-STAGING_BUFFERS = 2
+# Bucket-sized staging buffers kept for reuse across buckets and steps.  A fresh buffer per bucket cost more than the
+# reduction on CPU: a 32 MiB bucket is above glibc's largest mmap threshold, so every allocation was a new mapping,
+# page-faulted and zero-filled again (2 gloo ranks, 25.2M-parameter MLP: 3 such fills per step took 60-70 ms of a
+# 300 ms step).  A bucket launched while every kept buffer is in flight gets one of its own, dropped once reduced:
+# waiting for an older reduction instead can deadlock, because ranks whose parameters lack gradients in different
+# buckets launch buckets in different orders (tests/test_grad_reduction.py), and gloo's send/recv work cannot be
+# polled for completion.  Four kept buffers cover the buckets the benchmark's backward leaves in flight (with two, a
+# transient third bucket cost 20 ms a step); they cost 4 buckets of memory between steps at most (as many as were
+# ever in flight), against DDP's full-size gradient buckets.
+STAGING_BUFFERS = 4
 
 
 @dataclass
@@ -45,7 +48,7 @@ class _Pending:
     out: Tensor | None      # where this rank's averaged slice lands (reduce-scatter only)
     accumulate: bool        # add the result into the shard (a later micro-batch) instead of overwriting it
     bucket: int
-    buffer: Tensor          # the pooled buffer ``staging`` is a view of, reused once this reduction is folded in
+    buffer: Tensor | None   # the pooled buffer ``staging`` is a view of (None: a transient one), reused once folded
     pieces: list[Tensor] | None = None   # exchange: every rank's piece of this rank's slice, in rank order
 
 
@@ -65,6 +68,7 @@ class GradientReduction:
     _reduced: list[bool]
     _pending: list[_Pending]
     _staging_free: list[Tensor]
+    _staging_made: int
     _bucket_gaps: list[list[tuple[int, int]]]
     _hooks: list[Any]
     _scatters: bool
@@ -93,7 +97,7 @@ class GradientReduction:
         """Average bucket ``bucket_index``'s gradients into this rank's slice, asynchronously."""
         bucket = self.layout.buckets[bucket_index]
         self._ready[bucket_index] = 0
-        buffer = self._take_staging()
+        buffer, pooled = self._take_staging()
         staging = buffer[:bucket.numel]
         for lo, hi in self._bucket_gaps[bucket_index]:
             staging[lo:hi].zero_()  # padding: a reused buffer holds the last bucket's values there
@@ -118,7 +122,8 @@ class GradientReduction:
             work = reduce_scatter(out, staging, group=self.process_group, async_op=True)
         else:  # ZeRO-1: all-reduce the transient bucket; wait() keeps this rank's slice
             work = dist.all_reduce(staging, group=self.process_group, async_op=True)
-        self._pending.append(_Pending(work, staging, out, accumulate, bucket_index, buffer, pieces))
+        self._pending.append(_Pending(work, staging, out, accumulate, bucket_index, buffer if pooled else None,
+                                      pieces))
         self._reduced[bucket_index] = True
 
     def _exchange(self, staging: Tensor, spare: Tensor, bucket: Any,
@@ -126,11 +131,12 @@ class GradientReduction:
         """A reduce-scatter by point-to-point exchange (ZeRO-2 on gloo): send every other rank its slice of the
         bucket, receive this rank's slice from each of them; :meth:`_sum_exchanged` adds them up.
 
-        The same bytes as a ring reduce-scatter, but gloo's ``reduce_scatter`` and ``all_reduce`` are 2-4x slower
-        than its send/recv (2 ranks, 32 MiB bucket, one thread each: send/recv + add 12 ms, all_reduce 27 ms,
-        reduce_scatter 40-46 ms).  The first piece received lands in the gradient shard itself (unless a later
-        micro-batch adds to it), the others in ``spare``, so two ranks need no buffer beyond the bucket.  The tag is
-        the bucket, so reductions in flight together never take each other's messages.
+        The same bytes as a ring reduce-scatter, but gloo's ``all_reduce`` and ``reduce_scatter`` are 1.6-4x slower
+        than its send/recv (``bench/gloo_collectives.py``, 2 ranks, 32 MiB bucket, one thread each: send/recv + add
+        12-14 ms, all_reduce 22-27 ms, reduce_scatter 40-46 ms).  The first piece received lands in the gradient
+        shard itself (unless a later micro-batch adds to it), the others in ``spare``, so two ranks need no buffer
+        beyond the bucket.  The tag is the bucket, so reductions in flight together never take each other's
+        messages, whatever order each rank launches them in.
         Returns the works and every rank's piece in rank order (this rank's own is its slice of ``staging``)."""
         n, works, pieces = bucket.shard_numel, [], []
         shard = None if accumulate else self.grad[self.layout.bucket_local_range(bucket)]
@@ -150,17 +156,17 @@ class GradientReduction:
             pieces.append(piece)
         return works, pieces
 
-    def _take_staging(self) -> Tensor:
-        """A pooled buffer of the largest bucket's size (see :data:`STAGING_BUFFERS`): a free one, a new one while
-        fewer exist, else the oldest reduction's once it is complete and folded into the shard."""
-        while not self._staging_free and len(self._pending) >= STAGING_BUFFERS:
-            self._complete(self._pending.pop(0))
+    def _take_staging(self) -> tuple[Tensor, bool]:
+        """A buffer of the largest bucket's size, and whether it returns to the pool (see :data:`STAGING_BUFFERS`):
+        a free pooled one, a new pooled one while fewer than the pool's size exist, else a transient one."""
         if self._staging_free:
-            return self._staging_free.pop()
+            return self._staging_free.pop(), True
         numel = max(b.numel for b in self.layout.buckets)
         if self._exchanges:   # room for the pieces the other ranks send beyond the first (:meth:`_exchange`)
             numel += (self.world - 2) * max(b.shard_numel for b in self.layout.buckets)
-        return torch.empty(numel, dtype=self.grad_dtype, device=self.device)
+        pooled = self._staging_made < STAGING_BUFFERS
+        self._staging_made += pooled
+        return torch.empty(numel, dtype=self.grad_dtype, device=self.device), pooled
 
     def collect_grads(self, in_place: bool = True) -> list[bool]:
         """Make ``self.grad`` hold this rank's averaged gradient shard; return which params had a gradient.
@@ -237,7 +243,8 @@ class GradientReduction:
                 shard.add_(result)
             else:
                 shard.copy_(result)
-        self._staging_free.append(pending.buffer)
+        if pending.buffer is not None:
+            self._staging_free.append(pending.buffer)
 
     def _sum_exchanged(self, pending: _Pending, shard: Tensor) -> None:
         """Fold this rank's slice of an exchanged bucket into ``shard``: the sum of every rank's piece in rank order,

@@ -16,10 +16,15 @@ def _model() -> torch.nn.ModuleList:
                                 torch.nn.Linear(64, 3, bias=False)])
 
 
-def _loss(model: torch.nn.ModuleList, x: torch.Tensor, rank: int, skip_middle: bool) -> torch.Tensor:
+def _loss(model: torch.nn.ModuleList, x: torch.Tensor, rank: int, skip: str) -> torch.Tensor:
+    """``skip``: "" (every layer), "middle" (rank 1 gives layer 1 no gradient; a missing gradient counts as zero, as
+    in DeepSpeed) or "disjoint" (also rank 0 gives layers 2 and 3 none: each rank then launches buckets the other
+    launches only once backward is over, in another order)."""
     h = torch.tanh(model[0](x))
-    if skip_middle and rank == 1:   # this rank produces no gradient for layer 1 (counts as zero, as in DeepSpeed)
+    if skip and rank == 1:
         return model[3](torch.tanh(model[2](h[:, :5]))).square().mean()
+    if skip == "disjoint" and rank == 0:
+        return torch.tanh(model[1](h)).square().mean()
     return model[3](torch.tanh(model[2](torch.tanh(model[1](h))))).square().mean()
 
 
@@ -41,14 +46,15 @@ def scenarios(rank: int, world: int) -> Scenarios:
                            kernel="eager")
     ref_opt = ShardedOptimizer(ref.parameters(), algorithm="adamw", lr=1e-2, zero_stage=0, kernel="eager")
     gen = torch.Generator().manual_seed(100 + rank)
-    cases = {"one backward": (1, False), "two micro-batches": (2, False), "a parameter without gradient": (1, True)}
-    for name, (micro, skip_middle) in cases.items():
+    cases = {"one backward": (1, ""), "two micro-batches": (2, ""), "a parameter without gradient": (1, "middle"),
+             "ranks launching buckets in different orders": (1, "disjoint")}
+    for name, (micro, skip) in cases.items():
         average = None
         for _ in range(micro):   # each backward's bucket reductions average that micro-batch: the sum of averages
             x = torch.randn(4, 11, generator=gen)
-            _loss(model, x, rank, skip_middle).backward()
+            _loss(model, x, rank, skip).backward()
             ref_opt.zero_grad()
-            _loss(ref, x, rank, skip_middle).backward()
+            _loss(ref, x, rank, skip).backward()
             mine = _flat_grads(ref)
             every = [torch.empty_like(mine) for _ in range(world)]
             dist.all_gather(every, mine)

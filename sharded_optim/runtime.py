@@ -200,10 +200,17 @@ def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
             zero_stage=opt.zero_stage, bucket_numel=max(1, opt.bucket_numel_bytes // itemsize),
             master_weights=opt.master_weights, reduce_grads=opt.reduce_grads,
             grad_reduce_dtype=opt.grad_reduce_dtype, gather_dtype=opt.param_gather_dtype,
-            overlap=opt.overlap, state_precision=precision)
+            overlap=opt.overlap, state_precision=precision, tag_base=_next_tag_base(opt))
         runtimes.append(rt)
         register_runtime(opt, rt, keys)
     return runtimes
+
+
+def _next_tag_base(opt: Any) -> int:
+    """A tag range of its own for each flat runtime an optimizer builds (2**16 buckets each): every rank builds
+    them in the same order (``agreement`` checks the layouts), so the numbers agree across ranks."""
+    opt._runtimes_built = getattr(opt, "_runtimes_built", 0) + 1
+    return opt._runtimes_built << 16
 
 
 def register_runtime(opt: Any, rt: ParamRuntime, keys: tuple[str, ...]) -> None:

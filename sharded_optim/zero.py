@@ -53,8 +53,9 @@ class FlatParamGroup(GradientReduction):
     def __init__(self, params: list[Tensor], *, state_keys: tuple[str, ...], process_group: Any, world: int,
                  rank: int, zero_stage: int, bucket_numel: int | None, master_weights: bool, reduce_grads: bool,
                  grad_reduce_dtype: torch.dtype | None, gather_dtype: torch.dtype | None, overlap: bool,
-                 state_precision: str = "fp32"):
+                 state_precision: str = "fp32", tag_base: int = 0):
         self.params = list(params)
+        self.tag_base = tag_base   # point-to-point tags of this runtime's buckets: distinct per runtime (zero_grads)
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.process_group = process_group
@@ -92,6 +93,7 @@ class FlatParamGroup(GradientReduction):
         self.mu_products = torch.ones(len(params), dtype=torch.float64)
         # gradient-reduction bookkeeping
         self._ready = [0] * len(self.layout.buckets)
+        self._next_launch, self._backward_open = 0, False   # buckets launch in order (zero_grads)
         self._reduced = [False] * len(self.layout.buckets)
         self._pending: list[_Pending] = []
         self._staging_free: list[Tensor] = []   # reusable reduction buffers (zero_grads.STAGING_BUFFERS)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd import Variable
 
 from .flat import FlatLayout
 
@@ -65,6 +66,9 @@ class GradientReduction:
     reduce_grads: bool
     sync_enabled: bool
     _ready: list[int]
+    _next_launch: int
+    _backward_open: bool
+    tag_base: int
     _reduced: list[bool]
     _pending: list[_Pending]
     _staging_free: list[Tensor]
@@ -88,10 +92,32 @@ class GradientReduction:
         def hook(_param: Tensor) -> None:
             if not self.sync_enabled:
                 return  # inside no_sync(): gradients accumulate in p.grad until the last micro-batch
+            if not self._backward_open:
+                self._backward_open = True
+                Variable._execution_engine.queue_callback(self._end_backward)
             self._ready[bucket_index] += 1
-            if self._ready[bucket_index] == len(self.layout.buckets[bucket_index].slots):
-                self._launch(bucket_index)
+            self._launch_in_order()
         return hook
+
+    def _launch_in_order(self) -> None:
+        """Launch the complete buckets from ``_next_launch`` on, in index order (the order backward completes them).
+
+        Every rank issues its reductions in the same order whatever its own backward produced: a rank whose
+        parameters lack gradients in some bucket would otherwise launch the others first, and collectives issued in
+        different orders pair the wrong buckets (a size error, or silently wrong sums when sizes agree)."""
+        buckets = self.layout.buckets
+        while self._next_launch < len(buckets) and \
+                self._ready[self._next_launch] == len(buckets[self._next_launch].slots):
+            self._launch(self._next_launch)
+            self._next_launch += 1
+
+    def _end_backward(self) -> None:
+        """Queued by the first hook of a backward: launch, in order, the buckets it has not (parameters without a
+        gradient count as zero), as DDP's unused-parameter search does, so every backward reduces every bucket."""
+        self._backward_open = False
+        for b in range(self._next_launch, len(self.layout.buckets)):
+            self._launch(b)
+        self._next_launch = 0
 
     def _launch(self, bucket_index: int) -> None:
         """Average bucket ``bucket_index``'s gradients into this rank's slice, asynchronously."""
@@ -135,8 +161,8 @@ class GradientReduction:
         than its send/recv (``bench/gloo_collectives.py``, 2 ranks, 32 MiB bucket, one thread each: send/recv + add
         12-14 ms, all_reduce 22-27 ms, reduce_scatter 40-46 ms).  The first piece received lands in the gradient
         shard itself (unless a later micro-batch adds to it), the others in ``spare``, so two ranks need no buffer
-        beyond the bucket.  The tag is the bucket, so reductions in flight together never take each other's
-        messages, whatever order each rank launches them in.
+        beyond the bucket.  The tag names the runtime and the bucket, so reductions in flight together never take
+        each other's messages.
         Returns the works and every rank's piece in rank order (this rank's own is its slice of ``staging``)."""
         n, works, pieces = bucket.shard_numel, [], []
         shard = None if accumulate else self.grad[self.layout.bucket_local_range(bucket)]
@@ -151,8 +177,9 @@ class GradientReduction:
                 if piece.numel() < n:   # a micro-batch after the first: no room was kept for it
                     piece = torch.empty(n, dtype=self.grad_dtype, device=self.device)
             peer = self._ranks[r]
-            works.append(dist.isend(staging[r * n:(r + 1) * n], peer, group=self.process_group, tag=bucket.index))
-            works.append(dist.irecv(piece, peer, group=self.process_group, tag=bucket.index))
+            tag = self.tag_base + bucket.index
+            works.append(dist.isend(staging[r * n:(r + 1) * n], peer, group=self.process_group, tag=tag))
+            works.append(dist.irecv(piece, peer, group=self.process_group, tag=tag))
             pieces.append(piece)
         return works, pieces
 
@@ -265,6 +292,7 @@ class GradientReduction:
         """Forget this step's reductions: the next backward starts a new accumulation cycle."""
         self._reduced = [False] * len(self.layout.buckets)
         self._ready = [0] * len(self.layout.buckets)
+        self._next_launch, self._backward_open = 0, False
         self._direct = {}
 
     def grad_of(self, rng: slice, slots: list[int]) -> Tensor:

@@ -1,6 +1,8 @@
 """ZeRO-2 on gloo reduces each bucket by a send/recv exchange into pooled staging buffers (zero_grads.py): on 3 ranks
-the result must be exactly the average ``sum_r g_r / world`` in rank order, whatever the buckets, micro-batches and
-missing gradients, and the buffers must be reused rather than allocated per bucket."""
+the result must be exactly the average ``sum_r g_r / world`` in rank order, whatever the buckets, micro-batches,
+missing gradients and param groups, and the buffers must be reused rather than allocated per bucket.  ZeRO-1's
+all-reduce must survive ranks that complete their buckets in different orders (checked on 2 ranks, where gloo's sum
+is the rank-order sum bitwise)."""
 from __future__ import annotations
 
 import pytest
@@ -16,6 +18,20 @@ CASES = ("one backward", "two micro-batches", "a parameter without gradient",
 @pytest.fixture(scope="module")
 def results():
     return run_ranks(scenarios, 3)
+
+
+@pytest.fixture(scope="module")
+def zero1_results():
+    return run_ranks(scenarios, 2, 1)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_zero1_all_reduce_in_one_order_on_every_rank(zero1_results, case):
+    """Buckets launch in index order on every rank (the rest at the end of backward): a rank that completed them in
+    another order paired the wrong buckets in its all-reduces (a size error, or wrong sums where sizes agree)."""
+    for rank, r in enumerate(zero1_results):
+        for i, (equal, max_diff) in enumerate(r[case]):
+            assert equal, f"ZeRO-1, {case}, rank {rank}, parameter {i}: max diff {max_diff:.3g}"
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -79,6 +79,13 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
+def _our_memory(opt) -> dict:
+    """State, master and gradient-shard bytes a ShardedOptimizer holds on this rank (its memory_report)."""
+    r = opt.memory_report()
+    return {"state_bytes": r["state_bytes"], "master_bytes": r["by_key"].get("master", 0),
+            "grad_shard_bytes": r["by_key"].get("grad_shard", 0)}
+
+
 # ------------------------------------------------------------------------------------------- configurations
 class _ModelAndOptimizer:
     """A plain training step: ``self.model`` forward/backward, then ``self.opt`` step and zero_grad."""
@@ -102,9 +109,7 @@ class Ours(_ModelAndOptimizer):
                                     zero_stage=stage, bucket_mb=BUCKET_MB, kernel="compiled")
 
     def memory(self) -> dict:
-        r = self.opt.memory_report()
-        return {"state_bytes": r["state_bytes"], "master_bytes": r["by_key"].get("master", 0),
-                "grad_shard_bytes": r["by_key"].get("grad_shard", 0)}
+        return _our_memory(self.opt)
 
 
 class TorchZero(_ModelAndOptimizer):
@@ -142,9 +147,7 @@ class FSDP2(_ModelAndOptimizer):
 
     def memory(self) -> dict:
         if hasattr(self.opt, "memory_report"):
-            r = self.opt.memory_report()
-            return {"state_bytes": r["state_bytes"], "master_bytes": r["by_key"].get("master", 0),
-                    "grad_shard_bytes": r["by_key"].get("grad_shard", 0)}
+            return _our_memory(self.opt)
         local = [t.to_local() if hasattr(t, "to_local") else t for st in self.opt.state.values() for t in st.values()
                  if isinstance(t, torch.Tensor)]
         return {"state_bytes": _tensor_bytes(local), "master_bytes": 0, "grad_shard_bytes": 0}

@@ -109,11 +109,12 @@ def _guard(out: dict, name: str, fn: Callable[[], dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- scenarios
-def _in_place(fn: Callable[[], dict]) -> dict:
-    """Run a scenario with every same-dtype shard updated in place (no copies of gradients or parameters)."""
+def _in_place(fn: Callable[[], Any], threshold: int = 1) -> Any:
+    """Run a scenario with every same-dtype shard of at least ``threshold`` elements per rank updated in place (no
+    copies of gradients or parameters); by default every shard."""
     from sharded_optim import zero
     saved = dict(zero.DIRECT_MIN_NUMEL)
-    zero.DIRECT_MIN_NUMEL["cpu"] = 1
+    zero.DIRECT_MIN_NUMEL["cpu"] = threshold
     try:
         return fn()
     finally:
@@ -346,21 +347,15 @@ def _compact_buffers(mesh: Any, rank: int, world: int) -> dict:
     """In-place shards (threshold: 64 elements per rank) need no room in ``master`` and ``grad`` until a step
     copies them; Lookahead over such a runtime steps exactly like Lookahead over one that copies everything."""
     from sharded_optim import Lookahead, ShardedOptimizer
-    from sharded_optim import zero
 
-    models, optimizers = [], []
-    for threshold in (64, None):   # None: this machine's default, above every parameter of the tiny model
-        saved = dict(zero.DIRECT_MIN_NUMEL)
-        if threshold is not None:
-            zero.DIRECT_MIN_NUMEL["cpu"] = threshold
-        try:
-            model = shard(make_model(0), mesh)
-            opt = ShardedOptimizer(model.parameters(), algorithm="adamw", lr=LR, zero_stage=0)
-            opt.memory_report()   # builds the runtimes now, under this threshold
-        finally:
-            zero.DIRECT_MIN_NUMEL.update(saved)
-        models.append(model)
-        optimizers.append(opt)
+    def build() -> tuple[nn.Module, Any]:
+        model = shard(make_model(0), mesh)
+        opt = ShardedOptimizer(model.parameters(), algorithm="adamw", lr=LR, zero_stage=0)
+        opt.memory_report()   # builds the runtimes now, under the threshold in force
+        return model, opt
+
+    # in place from 64 elements per rank; then this machine's default, above every parameter of the tiny model
+    models, optimizers = (list(x) for x in zip(_in_place(build, threshold=64), build()))
     rt = next(rt for _, rt in optimizers[0]._all_runtimes())
     small = sum(p.to_local().numel() for p in rt.params if p.numel() < 64 * world)
     out = {"local_numel": rt.layout.local_numel, "small_numel": small, "direct": len(rt._direct_slots)}

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import rules
 from .flat import FlatLayout, Run
-from .kernels import int8_state
+from .kernels import int8_state, native_cpu
 from .zero import FlatParamGroup
 
 
@@ -101,6 +101,10 @@ class ParamRuntime(Protocol):
 
     def grad_of(self, rng: slice, slots: list[int]) -> Tensor:
         """The gradient the update of run ``rng`` reads."""
+        ...
+
+    def grad_table(self, rng: slice, slots: list[int]) -> Tensor | None:
+        """The run's gradient segments for the CPU multi-tensor kernel (:mod:`.kernels.native_cpu`), or None."""
         ...
 
     def param_of(self, rng: slice, slots: list[int]) -> Tensor:
@@ -200,10 +204,18 @@ def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
             zero_stage=opt.zero_stage, bucket_numel=max(1, opt.bucket_numel_bytes // itemsize),
             master_weights=opt.master_weights, reduce_grads=opt.reduce_grads,
             grad_reduce_dtype=opt.grad_reduce_dtype, gather_dtype=opt.param_gather_dtype,
-            overlap=opt.overlap, state_precision=precision, tag_base=_next_tag_base(opt))
+            overlap=opt.overlap, state_precision=precision, tag_base=_next_tag_base(opt),
+            native=native_cpu_allowed(opt, group))
         runtimes.append(rt)
         register_runtime(opt, rt, keys)
     return runtimes
+
+
+def native_cpu_allowed(opt: Any, group: dict[str, Any]) -> bool:
+    """Whether a one-rank CPU runtime of ``group`` may use the multi-tensor kernel: compiled kernels, host
+    scalars (the device path's gated kernels read flat gradients) and a variant the kernel implements."""
+    return (opt.kernel_mode != "eager" and not opt._on_device
+            and rules.kernel_variant(opt.algorithm, group) in native_cpu.VARIANT_IDS)
 
 
 def _next_tag_base(opt: Any) -> int:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import device_step, rules
-from .kernels import dispatch
+from .kernels import dispatch, native_cpu
 from .flat import Run
 from .runtime import ParamRuntime
 from .step_stats import intersect
@@ -184,8 +184,12 @@ def host_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Run]
                                 mu_product=mus[slots[0]])
         hs.values[rules.GSCALE] *= decision.coef
         sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
-        dispatch.run(dispatch.update(variant, rt.state_precision), opt.kernel_mode, rt.param_of(rng, slots),
-                     rt.grad_of(rng, slots), *rt.state_args(keys, rng), sc, *_seed(rt, t - 1))
+        table = rt.grad_table(rng, slots)
+        if table is not None:   # one rank on CPU: every gradient read where autograd left it
+            native_cpu.update(variant, rt.param_of(rng, slots), table, rt.state_args(keys, rng), sc)
+        else:
+            dispatch.run(dispatch.update(variant, rt.state_precision), opt.kernel_mode, rt.param_of(rng, slots),
+                         rt.grad_of(rng, slots), *rt.state_args(keys, rng), sc, *_seed(rt, t - 1))
         index = _index(slots)
         rt.steps[index] += 1
         if hs.mu_product is not None:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .flat import FlatLayout, bound_views, flatten_into_views, merge_runs, refresh_master_pieces, run_counters
+from .kernels import native_cpu
 from .kernels.stats import sumsq
 from .state_storage import StateStorage, layout_options
 from .zero_grads import GradientReduction, _Pending
@@ -53,7 +54,7 @@ class FlatParamGroup(GradientReduction):
     def __init__(self, params: list[Tensor], *, state_keys: tuple[str, ...], process_group: Any, world: int,
                  rank: int, zero_stage: int, bucket_numel: int | None, master_weights: bool, reduce_grads: bool,
                  grad_reduce_dtype: torch.dtype | None, gather_dtype: torch.dtype | None, overlap: bool,
-                 state_precision: str = "fp32", tag_base: int = 0):
+                 state_precision: str = "fp32", tag_base: int = 0, native: bool = False):
         self.params = list(params)
         self.tag_base = tag_base   # point-to-point tags of this runtime's buckets: distinct per runtime (zero_grads)
         self.dtype = params[0].dtype
@@ -106,9 +107,15 @@ class FlatParamGroup(GradientReduction):
         # one rank: slots whose gradient the update reads in place (see DIRECT_MIN_NUMEL); their region of ``grad``
         # is never written and stays zero, so norms over ``grad`` plus these tensors count each element once
         threshold = DIRECT_MIN_NUMEL.get(self.device.type)
+        # one rank, fp32 on CPU: every gradient is read in place by the multi-tensor kernel (kernels.native_cpu),
+        # one call per run, no copy; ``native`` says the caller's variant and kernel mode allow it
+        self.native = (native and world == 1 and self.device.type == "cpu" and state_precision == "fp32"
+                       and self.dtype == self.compute_dtype == self.grad_dtype == torch.float32
+                       and native_cpu.enabled())
         self._direct_slots = {s for s, slot in enumerate(self.layout.slots)
-                              if world == 1 and threshold is not None and slot.numel >= threshold
+                              if world == 1 and threshold is not None and (slot.numel >= threshold or self.native)
                               and state_precision != "int8"}   # int8 runs cover whole blocks of ``grad``
+        self._in_flat = True   # this step wrote gradients into ``grad`` (norms read it); native runtimes track it
         self._direct: dict[int, Tensor] = {}   # this step's in-place gradients, by slot
         self._stale_direct: set[int] = set()   # in-place slots whose region of ``grad`` a copy wrote since
         # gloo's reduce_scatter and all_gather are 2-3x slower than its all_reduce and broadcast (25 MiB bucket,
@@ -226,7 +233,7 @@ class FlatParamGroup(GradientReduction):
         and parameters at different step counts (possible after loading a torch.optim state) run separately,
         because the host scalars depend on the step.
         """
-        if self._direct:
+        if self._direct and not self.native:   # the native kernel reads in-place gradients within any run
             return self._split_direct(self._runs(has_grad, uniform_steps))
         return self.storage.whole_blocks(self._runs(has_grad, uniform_steps))
 
@@ -297,6 +304,9 @@ class FlatParamGroup(GradientReduction):
 
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of this rank's gradient shard, in float64 (padding is zero and adds nothing)."""
+        if self.native:   # one multi-tensor pass over the in-place gradients; ``grad`` only if written this step
+            total = native_cpu.sumsq(native_cpu.segment_table([(0, g) for g in self._direct.values()]))
+            return total + sumsq(self.grad) if self._in_flat else total
         total = sumsq(self.grad)
         for g in self._direct.values():
             total = total + sumsq(g)

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.autograd import Variable
 
 from .flat import FlatLayout
+from .kernels import native_cpu
 
 # torch 2.13 renamed the tensor collectives (the old names warn); older torch has only the old names.
 reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -80,6 +81,8 @@ class GradientReduction:
     _ranks: list[int]
     _grad_pieces: list[list[tuple[Tensor, int | None, int | None]]]
     _direct_slots: set[int]
+    native: bool
+    _in_flat: bool
     _direct: dict[int, Tensor]
     _stale_direct: set[int]
 
@@ -218,7 +221,10 @@ class GradientReduction:
                 if g.is_sparse:
                     raise RuntimeError(f"parameter {slot.index} of its group has a sparse gradient; "
                                        "ShardedOptimizer supports dense gradients only")
-                if in_place and s in self._direct_slots and g.is_contiguous():
+                # (not when ``g`` is our own region of ``grad``, handed over by a copying step: that region is
+                # read in ``grad``, and zeroing it as stale would wipe this very gradient)
+                if in_place and s in self._direct_slots and g.is_contiguous() and (
+                        not self.native or g.dtype == torch.float32) and g.data_ptr() != self._own_grad_ptr(s):
                     self._direct[s] = g.view(-1)   # read by the update where autograd left it: no copy
                     if s in self._stale_direct:   # copied by a statistics step: zero, or norms count it twice
                         self._zero_local_pieces(s)
@@ -238,6 +244,7 @@ class GradientReduction:
             # parameter, which on a GPU left the device idle for most of the step
             if dsts:
                 torch._foreach_copy_(dsts, srcs)
+            self._in_flat = len(self._direct) < sum(has_grad)
             if self.world == 1:
                 self._hand_over_grad_views(has_grad)
             return has_grad
@@ -301,6 +308,20 @@ class GradientReduction:
             return self._direct[slots[0]]
         return self.grad[rng]
 
+    def grad_table(self, rng: slice, slots: list[int]) -> Tensor | None:
+        """Native runtimes: the gradient segments of run ``rng`` for :func:`.kernels.native_cpu.update` (each
+        slot's in-place gradient, else its region of ``grad``); None: the update reads :meth:`grad_of`."""
+        if not self.native:
+            return None
+        rows = []
+        for s in slots:
+            slot = self.layout.slots[s]
+            g = self._direct.get(s)
+            if g is None:   # copied: its region of ``grad``
+                g = self.grad[slot.offset: slot.offset + slot.numel]
+            rows.append((slot.offset - rng.start, g))
+        return native_cpu.segment_table(rows)
+
     def param_of(self, rng: slice, slots: list[int]) -> Tensor:
         """The parameter values a run's update writes: always the flat ``master`` (parameters are its views)."""
         del slots
@@ -349,6 +370,10 @@ class GradientReduction:
             if has_grad[s] and s not in self._direct and p.grad is not view and p.grad.dtype == view.dtype \
                     and not p.grad.requires_grad:
                 p.grad = view
+
+    def _own_grad_ptr(self, slot_index: int) -> int:
+        """Address of slot ``slot_index``'s region of ``grad`` (one rank: the whole parameter)."""
+        return self._grad_pieces[slot_index][0][0].data_ptr()
 
     def _zero_local_pieces(self, slot_index: int) -> None:
         for piece in self.layout.pieces:

@@ -179,9 +179,9 @@ def _big_model() -> nn.Module:
 @pytest.mark.parametrize("capturable", [False, True])
 def test_large_gradients_read_in_place_equal_the_copied_path(monkeypatch, capturable):
     """One rank: a parameter over ``DIRECT_MIN_NUMEL`` is updated from its own ``.grad`` (no copy); the result
-    equals the all-copied path bitwise, with a skipped NaN step and a statistics step in between.  With clipping
-    the norm is summed in other chunks (fp32 norms of 4096-element chunks, combined in float64), so it is compared
-    with the float64 norm instead: ~1e-8 relative measured for such sums, bound 1e-6."""
+    equals the all-copied path bitwise, with a skipped NaN step, a statistics step and set_to_none=False in between.
+    With clipping the norm is summed in other chunks (fp32 norms of 4096-element chunks, combined in float64), so it
+    is compared with the float64 norm instead: ~1e-8 relative measured for such sums, bound 1e-6."""
     from sharded_optim import zero
 
     def train(threshold: int, clip: bool) -> tuple[list[torch.Tensor], ShardedOptimizer, list[float]]:
@@ -200,7 +200,9 @@ def test_large_gradients_read_in_place_equal_the_copied_path(monkeypatch, captur
                 if i != 4:
                     norm_errors.append(float((norm.double() - exact).abs() / exact))
             opt.step()
-            opt.zero_grad()
+            # alternating: after a copying step (statistics) .grad are our buffer's views, and set_to_none=False
+            # accumulates into them; such a gradient is read there, never zeroed as a stale copy
+            opt.zero_grad(set_to_none=i % 2 == 1)
         return [p.detach().clone() for p in model.parameters()], opt, norm_errors
 
     direct, direct_opt, _ = train(1 << 16, clip=False)

@@ -1,0 +1,152 @@
+"""The CPU multi-tensor update (``native_cpu.c``): the fused step reading every gradient where autograd left it.
+
+On one rank the parameters and the optimizer state are flat buffers, but each parameter's gradient is a tensor of
+its own.  The compiled kernels read one flat gradient, so a step either copied every gradient into it (8 of the
+~36 bytes per element a step moves, plus a kernel launch of ~0.3 ms host time per extra run on a 2-core CPU) or
+called the kernel once per parameter.  This kernel takes a table of gradient segments instead, as torch's fused
+optimizers take tensor lists: one call per run, no copy.  Its arithmetic is bitwise that of the compiled kernels
+(see the C source; ``tests/test_native_cpu.py`` checks it), so which kernel runs never changes a result.
+
+The library is built once per machine with the system C compiler (``$CC``, else ``cc``; under a second) into
+``$SHARDED_OPTIM_CACHE_DIR`` (default ``~/.cache/sharded_optim``), keyed by the source, the flags, the compiler
+and the CPU (``-march=native``).  Where no compiler works, one warning says so and the compiled kernels read a
+flat gradient as before.  ``SHARDED_OPTIM_NATIVE_CPU=0`` turns the kernel off.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .. import rules
+
+SOURCE = Path(__file__).with_name("native_cpu.c")
+ENV_VAR = "SHARDED_OPTIM_NATIVE_CPU"
+CACHE_ENV_VAR = "SHARDED_OPTIM_CACHE_DIR"
+# -ffp-contract=off as Inductor's CPU code: no FMA contraction, so the bits match the compiled kernels;
+# -fno-math-errno lets sqrtf vectorise (it stays correctly rounded)
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+
+# the variants the C kernel implements, by its enum value; diffGrad's friction (exp) stays with the compiled kernels
+VARIANT_IDS = {"adam_mv": 0, "adam_mvx": 1, "bound_mv": 2, "bound_mvx": 3, "bound_mvs": 4, "bound_mvxs": 5,
+               "adamax_mu": 6}
+# state tensors in kernel argument order -> the C kernel's (m, v, x, s) slots
+_SLOTS = {"adam_mv": (0, 1), "adam_mvx": (0, 1, 2), "bound_mv": (0, 1), "bound_mvx": (0, 1, 2),
+          "bound_mvs": (0, 1, 3), "bound_mvxs": (0, 1, 2, 3), "adamax_mu": (0, 2)}
+SCALAR_ORDER = (rules.GSCALE, rules.L2, rules.DECAY, rules.W1, rules.B2, rules.W2, rules.STEP, rules.DSCALE,
+                rules.EPS, rules.LO, rules.HI, rules.B3, rules.W3, rules.CG)   # the C enum, checked by the tests
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine()
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+
+
+def _compiler() -> str | None:
+    name = os.environ.get("CC") or "cc"
+    return shutil.which(name) or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id()]).encode()).hexdigest()
+    cache = Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "sharded_optim")
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"native_cpu-{key[:20]}.so"
+    if not target.exists():
+        # build beside the target and rename: ranks building at once each publish a whole file
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, check=True)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernel library, or None (no compiler, a failed build: warned once)."""
+    cc = _compiler()
+    try:
+        if cc is None:
+            raise FileNotFoundError("no C compiler found ($CC, cc, gcc, clang)")
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        warnings.warn(f"sharded_optim: the CPU multi-tensor kernel could not be built ({detail}); one-rank CPU steps "
+                      f"copy gradients into a flat buffer instead", RuntimeWarning, stacklevel=2)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.sharded_optim_update.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.sharded_optim_sumsq.argtypes = [i64, ptr, ptr, ctypes.c_int]
+    return lib
+
+
+def enabled() -> bool:
+    """Whether one-rank CPU runtimes read every gradient in place (the kernel is on and built)."""
+    return os.environ.get(ENV_VAR, "1") != "0" and library() is not None
+
+
+def segment_table(rows: list[tuple[int, Tensor]]) -> Tensor:
+    """The kernel's table: one (offset into the flat buffers, length, address) row per float32 CPU gradient.
+
+    The tensors must stay alive until the kernel has run (the caller holds them)."""
+    for _, g in rows:
+        if g.dtype != torch.float32 or g.device.type != "cpu" or not g.is_contiguous():
+            raise ValueError(f"native_cpu: gradients must be contiguous float32 CPU tensors, got {g.dtype} on "
+                             f"{g.device} (contiguous: {g.is_contiguous()})")
+    return torch.tensor([(off, g.numel(), g.data_ptr()) for off, g in rows], dtype=torch.int64).reshape(-1, 3)
+
+
+def _check_flat(name: str, t: Tensor, end: int) -> int:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() < end:
+        raise ValueError(f"native_cpu: {name} must be a contiguous float32 CPU tensor of at least {end} elements, "
+                         f"got {t.dtype} on {t.device}, {t.numel()} elements (contiguous: {t.is_contiguous()})")
+    return t.data_ptr()
+
+
+def update(variant: str, p: Tensor, table: Tensor, state: tuple[Tensor, ...], sc: Tensor) -> None:
+    """Run the fused update of ``variant`` over the segments of ``table``: ``p`` and ``state`` (kernel argument
+    order) are flat, indexed by the table's offsets; ``sc`` the host scalars (:mod:`sharded_optim.rules`)."""
+    lib = library()
+    if lib is None or variant not in VARIANT_IDS:
+        raise ValueError(f"native_cpu: variant {variant!r} has no native kernel here "
+                         f"(built: {lib is not None}; variants: {sorted(VARIANT_IDS)})")
+    end = int((table[:, 0] + table[:, 1]).max()) if len(table) else 0
+    slots: list[int | None] = [None] * 4
+    for tensor, slot in zip(state, _SLOTS[variant], strict=True):
+        slots[slot] = _check_flat("state", tensor, end)
+    scalars = sc.to(torch.float32).contiguous()
+    rc = lib.sharded_optim_update(VARIANT_IDS[variant], len(table), table.data_ptr(), _check_flat("p", p, end),
+                                  *slots, scalars.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("native_cpu: the update could not allocate its work list")
+
+
+def sumsq(table: Tensor) -> Tensor:
+    """Sum of squares of every segment of ``table`` in float64 (deterministic: independent of the thread count)."""
+    lib = library()
+    out = torch.zeros((), dtype=torch.float64)
+    if lib is None:
+        raise ValueError("native_cpu: the kernel library is not built")
+    if len(table) and lib.sharded_optim_sumsq(len(table), table.data_ptr(), out.data_ptr(),
+                                              torch.get_num_threads()) != 0:
+        raise MemoryError("native_cpu: the sum of squares could not allocate its work list")
+    return out

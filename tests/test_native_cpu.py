@@ -1,0 +1,192 @@
+"""The CPU multi-tensor kernel (``sharded_optim.kernels.native_cpu``): bitwise the compiled kernels, no gradient copy.
+
+One rank on CPU, fp32: the update reads every gradient where autograd left it, through a table of segments, instead
+of copying the gradients into a flat buffer for the compiled kernel.  These tests pin its contract: the same bits as
+the compiled kernel for every variant it implements (NaN and infinity included), the C side's scalar and variant
+numbering equal to the Python side's, a sum of squares independent of the thread count, bad buffers refused, a
+step that copies no gradient, the same trajectory as the copying path, and a clear fallback where no compiler works.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from sharded_optim import ShardedOptimizer, rules
+from sharded_optim.kernels import dispatch, native_cpu
+
+N_STATE = {"adam_mv": 2, "adam_mvx": 3, "bound_mv": 2, "bound_mvx": 3, "bound_mvs": 3, "bound_mvxs": 4,
+           "adamax_mu": 2}
+SIZES = [1000, 17, 40000, 3, 16384]   # 40000 spans three work items of the kernel (CHUNK = 16384 elements)
+
+
+def _c_enum(first: str) -> list[str]:
+    """The names of the C source's enum that starts with ``first``, in order."""
+    match = re.search(r"enum \{ (" + first + r"[^}]*)\}", native_cpu.SOURCE.read_text())
+    assert match is not None, f"no enum starting with {first} in {native_cpu.SOURCE.name}"
+    return [name.strip() for name in match.group(1).split(",")]
+
+
+def test_the_c_side_numbers_scalars_and_variants_as_python_does():
+    names = _c_enum("GSCALE")
+    assert [getattr(rules, n) for n in names] == list(range(rules.NUM_SCALARS))
+    assert list(native_cpu.SCALAR_ORDER) == list(range(rules.NUM_SCALARS))
+    variants = _c_enum("ADAM_MV")
+    assert [v.lower() for v in variants] == sorted(native_cpu.VARIANT_IDS, key=native_cpu.VARIANT_IDS.get)
+    assert set(N_STATE) == set(native_cpu.VARIANT_IDS) and set(N_STATE) <= set(dispatch.VARIANTS)
+
+
+def _case(variant: str, w1: float, seed: int) -> tuple:
+    """Flat parameter and state, gradients as separate tensors (with a NaN and an infinity), the same gradients
+    laid into a flat buffer with gaps, and the scalars (``w1`` picks lerp's branch)."""
+    gen = torch.Generator().manual_seed(seed)
+    gap = 5
+    n = sum(SIZES) + gap * (len(SIZES) + 1)
+    p = torch.randn(n, generator=gen)
+    state = [torch.rand(n, generator=gen) for _ in range(N_STATE[variant])]
+    grads = [torch.randn(k, generator=gen) for k in SIZES]
+    grads[0][3], grads[2][20000] = float("nan"), float("inf")
+    sc = torch.rand(rules.NUM_SCALARS, generator=gen) * 0.1
+    sc[rules.GSCALE], sc[rules.W1], sc[rules.LO], sc[rules.HI] = 0.9, w1, 1e-3, 5e-2
+    flat, rows, offset = torch.zeros(n), [], gap
+    for g in grads:
+        flat[offset: offset + g.numel()] = g
+        rows.append((offset, g))
+        offset += g.numel() + gap
+    return p, state, rows, flat, sc
+
+
+@pytest.mark.parametrize("w1", [0.1, 0.7])
+@pytest.mark.parametrize("variant", sorted(N_STATE))
+def test_native_update_is_bitwise_the_compiled_kernel(variant, w1):
+    p, state, rows, flat, sc = _case(variant, w1, seed=len(variant))
+    p_ref, state_ref = p.clone(), [s.clone() for s in state]
+    native_cpu.update(variant, p, native_cpu.segment_table(rows), tuple(state), sc)
+    dispatch.run(dispatch.update(variant), "compiled", p_ref, flat, *state_ref, sc)
+    covered = torch.zeros_like(p, dtype=torch.bool)
+    for offset, g in rows:
+        covered[offset: offset + g.numel()] = True
+    for got, want in zip([p, *state], [p_ref, *state_ref]):
+        torch.testing.assert_close(got[covered], want[covered], rtol=0, atol=0, equal_nan=True)
+    assert p[covered].isnan().any()   # the NaN went through as the compiled kernel propagates it
+    # the gaps between segments are not the kernel's: untouched
+    assert torch.equal(p[~covered], _case(variant, w1, seed=len(variant))[0][~covered])
+
+
+def test_sumsq_is_float64_accurate_and_independent_of_the_thread_count():
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(k, generator=gen) * 10 ** (i - 2) for i, k in enumerate(SIZES)]
+    table = native_cpu.segment_table([(0, g) for g in grads])
+    exact = sum(float(g.double().square().sum()) for g in grads)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native_cpu.sumsq(table)
+        torch.set_num_threads(2)
+        two = native_cpu.sumsq(table)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.dtype == torch.float64 and torch.equal(one, two)
+    # float64 sums of ~60k non-negative terms: relative error below 60k * 2**-53 ~ 7e-12
+    assert abs(float(one) - exact) <= 1e-10 * exact
+    assert float(native_cpu.sumsq(native_cpu.segment_table([]).reshape(0, 3))) == 0.0
+
+
+def test_bad_gradients_and_buffers_are_refused():
+    with pytest.raises(ValueError, match=r"contiguous float32 CPU tensors, got torch.float64"):
+        native_cpu.segment_table([(0, torch.zeros(4, dtype=torch.float64))])
+    with pytest.raises(ValueError, match=r"contiguous: False"):
+        native_cpu.segment_table([(0, torch.zeros(4, 4).t())])
+    table = native_cpu.segment_table([(8, torch.zeros(4))])
+    with pytest.raises(ValueError, match=r"state must be a contiguous float32 CPU tensor of at least 12 elements"):
+        native_cpu.update("adam_mv", torch.zeros(12), table, (torch.zeros(12), torch.zeros(11)),
+                          torch.zeros(rules.NUM_SCALARS))
+    with pytest.raises(ValueError, match=r"variant 'adam_mvg' has no native kernel"):
+        native_cpu.update("adam_mvg", torch.zeros(12), table, (torch.zeros(12),) * 3, torch.zeros(rules.NUM_SCALARS))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+
+
+def _gradient_copies(model: nn.Module, opt: ShardedOptimizer) -> list[list[int]]:
+    """Shapes of the gradient-shaped tensors any copy kernel reads during one ``step()``."""
+    from torch.profiler import ProfilerActivity, profile
+    shapes = [list(p.shape) for p in model.parameters()]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        opt.step()
+    return [s for e in prof.events() if "copy" in e.name for s in e.input_shapes if s in shapes]
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_one_rank_cpu_step_copies_no_gradient(set_to_none):
+    model = _model()
+    opt = ShardedOptimizer(model.parameters(), algorithm="adamw", lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=set_to_none)
+        model(torch.randn(4, 8)).square().mean().backward()
+        copies = _gradient_copies(model, opt)
+    rt = next(iter(opt._runtimes.values()))[0]
+    assert rt.native and copies == []
+    assert all(p.grad is not None and p.grad.data_ptr() != 0 for p in model.parameters())
+
+
+def _train(native: bool, monkeypatch, algorithm: str, max_norm: float) -> tuple[list[torch.Tensor], ShardedOptimizer]:
+    monkeypatch.setenv(native_cpu.ENV_VAR, "1" if native else "0")
+    model = _model()
+    opt = ShardedOptimizer(model.parameters(), algorithm=algorithm, lr=1e-2, stats_interval=3, amsgrad=True,
+                           kernel="compiled")
+    for i in range(7):
+        model(torch.randn(4, 8, generator=torch.Generator().manual_seed(i))).square().mean().backward()
+        if i == 2:   # a parameter without a gradient: not stepped (one rank, torch.optim semantics)
+            model[4].bias.grad = None
+        if i == 3:   # a non-contiguous gradient: copied into the flat buffer, read from there
+            model[2].weight.grad = model[2].weight.grad.t().contiguous().t()
+        if i == 5:
+            model[0].weight.grad[0, 0] = float("nan")   # skipped
+        opt.clip_grad_norm_(max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=i % 2 == 0)
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+@pytest.mark.parametrize("algorithm", ["adamw", "adamod"])
+def test_native_trajectory_equals_the_copying_path(monkeypatch, algorithm):
+    """With clipping inactive the two paths are bitwise equal (statistics steps, a skipped step, a parameter
+    without gradient and a copied non-contiguous gradient included).  With clipping active the norms are summed
+    differently (float64 per element here, fp32 chunk norms combined in float64 there): the coefficient differs by
+    ~1e-8 relative at most, and so does the clipped gradient; after 7 steps the parameters differ by less than
+    lr * 7 * 1e-6 (bound from the update's 1/sqrt(v) sensitivity, far above the ~1e-9 seen)."""
+    native, native_opt = _train(True, monkeypatch, algorithm, max_norm=1e6)
+    copied, copied_opt = _train(False, monkeypatch, algorithm, max_norm=1e6)
+    assert next(iter(native_opt._runtimes.values()))[0].native
+    assert not next(iter(copied_opt._runtimes.values()))[0].native
+    assert all(torch.equal(a, b) for a, b in zip(native, copied))
+    assert native_opt.skipped_steps["nonfinite"] == copied_opt.skipped_steps["nonfinite"] == 1
+    clipped, _ = _train(True, monkeypatch, algorithm, max_norm=0.05)
+    clipped_ref, _ = _train(False, monkeypatch, algorithm, max_norm=0.05)
+    assert max(float((a - b).abs().max()) for a, b in zip(clipped, clipped_ref)) < 1e-2 * 7 * 1e-6
+
+
+def test_an_unbuildable_kernel_warns_once_and_the_copying_path_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "/bin/false")
+    monkeypatch.setenv(native_cpu.CACHE_ENV_VAR, str(tmp_path))
+    native_cpu.library.cache_clear()
+    try:
+        model = _model()
+        opt = ShardedOptimizer(model.parameters(), lr=1e-2)
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.warns(RuntimeWarning, match="the CPU multi-tensor kernel could not be built") as caught:
+            for _ in range(2):   # one warning: the failure is remembered
+                model(torch.randn(4, 8)).square().mean().backward()
+                opt.step()
+        assert sum("could not be built" in str(w.message) for w in caught) == 1
+        assert not next(iter(opt._runtimes.values()))[0].native
+        assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    finally:
+        monkeypatch.undo()
+        native_cpu.library.cache_clear()
+    assert native_cpu.enabled()

@@ -25,12 +25,11 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .flat import FlatLayout, merge_runs, run_counters
-from .kernels import int8_state
+from .fsdp_state import DTensorStateExchange
+from .kernels import int8_state, native_cpu
 from .kernels.stats import sumsq
-from .serialization import MASTER_KEY
 from .state_storage import StateStorage, layout_options
 from .zero import DIRECT_MIN_NUMEL, LOW_PRECISION
 
@@ -40,7 +39,7 @@ def _shard_dims(p: DTensor) -> tuple[int, ...]:
     return tuple(i for i, placement in enumerate(p.placements) if placement.is_shard())
 
 
-class DTensorParamGroup:
+class DTensorParamGroup(DTensorStateExchange):
     """The optimizer runtime (same protocol as :class:`sharded_optim.zero.FlatParamGroup`) for DTensor parameters.
 
     Args:
@@ -58,7 +57,7 @@ class DTensorParamGroup:
     keeps_dtensor_state = True
 
     def __init__(self, params: list[Tensor], *, state_keys: tuple[str, ...], master_weights: bool,
-                 state_precision: str = "fp32"):
+                 state_precision: str = "fp32", native: bool = False):
         if not params:
             raise ValueError("params must hold at least one DTensor parameter")
         if state_precision == "int8":
@@ -101,7 +100,12 @@ class DTensorParamGroup:
         locals_ = [p.to_local() for p in self.params]
         self.layout = FlatLayout([t.shape for t in locals_], 1, 0, None, **layout_options(state_precision))
         n = self.layout.local_numel
-        self._direct_slots = {s for s, slot in enumerate(self.layout.slots) if slot.index < sum(direct)}
+        # fp32 on CPU: every shard is read and written in place by the multi-tensor kernel (kernels.native_cpu), one
+        # call per run (the order above stays: it must not depend on whether this rank could build the kernel)
+        self.native = (native and self.device.type == "cpu" and self.dtype == self.compute_dtype == torch.float32
+                       and state_precision == "fp32" and native_cpu.enabled())
+        self._direct_slots = {s for s, slot in enumerate(self.layout.slots) if slot.index < sum(direct) or self.native}
+        self._in_flat = True   # this step copied gradients into ``grad`` (native runtimes track it for the norm)
         prefix = min((self.layout.slots[s].offset for s in self._direct_slots), default=n)
         self.master = torch.zeros(prefix, dtype=self.compute_dtype, device=self.device)
         self.grad = torch.zeros(prefix, dtype=self.compute_dtype, device=self.device)
@@ -170,80 +174,6 @@ class DTensorParamGroup:
         return DTensor.from_local(local.view(self.layout.slots[slot_index].shape), p.device_mesh, p.placements,
                                   run_check=False, shape=p.shape, stride=p.stride())
 
-    def state_as_dtensor(self, values: Tensor, slot_index: int, whole: bool = True) -> Tensor:
-        """A DTensor with parameter ``slot_index``'s sharding over ``values``: a whole local flat buffer (its range
-        is taken), or with ``whole=False`` the parameter's local elements themselves."""
-        return self._as_dtensor(values, slot_index) if whole else self._wrap(values, slot_index)
-
-    def global_offset(self, slot_index: int) -> int:
-        """The index, within its parameter, of this rank's first local element (FSDP2 shards are contiguous)."""
-        p = self.params[self.layout.slots[slot_index].index]
-        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        return sum(o * s for o, s in zip(offset, p.stride()))
-
-    def exported_state(self, key: str, slot_index: int) -> Tensor:
-        """State ``key`` of one parameter as ``state_dict()`` and checkpoints give it: values in the compute dtype,
-        a live view when stored so, else a copy (bf16 widened, int8 dequantized: torch.optim loads it, and loading
-        it back stores the same values)."""
-        return self._wrap(self.storage.range_values(key, self._range(slot_index)), slot_index)
-
-    def export_entry(self, slot_index: int, with_mu_product: bool) -> dict[str, Tensor]:
-        """``ShardedOptimizer.state_dict()``'s entry for one parameter: state as sharded DTensors (DCP's format).
-
-        Present even before the first step: DCP loads into the structure ``state_dict()`` returns, so a fresh
-        optimizer built eagerly (``zero_stage > 0``, where DCP's dummy step is not taken) must list every key.
-        ``step`` and ``mu_product`` are plain tensors, equal on every rank (DCP saves them as replicated).
-        """
-        entry: dict[str, Tensor] = {"step": torch.tensor(int(self.steps[slot_index]), dtype=torch.int64)}
-        for key in self.state:
-            entry[key] = self.exported_state(key, slot_index)
-        if with_mu_product:
-            entry["mu_product"] = torch.tensor(float(self.mu_products[slot_index]), dtype=torch.float64)
-        if self.has_master_copy:
-            entry[MASTER_KEY] = self._as_dtensor(self.master, slot_index)
-        return entry
-
-    def import_entry(self, slot_index: int, entry: dict[str, Any] | None, with_mu_product: bool) -> None:
-        """Load one parameter's (validated) ``state_dict()`` entry; ``None`` resets it to a fresh state."""
-        rng = self._range(slot_index)
-        for key, buffer in self.state.items():
-            if entry is None:
-                buffer[rng].zero_()   # codes 0: the value 0 in every precision
-            else:
-                self.import_state(slot_index, key, entry[key])
-        if entry is not None and self.has_master_copy and MASTER_KEY in entry:
-            self.master[rng].copy_(self._local_part(slot_index, MASTER_KEY, entry[MASTER_KEY]))
-            self._local(slot_index).copy_(self.master[self._range(slot_index)].view(
-                self.layout.slots[slot_index].shape))   # the parameter follows its restored master
-        step = 0 if entry is None else entry["step"]
-        self.steps[slot_index] = int(float(step.item() if isinstance(step, Tensor) else step))
-        if with_mu_product:
-            self.mu_products[slot_index] = 1.0 if entry is None else float(entry["mu_product"])
-
-    def import_state(self, slot_index: int, key: str, value: Tensor) -> None:
-        """Store ``value`` (a DTensor of any placements, or a full logical tensor) as parameter ``slot_index``'s
-        state ``key`` on this rank, in the state's precision."""
-        self.storage.store_range(key, self._range(slot_index), self._local_part(slot_index, key, value))
-
-    def _local_part(self, slot_index: int, key: str, value: Tensor) -> Tensor:
-        """This rank's shard of ``value`` (a DTensor of any placements, or a full logical tensor), flat."""
-        p = self.params[self.layout.slots[slot_index].index]
-        local_shape = self.layout.slots[slot_index].shape
-        if isinstance(value, DTensor):
-            if value.device_mesh != p.device_mesh:
-                raise ValueError(f"state {key!r} is a DTensor on mesh {value.device_mesh}, its parameter is on "
-                                 f"{p.device_mesh}")
-            if tuple(value.placements) != tuple(p.placements):
-                value = value.redistribute(p.device_mesh, p.placements)  # collective: every rank loads together
-            local = value.to_local()
-        else:  # a full logical tensor (torch.optim or a full state dict): cut this rank's shard out of it
-            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-            local = value.reshape(p.shape)[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
-        if tuple(local.shape) != tuple(local_shape):
-            raise ValueError(f"state {key!r}: the local shard has shape {tuple(local.shape)}, the parameter's "
-                             f"local shard {tuple(local_shape)}")
-        return local.reshape(-1)
-
     # ------------------------------------------------------------------------------------ update protocol
     def collect_grads(self, in_place: bool = True) -> list[bool]:
         """Copy the local gradient shards (already reduced by FSDP2) into ``grad``; report which exist.
@@ -268,7 +198,8 @@ class DTensorParamGroup:
                 raise ValueError(f"parameter {slot.index} of its group has a gradient of shape {tuple(g.shape)} "
                                  f"but a local shard of shape {tuple(slot.shape)}; expected a DTensor gradient")
             local = self._local(s)
-            if in_place and s in self._direct_slots and g.is_contiguous() and local.is_contiguous():
+            if in_place and s in self._direct_slots and g.is_contiguous() and local.is_contiguous() and (
+                    not self.native or g.dtype == torch.float32):
                 self._direct[s] = (local.view(-1), g.view(-1))
                 if s in self._stale_direct:
                     dst.zero_()
@@ -281,6 +212,7 @@ class DTensorParamGroup:
                 if s in self._direct_slots:
                     self._stale_direct.add(s)
             has_grad.append(True)
+        self._in_flat = len(self._direct) < sum(has_grad)
         return has_grad
 
     def update_runs(self, has_grad: list[bool], uniform_steps: bool = False) -> list[tuple[slice, list[int]]]:
@@ -291,11 +223,12 @@ class DTensorParamGroup:
         """
         # uniform_steps: the device path, counters agree and are not read (that would synchronise)
         steps, mus = run_counters(self.steps, self.mu_products, uniform_steps)
-        if all(has_grad) and len(set(steps)) <= 1 and len(set(mus)) <= 1 and not self._direct:
+        if all(has_grad) and len(set(steps)) <= 1 and len(set(mus)) <= 1 and (self.native or not self._direct):
             return [(slice(0, self.layout.local_numel), list(range(len(self.layout.slots))))]
         # slots are in increasing offset order; in-place slots run alone
         pieces = ((slot.offset, slot.offset + slot.numel, s) for s, slot in enumerate(self.layout.slots))
-        return self.storage.whole_blocks(merge_runs(pieces, has_grad, steps, mus, alone=self._direct))
+        alone = () if self.native else self._direct   # the native kernel reads in-place shards within any run
+        return self.storage.whole_blocks(merge_runs(pieces, has_grad, steps, mus, alone=alone))
 
     def prepare_update(self) -> None:
         """Make ``master`` agree with the local shards, which others may have written (a model checkpoint load).
@@ -351,8 +284,17 @@ class DTensorParamGroup:
             return self._direct[slots[0]][1]
         return self.grad[rng]
 
-    def grad_table(self, rng: slice, slots: list[int]) -> None:
-        """None: no native multi-tensor update (``FlatParamGroup.grad_table``); shards are parameters of their own."""
+    def grad_table(self, rng: slice, slots: list[int]) -> Tensor | None:
+        """Native runtimes: run ``rng``'s segments for :func:`.kernels.native_cpu.update`, each in-place shard with
+        its own gradient and parameter, the others in ``grad`` and ``master``; else None."""
+        if not self.native:
+            return None
+        rows: list[tuple[int, Tensor, Tensor | None]] = []
+        for s in slots:
+            at = self.layout.slots[s].offset - rng.start
+            rows.append((at, self._direct[s][1], self._direct[s][0]) if s in self._direct
+                        else (at, self.grad[self._range(s)], None))
+        return native_cpu.segment_table(rows, self.master[rng] if self.master.numel() else None)
 
     def param_of(self, rng: slice, slots: list[int]) -> Tensor:
         """The parameter values a run's update writes: the local shard itself when updated in place."""
@@ -367,6 +309,9 @@ class DTensorParamGroup:
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of the local gradient shards in float64 (summed over ``reduce_group`` by the caller), by
         :func:`~sharded_optim.kernels.stats.sumsq`: a float64 ``vector_norm`` took 64 of a 97 ms step here."""
+        if self.native:   # one multi-tensor pass over the in-place shards; ``grad`` only if written this step
+            total = native_cpu.sumsq([g for _p, g in self._direct.values()])
+            return total + sumsq(self.grad) if self._in_flat else total
         total = sumsq(self.grad)
         for _p, g in self._direct.values():
             total = total + sumsq(g)

@@ -195,7 +195,7 @@ def build_runtimes(opt: Any, group: dict[str, Any]) -> list[ParamRuntime]:
             # FSDP2 / DTensor parameters are sharded already: never shard twice (see fsdp.py)
             from .fsdp import DTensorParamGroup
             rt: ParamRuntime = DTensorParamGroup(params, state_keys=keys, master_weights=opt.master_weights,
-                                                 state_precision=precision)
+                                                 state_precision=precision, native=native_cpu_allowed(opt, group))
             register_runtime(opt, rt, keys)
             runtimes.append(rt)
             continue

@@ -186,7 +186,7 @@ def host_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Run]
         sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
         table = rt.grad_table(rng, slots)
         if table is not None:   # one rank on CPU: every gradient read where autograd left it
-            native_cpu.update(variant, rt.param_of(rng, slots), table, rt.state_args(keys, rng), sc)
+            native_cpu.update(variant, table, rt.state_args(keys, rng), sc)
         else:
             dispatch.run(dispatch.update(variant, rt.state_precision), opt.kernel_mode, rt.param_of(rng, slots),
                          rt.grad_of(rng, slots), *rt.state_args(keys, rng), sc, *_seed(rt, t - 1))

@@ -305,7 +305,7 @@ class FlatParamGroup(GradientReduction):
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of this rank's gradient shard, in float64 (padding is zero and adds nothing)."""
         if self.native:   # one multi-tensor pass over the in-place gradients; ``grad`` only if written this step
-            total = native_cpu.sumsq(native_cpu.segment_table([(0, g) for g in self._direct.values()]))
+            total = native_cpu.sumsq(list(self._direct.values()))
             return total + sumsq(self.grad) if self._in_flat else total
         total = sumsq(self.grad)
         for g in self._direct.values():

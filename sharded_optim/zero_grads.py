@@ -319,8 +319,8 @@ class GradientReduction:
             g = self._direct.get(s)
             if g is None:   # copied: its region of ``grad``
                 g = self.grad[slot.offset: slot.offset + slot.numel]
-            rows.append((slot.offset - rng.start, g))
-        return native_cpu.segment_table(rows)
+            rows.append((slot.offset - rng.start, g, None))
+        return native_cpu.segment_table(rows, self.master[rng])
 
     def param_of(self, rng: slice, slots: list[int]) -> Tensor:
         """The parameter values a run's update writes: always the flat ``master`` (parameters are its views)."""

@@ -192,6 +192,7 @@ def _train_pair(mesh: Any, dp_rank: int, dp_size: int, algorithm: str, reference
     return {"param_err": param_err, "state_err": state_err, "norm_rel_diff": max(norm_diffs),
             "grad_rel_err": max(grad_errs),
             "in_place_slots": sum(len(rt._direct_slots) for rts in opt._runtimes.values() for rt in rts),
+            "native": [rt.native for rts in opt._runtimes.values() for rt in rts],
             "state_keys": sorted(kinds), "state_dtypes": sorted(dtypes), "local_numel": local_numel,
             "state_bytes": opt.memory_report()["state_bytes"], "losses": losses,
             "empty_shards": [n for n, p in params.items() if p.to_local().numel() == 0],
@@ -404,6 +405,10 @@ def _one_d_worker(rank: int, world: int, directory: str) -> Scenarios:
     # every local shard updated where FSDP2 keeps it (threshold 1), statistics every other step (those copy)
     _guard(out, "adamod_in_place", lambda: _in_place(lambda: _train_pair(mesh, rank, world, "adamod", "ours",
                                                                           stats_interval=2)))
+    # fp32 on CPU with compiled kernels: every shard read and written in place by the multi-tensor kernel, one call
+    # (kernels.native_cpu); the unsharded reference runs it too, on its flat buffers
+    _guard(out, "adamod_native", lambda: _train_pair(mesh, rank, world, "adamod", "ours", amsgrad=True,
+                                                     kernel="compiled"))
     _guard(out, "compact_buffers", lambda: _compact_buffers(mesh, rank, world))
     _guard(out, "dcp_in_place", lambda: _in_place(lambda: _dcp_resume(
         mesh, rank, os.path.join(directory, "in_place"), "adamod", torch.float32, 0, amsgrad=True)))
@@ -457,16 +462,18 @@ def _scenario(results: list[dict], name: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamod", "amsgrad", "radam", "adamod_in_place", "diffmod",
-                                  "adamw_bf16_state"])
+                                  "adamw_bf16_state", "adamod_native"])
 def test_fully_shard_matches_unsharded_reference(one_d, name):
     for rank, r in enumerate(_scenario(one_d, name)):
         assert r["param_err"] <= 1.0 and r["state_err"] <= 1.0, f"{name} rank {rank}: {r}"
         assert r["norm_rel_diff"] <= RTOL, f"{name} rank {rank}: {r}"   # the global norm sums the two shards
         assert r["grad_rel_err"] <= GRAD_RTOL, f"{name} rank {rank}: {r}"
         assert r["losses"][-1] < r["losses"][0], f"{name} rank {rank}: losses {r['losses']}"
-        # the tiny model's shards are all under the CPU threshold; the in-place scenario lowers it to 1
-        assert (r["in_place_slots"] > 5) == (name == "adamod_in_place"), \
+        # the tiny model's shards are all under the CPU threshold; the in-place scenario lowers it to 1, and the
+        # native kernel reads every shard in place
+        assert (r["in_place_slots"] > 5) == (name in ("adamod_in_place", "adamod_native")), \
             f"{name} rank {rank}: {r['in_place_slots']} in-place slots"
+        assert all(r["native"]) == (name == "adamod_native"), f"{name} rank {rank}: native {r['native']}"
     if name == "adamw_bf16_state":
         for rank, r in enumerate(_scenario(one_d, name)):
             assert r["state_dtypes"] == ["torch.bfloat16"], f"{name} rank {rank}: {r['state_dtypes']}"
@@ -474,6 +481,7 @@ def test_fully_shard_matches_unsharded_reference(one_d, name):
     expected = {"adamw": ["exp_avg", "exp_avg_sq"], "adamw_bf16_state": ["exp_avg", "exp_avg_sq"],
                 "adamod": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
                 "adamod_in_place": ["exp_avg", "exp_avg_lr", "exp_avg_sq"],
+                "adamod_native": ["exp_avg", "exp_avg_lr", "exp_avg_sq", "max_exp_avg_sq"],
                 "amsgrad": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], "radam": ["exp_avg", "exp_avg_sq"],
                 "diffmod": ["exp_avg", "exp_avg_lr", "exp_avg_sq", "previous_grad"]}
     assert one_d[0][name]["state_keys"] == expected[name], f"{name} rank 0: {one_d[0][name]['state_keys']}"

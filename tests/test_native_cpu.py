@@ -53,7 +53,7 @@ def _case(variant: str, w1: float, seed: int) -> tuple:
     flat, rows, offset = torch.zeros(n), [], gap
     for g in grads:
         flat[offset: offset + g.numel()] = g
-        rows.append((offset, g))
+        rows.append((offset, g, None))
         offset += g.numel() + gap
     return p, state, rows, flat, sc
 
@@ -63,10 +63,10 @@ def _case(variant: str, w1: float, seed: int) -> tuple:
 def test_native_update_is_bitwise_the_compiled_kernel(variant, w1):
     p, state, rows, flat, sc = _case(variant, w1, seed=len(variant))
     p_ref, state_ref = p.clone(), [s.clone() for s in state]
-    native_cpu.update(variant, p, native_cpu.segment_table(rows), tuple(state), sc)
+    native_cpu.update(variant, native_cpu.segment_table(rows, p), tuple(state), sc)
     dispatch.run(dispatch.update(variant), "compiled", p_ref, flat, *state_ref, sc)
     covered = torch.zeros_like(p, dtype=torch.bool)
-    for offset, g in rows:
+    for offset, g, _ in rows:
         covered[offset: offset + g.numel()] = True
     for got, want in zip([p, *state], [p_ref, *state_ref]):
         torch.testing.assert_close(got[covered], want[covered], rtol=0, atol=0, equal_nan=True)
@@ -78,33 +78,53 @@ def test_native_update_is_bitwise_the_compiled_kernel(variant, w1):
 def test_sumsq_is_float64_accurate_and_independent_of_the_thread_count():
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(k, generator=gen) * 10 ** (i - 2) for i, k in enumerate(SIZES)]
-    table = native_cpu.segment_table([(0, g) for g in grads])
     exact = sum(float(g.double().square().sum()) for g in grads)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native_cpu.sumsq(table)
+        one = native_cpu.sumsq(grads)
         torch.set_num_threads(2)
-        two = native_cpu.sumsq(table)
+        two = native_cpu.sumsq(grads)
     finally:
         torch.set_num_threads(threads)
     assert one.dtype == torch.float64 and torch.equal(one, two)
     # float64 sums of ~60k non-negative terms: relative error below 60k * 2**-53 ~ 7e-12
     assert abs(float(one) - exact) <= 1e-10 * exact
-    assert float(native_cpu.sumsq(native_cpu.segment_table([]).reshape(0, 3))) == 0.0
+    assert float(native_cpu.sumsq([])) == 0.0
 
 
 def test_bad_gradients_and_buffers_are_refused():
-    with pytest.raises(ValueError, match=r"contiguous float32 CPU tensors, got torch.float64"):
-        native_cpu.segment_table([(0, torch.zeros(4, dtype=torch.float64))])
+    flat, sc = torch.zeros(12), torch.zeros(rules.NUM_SCALARS)
+    with pytest.raises(ValueError, match=r"each gradient must be a contiguous float32 CPU tensor of 4 elements, got "
+                                         r"torch.float64"):
+        native_cpu.segment_table([(0, torch.zeros(4, dtype=torch.float64), None)], flat)
     with pytest.raises(ValueError, match=r"contiguous: False"):
-        native_cpu.segment_table([(0, torch.zeros(4, 4).t())])
-    table = native_cpu.segment_table([(8, torch.zeros(4))])
+        native_cpu.segment_table([(0, torch.zeros(4, 4).t(), None)], torch.zeros(16))
+    with pytest.raises(ValueError, match=r"each parameter must be a contiguous float32 CPU tensor of 4 elements"):
+        native_cpu.segment_table([(0, torch.zeros(4), torch.zeros(5))])
+    with pytest.raises(ValueError, match=r"flat_param must be a contiguous float32 CPU tensor of at least 13"):
+        native_cpu.segment_table([(9, torch.zeros(4), None)], flat)
+    with pytest.raises(ValueError, match=r"a segment without parameter tensor needs flat_param"):
+        native_cpu.segment_table([(0, torch.zeros(4), None)])
+    table = native_cpu.segment_table([(8, torch.zeros(4), None)], flat)
     with pytest.raises(ValueError, match=r"state must be a contiguous float32 CPU tensor of at least 12 elements"):
-        native_cpu.update("adam_mv", torch.zeros(12), table, (torch.zeros(12), torch.zeros(11)),
-                          torch.zeros(rules.NUM_SCALARS))
+        native_cpu.update("adam_mv", table, (torch.zeros(12), torch.zeros(11)), sc)
     with pytest.raises(ValueError, match=r"variant 'adam_mvg' has no native kernel"):
-        native_cpu.update("adam_mvg", torch.zeros(12), table, (torch.zeros(12),) * 3, torch.zeros(rules.NUM_SCALARS))
+        native_cpu.update("adam_mvg", table, (torch.zeros(12),) * 3, sc)
+
+
+def test_segments_may_update_parameters_of_their_own():
+    """A row's parameter may be a tensor of its own (FSDP2's local shards) instead of a region of a flat buffer."""
+    p, state, rows, flat, sc = _case("adam_mv", 0.1, seed=3)
+    own = [p[o: o + g.numel()].clone() for o, g, _ in rows]
+    native_cpu.update("adam_mv", native_cpu.segment_table(rows, p), tuple(state), sc)
+    state_again = _case("adam_mv", 0.1, seed=3)[1]
+    native_cpu.update("adam_mv", native_cpu.segment_table([(o, g, q) for (o, g, _), q in zip(rows, own)]),
+                      tuple(state_again), sc)
+    for (o, g, _), q in zip(rows, own):
+        torch.testing.assert_close(q, p[o: o + g.numel()], rtol=0, atol=0, equal_nan=True)
+    for a, b in zip(state, state_again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def _model() -> nn.Module:

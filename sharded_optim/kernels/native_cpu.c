@@ -24,6 +24,7 @@ enum { GSCALE, L2, DECAY, W1, B2, W2, STEP, DSCALE, EPS, LO, HI, B3, W3, CG };
 enum { ADAM_MV, ADAM_MVX, BOUND_MV, BOUND_MVX, BOUND_MVS, BOUND_MVXS, ADAMAX_MU };
 
 #define CHUNK 16384   /* elements per work item: small enough to balance threads, large enough to stream */
+#define ROW 4         /* table columns: state offset, length, gradient address, parameter address */
 #define LANES 8       /* independent float64 accumulators of the sum of squares (a fixed order: deterministic) */
 
 static inline float max_nan(float a, float b) {   /* torch.maximum: NaN if either is */
@@ -100,7 +101,7 @@ static int64_t* item_starts(int64_t nseg, const int64_t* table) {
     int64_t* first = malloc(sizeof(int64_t) * (nseg + 1));
     if (!first) return NULL;
     first[0] = 0;
-    for (int64_t i = 0; i < nseg; ++i) first[i + 1] = first[i] + (table[3 * i + 1] + CHUNK - 1) / CHUNK;
+    for (int64_t i = 0; i < nseg; ++i) first[i + 1] = first[i] + (table[ROW * i + 1] + CHUNK - 1) / CHUNK;
     return first;
 }
 
@@ -113,10 +114,11 @@ static int64_t segment_of(const int64_t* first, int64_t nseg, int64_t item) {   
     return lo;
 }
 
-/* table: nseg rows of (offset into the flat buffers, length, address of the float32 gradient).  x and s may be
- * NULL when the variant has no such state.  Returns 0, or -1 for an unknown variant or no memory. */
-int sharded_optim_update(int variant, int64_t nseg, const int64_t* table, float* p, float* m, float* v, float* x,
-                         float* s, const float* sc, int nthreads) {
+/* table: nseg rows of (offset into the flat state, length, address of the float32 gradient, address of the float32
+ * parameter values: a region of a flat buffer, or a tensor of their own).  x and s may be NULL when the variant has
+ * no such state.  Returns 0, or -1 for an unknown variant or no memory. */
+int sharded_optim_update(int variant, int64_t nseg, const int64_t* table, float* m, float* v, float* x, float* s,
+                         const float* sc, int nthreads) {
     if (variant < ADAM_MV || variant > ADAMAX_MU) return -1;
     Scalars k = {sc[GSCALE], sc[L2], sc[DECAY], sc[W1], sc[B2], sc[W2], sc[STEP], sc[DSCALE], sc[EPS], sc[LO],
                  sc[HI], sc[B3], sc[W3], sc[CG], 0.0f, 0};
@@ -129,18 +131,20 @@ int sharded_optim_update(int variant, int64_t nseg, const int64_t* table, float*
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(items > 1)
     for (int64_t it = 0; it < items; ++it) {
         const int64_t i = segment_of(first, nseg, it);
-        const int64_t lo = (it - first[i]) * CHUNK, len = table[3 * i + 1];
-        const int64_t n = len - lo < CHUNK ? len - lo : CHUNK;
-        const int64_t at = table[3 * i] + lo;
-        const float* g = (const float*)(intptr_t)table[3 * i + 2] + lo;
-        fn(&k, p + at, g, m + at, v ? v + at : NULL, x ? x + at : NULL, s ? s + at : NULL, n);
+        const int64_t* row = table + ROW * i;
+        const int64_t lo = (it - first[i]) * CHUNK, n = row[1] - lo < CHUNK ? row[1] - lo : CHUNK;
+        const int64_t at = row[0] + lo;
+        const float* g = (const float*)(intptr_t)row[2] + lo;
+        float* p = (float*)(intptr_t)row[3] + lo;
+        fn(&k, p, g, m + at, v ? v + at : NULL, x ? x + at : NULL, s ? s + at : NULL, n);
     }
     free(first);
     return 0;
 }
 
-/* Sum of squares of every segment's float32 data, in float64: LANES accumulators per work item, the items'
- * partials added in item order, so the result depends on the segments only, never on the thread count. */
+/* Sum of squares of every segment's float32 gradient (the update's table), in float64: LANES accumulators per work
+ * item, the items' partials added in item order, so the result depends on the segments only, never on the thread
+ * count. */
 int sharded_optim_sumsq(int64_t nseg, const int64_t* table, double* out, int nthreads) {
     int64_t* first = item_starts(nseg, table);
     if (!first) return -1;
@@ -150,9 +154,9 @@ int sharded_optim_sumsq(int64_t nseg, const int64_t* table, double* out, int nth
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(items > 1)
     for (int64_t it = 0; it < items; ++it) {
         const int64_t i = segment_of(first, nseg, it);
-        const int64_t lo = (it - first[i]) * CHUNK, len = table[3 * i + 1];
-        const int64_t n = len - lo < CHUNK ? len - lo : CHUNK;
-        const float* g = (const float*)(intptr_t)table[3 * i + 2] + lo;
+        const int64_t* row = table + ROW * i;
+        const int64_t lo = (it - first[i]) * CHUNK, n = row[1] - lo < CHUNK ? row[1] - lo : CHUNK;
+        const float* g = (const float*)(intptr_t)row[2] + lo;
         double acc[LANES] = {0};
         int64_t j = 0;
         for (; j + LANES <= n; j += LANES)

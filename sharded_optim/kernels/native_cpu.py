@@ -94,7 +94,7 @@ def library() -> ctypes.CDLL | None:
                       f"copy gradients into a flat buffer instead", RuntimeWarning, stacklevel=2)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.sharded_optim_update.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.sharded_optim_update.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.sharded_optim_sumsq.argtypes = [i64, ptr, ptr, ctypes.c_int]
     return lib
 
@@ -104,15 +104,31 @@ def enabled() -> bool:
     return os.environ.get(ENV_VAR, "1") != "0" and library() is not None
 
 
-def segment_table(rows: list[tuple[int, Tensor]]) -> Tensor:
-    """The kernel's table: one (offset into the flat buffers, length, address) row per float32 CPU gradient.
+def segment_table(rows: list[tuple[int, Tensor, Tensor | None]], flat_param: Tensor | None = None) -> Tensor:
+    """The kernel's table, one row per segment ``(offset, gradient, parameter)``: ``offset`` into the flat state,
+    a float32 CPU gradient, and the parameter values it updates: a tensor of their own (same size), or None for
+    ``flat_param`` at ``offset``.  The tensors must stay alive until the kernel has run (the caller holds them)."""
+    flat_ptr = None
+    if flat_param is not None:
+        flat_ptr = _check_flat("flat_param", flat_param, max((o + g.numel() for o, g, q in rows if q is None),
+                                                             default=0))
+    out = []
+    for offset, g, param in rows:
+        _check_segment("gradient", g, g.numel())
+        if param is None:
+            if flat_ptr is None:
+                raise ValueError("native_cpu: a segment without parameter tensor needs flat_param")
+            out.append((offset, g.numel(), g.data_ptr(), flat_ptr + 4 * offset))
+        else:
+            out.append((offset, g.numel(), g.data_ptr(), _check_segment("parameter", param, g.numel())))
+    return torch.tensor(out, dtype=torch.int64).reshape(-1, 4)
 
-    The tensors must stay alive until the kernel has run (the caller holds them)."""
-    for _, g in rows:
-        if g.dtype != torch.float32 or g.device.type != "cpu" or not g.is_contiguous():
-            raise ValueError(f"native_cpu: gradients must be contiguous float32 CPU tensors, got {g.dtype} on "
-                             f"{g.device} (contiguous: {g.is_contiguous()})")
-    return torch.tensor([(off, g.numel(), g.data_ptr()) for off, g in rows], dtype=torch.int64).reshape(-1, 3)
+
+def _check_segment(name: str, t: Tensor, numel: int) -> int:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != numel:
+        raise ValueError(f"native_cpu: each {name} must be a contiguous float32 CPU tensor of {numel} elements, got "
+                         f"{t.dtype} on {t.device}, {t.numel()} elements (contiguous: {t.is_contiguous()})")
+    return t.data_ptr()
 
 
 def _check_flat(name: str, t: Tensor, end: int) -> int:
@@ -122,9 +138,9 @@ def _check_flat(name: str, t: Tensor, end: int) -> int:
     return t.data_ptr()
 
 
-def update(variant: str, p: Tensor, table: Tensor, state: tuple[Tensor, ...], sc: Tensor) -> None:
-    """Run the fused update of ``variant`` over the segments of ``table``: ``p`` and ``state`` (kernel argument
-    order) are flat, indexed by the table's offsets; ``sc`` the host scalars (:mod:`sharded_optim.rules`)."""
+def update(variant: str, table: Tensor, state: tuple[Tensor, ...], sc: Tensor) -> None:
+    """Run the fused update of ``variant`` over the segments of ``table`` (:func:`segment_table`): ``state`` (kernel
+    argument order) is flat, indexed by the table's offsets; ``sc`` the host scalars (:mod:`sharded_optim.rules`)."""
     lib = library()
     if lib is None or variant not in VARIANT_IDS:
         raise ValueError(f"native_cpu: variant {variant!r} has no native kernel here "
@@ -134,18 +150,20 @@ def update(variant: str, p: Tensor, table: Tensor, state: tuple[Tensor, ...], sc
     for tensor, slot in zip(state, _SLOTS[variant], strict=True):
         slots[slot] = _check_flat("state", tensor, end)
     scalars = sc.to(torch.float32).contiguous()
-    rc = lib.sharded_optim_update(VARIANT_IDS[variant], len(table), table.data_ptr(), _check_flat("p", p, end),
-                                  *slots, scalars.data_ptr(), torch.get_num_threads())
+    rc = lib.sharded_optim_update(VARIANT_IDS[variant], len(table), table.data_ptr(), *slots, scalars.data_ptr(),
+                                  torch.get_num_threads())
     if rc != 0:
         raise MemoryError("native_cpu: the update could not allocate its work list")
 
 
-def sumsq(table: Tensor) -> Tensor:
-    """Sum of squares of every segment of ``table`` in float64 (deterministic: independent of the thread count)."""
+def sumsq(grads: list[Tensor]) -> Tensor:
+    """Sum of squares of every tensor of ``grads`` (float32, CPU, contiguous) in float64, in one call: deterministic,
+    independent of the thread count."""
     lib = library()
-    out = torch.zeros((), dtype=torch.float64)
     if lib is None:
         raise ValueError("native_cpu: the kernel library is not built")
+    table = segment_table([(0, g, g) for g in grads])   # the parameter column is not read
+    out = torch.zeros((), dtype=torch.float64)
     if len(table) and lib.sharded_optim_sumsq(len(table), table.data_ptr(), out.data_ptr(),
                                               torch.get_num_threads()) != 0:
         raise MemoryError("native_cpu: the sum of squares could not allocate its work list")

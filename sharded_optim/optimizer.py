@@ -204,10 +204,10 @@ class ShardedOptimizer(Optimizer):
 
     def _collect(self) -> dict[int, list[bool]]:
         self._finish_deferred_stats()  # before waiting: the reduce-scatters launched by backward are in flight
-        # a statistics step's sums read the flat gradient buffer: gradients are not read in place then
-        # (nor with shard hooks: Lookahead reads the flat master right after the update)
-        in_place = not self._stats.next_is_stats_step() and not self._shard_hooks
-        return {id(rt): rt.collect_grads(in_place) for _, rt in self._all_runtimes()}
+        # a statistics step's separate passes read the flat gradient buffer (native runtimes' sums come from the
+        # update): not in place then, nor with shard hooks (Lookahead reads the flat master right after the update)
+        hooks, stats = bool(self._shard_hooks), self._stats.next_is_stats_step()
+        return {id(rt): rt.collect_grads(not hooks and (rt.native or not stats)) for _, rt in self._all_runtimes()}
 
     def _finish_deferred_stats(self) -> None:
         """Read back the sums of the last statistics step deferred to now (:meth:`StepStats.finish_deferred`)."""

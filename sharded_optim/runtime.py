@@ -40,6 +40,7 @@ class ParamRuntime(Protocol):
     reduce_group: Any              # the process group partial sums are summed over; None: nothing to reduce
     sync_enabled: bool             # False inside ``no_sync()``
     keeps_dtensor_state: bool      # state_dict entries are DTensors (:class:`DTensorStateRuntime`), not gathered
+    native: bool                   # updates run the CPU multi-tensor kernel (:mod:`.kernels.native_cpu`)
 
     @property
     def has_master_copy(self) -> bool:

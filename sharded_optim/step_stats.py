@@ -108,7 +108,7 @@ class StepStats:
                 key = reduce_key(rt)
                 acc = per_group.setdefault(key, [0.0] * len(opt.param_groups))
                 devices.setdefault(key, rt.device)
-                if self.pre_sums is None:
+                if self.pre_sums is None or rt.native:   # native: a statistics step's sums come with the update
                     local = rt.local_grad_sumsq()
                 else:  # statistics step: the norm comes out of the statistics pass over the gradient
                     pre = self.pre_pass(group, rt, has_grad[id(rt)], finite=True)

@@ -143,16 +143,18 @@ def update_group(opt: Any, group: dict[str, Any], gi: int, has_grad: dict[int, l
         if partials is not None:
             stats = stats_traffic.group_sums(partials, rt, gi)
         keys = tuple(rt.state)
-        if stats is not None:
+        # native runtimes (one rank or FSDP2 on CPU, fp32) compute a statistics step's sums in the update's own pass
+        separate = stats is not None and not rt.native
+        if separate:
             real = rt.stat_ranges()
             stats_traffic.add_pre(stats, group, rt, has_grad[id(rt)], decision.finite)
         post: list[tuple[slice, Tensor]] = []  # statistics step: (range, scalars) still to read back
         if opt._on_device:
             scalar_runs = device_runs(opt, group, rt, runs, variant, keys, decision)
         else:
-            scalar_runs = host_runs(opt, group, rt, runs, variant, keys, decision)
+            scalar_runs = host_runs(opt, group, rt, runs, variant, keys, decision, stats)
         for rng, sc, rect in scalar_runs:
-            if stats is not None:  # statistics step: the updated state is read back over real elements
+            if separate:  # statistics step: the updated state is read back over real elements
                 post.extend((sub, sc) for sub in intersect(rng, real))
             rectification = rect
         if post:
@@ -174,8 +176,12 @@ def _seed(rt: ParamRuntime, step: int | Tensor) -> tuple[Tensor, ...]:
 
 
 def host_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Run], variant: str,
-              keys: tuple[str, ...], decision: Decision) -> Iterator[tuple[slice, Tensor, Any]]:
-    """The update with host scalars from host step counters (the clip coefficient in the gradient scale)."""
+              keys: tuple[str, ...], decision: Decision, stats: Tensor | None = None
+              ) -> Iterator[tuple[slice, Tensor, Any]]:
+    """The update with host scalars from host step counters (the clip coefficient in the gradient scale).
+
+    Native runtimes on a statistics step add the step's sums to the statistics row ``stats`` from the update's pass
+    (:func:`.kernels.native_cpu.update`); the others leave ``stats`` to the caller."""
     steps = rt.steps.tolist()
     mus = rt.mu_products.tolist()
     for rng, slots in runs:
@@ -185,8 +191,11 @@ def host_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Run]
         hs.values[rules.GSCALE] *= decision.coef
         sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
         table = rt.grad_table(rng, slots)
-        if table is not None:   # one rank on CPU: every gradient read where autograd left it
-            native_cpu.update(variant, table, rt.state_args(keys, rng), sc)
+        if table is not None:   # CPU, fp32: every gradient read where autograd left it
+            sums = native_cpu.update(variant, table, rt.state_args(keys, rng), sc, stats=stats is not None,
+                                     gsign=-1.0 if group.get("maximize", False) else 1.0)
+            if stats is not None and sums is not None:
+                native_cpu.add_sums(stats, sums, float(group["lr"]))
         else:
             dispatch.run(dispatch.update(variant, rt.state_precision), opt.kernel_mode, rt.param_of(rng, slots),
                          rt.grad_of(rng, slots), *rt.state_args(keys, rng), sc, *_seed(rt, t - 1))

@@ -16,6 +16,7 @@ from torch import nn
 
 from sharded_optim import ShardedOptimizer, rules
 from sharded_optim.kernels import dispatch, native_cpu
+from sharded_optim.telemetry.fields import EFF_LR_EDGES
 
 N_STATE = {"adam_mv": 2, "adam_mvx": 3, "bound_mv": 2, "bound_mvx": 3, "bound_mvs": 3, "bound_mvxs": 4,
            "adamax_mu": 2}
@@ -36,6 +37,11 @@ def test_the_c_side_numbers_scalars_and_variants_as_python_does():
     variants = _c_enum("ADAM_MV")
     assert [v.lower() for v in variants] == sorted(native_cpu.VARIANT_IDS, key=native_cpu.VARIANT_IDS.get)
     assert set(N_STATE) == set(native_cpu.VARIANT_IDS) and set(N_STATE) <= set(dispatch.VARIANTS)
+    sums = _c_enum("NUMEL")   # ..., EFF_LR_LE_0, NUM_EDGES = 12, NUM_SUMS = EFF_LR_LE_0 + NUM_EDGES
+    first_edge = sums.index("EFF_LR_LE_0")
+    assert [n.lower() for n in sums[:first_edge + 1]] == list(native_cpu.SUM_FIELDS[:first_edge + 1])
+    assert sums[first_edge + 1] == f"NUM_EDGES = {len(EFF_LR_EDGES)}"
+    assert len(native_cpu.SUM_FIELDS) == first_edge + len(EFF_LR_EDGES)
 
 
 def _case(variant: str, w1: float, seed: int) -> tuple:
@@ -210,3 +216,30 @@ def test_an_unbuildable_kernel_warns_once_and_the_copying_path_runs(monkeypatch,
         monkeypatch.undo()
         native_cpu.library.cache_clear()
     assert native_cpu.enabled()
+
+
+@pytest.mark.parametrize("algorithm, options", [("adamw", {"maximize": True}), ("adam", {"amsgrad": True}),
+                                                ("adamod", {}), ("adabound", {"amsgrad": True}), ("adabound", {}),
+                                                ("adamax", {"weight_decay": 1e-2})])
+def test_statistics_from_the_update_pass_equal_the_separate_passes(monkeypatch, algorithm, options):
+    """A native runtime's statistics step computes every sum inside the update (one pass, gradients in place); the
+    copying path computes them in two more passes.  Counts are equal; float64 sums of the same float32 terms in
+    another order differ by a few ulps: bound 1e-12 relative (~2e-16 measured)."""
+    def run(native: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        monkeypatch.setenv(native_cpu.ENV_VAR, "1" if native else "0")
+        model = _model()
+        opt = ShardedOptimizer(model.parameters(), algorithm=algorithm, lr=1e-2, stats_interval=1,
+                               kernel="compiled", **options)
+        sums = []
+        for i in range(3):
+            model(torch.randn(4, 8, generator=torch.Generator().manual_seed(i))).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            sums.append(opt.flush_stats()[1])
+        assert next(iter(opt._runtimes.values()))[0].native == native
+        return sums, [p.detach().clone() for p in model.parameters()]
+    (fused, params), (separate, params_ref) = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(params, params_ref))
+    for a, b in zip(fused, separate):
+        assert a.shape == b.shape and (b != 0).any()
+        assert torch.allclose(a, b, rtol=1e-12, atol=0), (a - b).abs().max()

@@ -45,56 +45,151 @@ typedef struct {
     int big;       /* |w1| >= 0.5: lerp starts from the end point */
 } Scalars;
 
-/* One segment [0, n) of the update: p, m, v, x (vmax or u), s are the flat buffers at the segment's offset. */
-static inline void segment(int variant, const Scalars* ks, float* restrict p, const float* restrict g,
+/* What one element's update leaves behind, for the statistics: the new values and the step size's pieces. */
+typedef struct {
+    float p, m, v, vh;   /* new parameter, first moment, second moment (u for AdaMax), the moment in the step */
+    float vmax_before;   /* AMSGrad: the running max before this step */
+    float root;          /* sqrt(vh) * dscale (AdaMax: u) */
+    float eta;           /* the statistics' step size: step / (root + eps) (AdaMax step / u), bounded as the update */
+    int clipped, clamped;   /* AdaMod: s capped eta; AdaBound: the clamp changed eta */
+} Element;
+
+/* The update of element i (p, m, v, x (vmax or u), s: the segment's buffers); with want_stats, also what the
+ * statistics read (kernels/stats.py _post recomputes it from the stored state; here it is at hand). */
+static inline __attribute__((always_inline)) void element(int variant, const Scalars* k, float* restrict p, const float* restrict g,
+                           float* restrict m, float* restrict v, float* restrict x, float* restrict s, int64_t i,
+                           int want_stats, Element* e) {
+    float pi = p[i], mi = m[i];
+    float gi = g[i] * k->gscale + k->l2 * pi;          /* transformed gradient (p before decay) */
+    float pd = pi - k->decay * pi;                      /* decoupled decay */
+    float base = k->big ? gi : mi;
+    float mn = base + k->coeff * (gi - mi);             /* m.lerp_(g, w1) */
+    m[i] = mn;
+    e->m = mn;
+    if (variant == ADAMAX_MU) {
+        float u = max_nan(x[i] * k->b2, fabsf(gi) + k->eps);
+        x[i] = u;
+        p[i] = e->p = pd - k->step * (mn / u);
+        if (want_stats) { e->v = e->vh = e->root = u; e->eta = k->step / u; }
+        return;
+    }
+    float vn = v[i] * k->b2 + (k->w2 * gi) * gi;        /* addcmul's rounding order */
+    v[i] = vn;
+    float vh = vn;
+    if (variant == ADAM_MVX || variant == BOUND_MVX || variant == BOUND_MVXS) {
+        e->vmax_before = x[i];
+        vh = max_nan(x[i], vn);
+        x[i] = vh;
+    }
+    e->v = vn;
+    e->vh = vh;
+    float root = sqrtf(vh) * k->dscale;
+    float d = root + k->eps;
+    e->root = root;
+    if (variant == ADAM_MV || variant == ADAM_MVX) {
+        p[i] = e->p = pd - (k->step * (mn / d) + k->cg * (gi / d));
+        if (want_stats) e->eta = k->step / d;
+        return;
+    }
+    float eta = k->step / d;
+    e->clipped = e->clamped = 0;
+    if (variant == BOUND_MVS || variant == BOUND_MVXS) {
+        float sn = s[i] * k->b3 + k->w3 * eta;
+        s[i] = sn;
+        e->clipped = sn < eta;
+        eta = min_nan(eta, sn);
+    } else {
+        e->clamped = (eta < k->lo) | (eta > k->hi);
+    }
+    eta = min_nan(max_nan(eta, k->lo), k->hi);          /* torch.clamp(eta, lo, hi) */
+    e->eta = eta;
+    p[i] = e->p = pd - eta * mn;
+}
+
+/* One segment [0, n) of the update. */
+static inline __attribute__((always_inline)) void segment(int variant, const Scalars* ks, float* restrict p, const float* restrict g,
                            float* restrict m, float* restrict v, float* restrict x, float* restrict s, int64_t n) {
-    const Scalars kc = *ks, *k = &kc;   /* a local copy: the loop keeps the scalars in registers */
+    const Scalars kc = *ks;   /* a local copy: the loop keeps the scalars in registers */
     for (int64_t i = 0; i < n; ++i) {
-        float pi = p[i], mi = m[i];
-        float gi = g[i] * k->gscale + k->l2 * pi;          /* transformed gradient (p before decay) */
-        float pd = pi - k->decay * pi;                      /* decoupled decay */
-        float base = k->big ? gi : mi;
-        float mn = base + k->coeff * (gi - mi);             /* m.lerp_(g, w1) */
-        m[i] = mn;
-        if (variant == ADAMAX_MU) {
-            float u = max_nan(x[i] * k->b2, fabsf(gi) + k->eps);
-            x[i] = u;
-            p[i] = pd - k->step * (mn / u);
-            continue;
-        }
-        float vn = v[i] * k->b2 + (k->w2 * gi) * gi;        /* addcmul's rounding order */
-        v[i] = vn;
-        float vh = vn;
-        if (variant == ADAM_MVX || variant == BOUND_MVX || variant == BOUND_MVXS) {
-            vh = max_nan(x[i], vn);
-            x[i] = vh;
-        }
-        float d = sqrtf(vh) * k->dscale + k->eps;
-        if (variant == ADAM_MV || variant == ADAM_MVX) {
-            p[i] = pd - (k->step * (mn / d) + k->cg * (gi / d));
-            continue;
-        }
-        float eta = k->step / d;
-        if (variant == BOUND_MVS || variant == BOUND_MVXS) {
-            float sn = s[i] * k->b3 + k->w3 * eta;
-            s[i] = sn;
-            eta = min_nan(eta, sn);
-        }
-        eta = min_nan(max_nan(eta, k->lo), k->hi);          /* torch.clamp(eta, lo, hi) */
-        p[i] = pd - eta * mn;
+        Element e;
+        element(variant, &kc, p, g, m, v, x, s, i, 0, &e);
     }
 }
 
+/* The statistics sums, in the order of kernels/stats.py PRE_FIELDS then POST_FIELDS (without diffGrad's friction):
+ * elementwise work in float32 as there, sums in float64, counts exact. */
+enum { NUMEL, GRAD_SUMSQ, NONFINITE_GRAD, ZERO_GRAD, MOM_GRAD_DOT, MOM_SUMSQ, PARAM_SUMSQ, UPDATE_SUMSQ,
+       EPS_DOMINATED, AMSGRAD_MAX_ACTIVE, ADAMOD_CLIPPED, ADABOUND_CLAMPED, EFF_LR_SUM, EFF_LR_LE_0,
+       NUM_EDGES = 12, NUM_SUMS = EFF_LR_LE_0 + NUM_EDGES };
+
+/* One segment of the update with the statistics of a statistics step in the same pass: before the update, the
+ * gradient (sign ``gsign``, as the update applies it) and the previous first moment; after, the new state and the
+ * step sizes.  Non-finite gradient elements are counted and left out of the momentum sums. */
+static inline __attribute__((always_inline)) void segment_stats(int variant, const Scalars* ks, float* restrict p, const float* restrict g,
+                                 float* restrict m, float* restrict v, float* restrict x, float* restrict s,
+                                 int64_t n, float gsign, const float* edges, double* out) {
+    const Scalars kc = *ks;
+    const float eps2 = 2 * kc.eps;
+    double gsq = 0, mg = 0, msq = 0, psq = 0, usq = 0, eta_sum = 0;
+    int32_t nonfinite = 0, zero = 0, eps_dom = 0, ams = 0, clipped = 0, clamped = 0;
+    int32_t le[NUM_EDGES] = {0};
+    float e0 = edges[0], e1 = edges[1], e2 = edges[2], e3 = edges[3], e4 = edges[4], e5 = edges[5], e6 = edges[6],
+          e7 = edges[7], e8 = edges[8], e9 = edges[9], e10 = edges[10], e11 = edges[11];
+    int32_t l0 = 0, l1 = 0, l2 = 0, l3 = 0, l4 = 0, l5 = 0, l6 = 0, l7 = 0, l8 = 0, l9 = 0, l10 = 0, l11 = 0;
+    #pragma omp simd reduction(+: gsq, mg, msq, psq, usq, eta_sum, nonfinite, zero, eps_dom, ams, clipped, clamped, \
+                               l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11)
+    for (int64_t i = 0; i < n; ++i) {
+        float gg = g[i] * gsign, mp = m[i];
+        int ok = isfinite(gg);
+        float gf = ok ? gg : 0.0f;
+        gsq += (double)(gg * gg);
+        nonfinite += !ok;
+        zero += fabsf(gg) <= 0.0f;
+        mg += (double)(mp * gf);
+        msq += (double)(mp * mp);
+        Element e;
+        element(variant, &kc, p, g, m, v, x, s, i, 1, &e);
+        psq += (double)(e.p * e.p);
+        float delta = e.eta * e.m;
+        usq += (double)(delta * delta);
+        eta_sum += (double)e.eta;
+        if (variant == ADAMAX_MU) eps_dom += fabsf(e.root) <= eps2;
+        else eps_dom += fabsf(e.root) < kc.eps;
+        if (variant == ADAM_MVX || variant == BOUND_MVX || variant == BOUND_MVXS) ams += e.vmax_before > e.v;   /* = (new max > v) */
+        if (variant == BOUND_MVS || variant == BOUND_MVXS) clipped += e.clipped;
+        if (variant == BOUND_MV || variant == BOUND_MVX) clamped += e.clamped;
+        float a = fabsf(e.eta);
+        l0 += a <= e0; l1 += a <= e1; l2 += a <= e2; l3 += a <= e3; l4 += a <= e4; l5 += a <= e5;
+        l6 += a <= e6; l7 += a <= e7; l8 += a <= e8; l9 += a <= e9; l10 += a <= e10; l11 += a <= e11;
+    }
+    le[0] = l0; le[1] = l1; le[2] = l2; le[3] = l3; le[4] = l4; le[5] = l5;
+    le[6] = l6; le[7] = l7; le[8] = l8; le[9] = l9; le[10] = l10; le[11] = l11;
+    out[NUMEL] = (double)n; out[GRAD_SUMSQ] = gsq; out[NONFINITE_GRAD] = nonfinite; out[ZERO_GRAD] = zero;
+    out[MOM_GRAD_DOT] = mg; out[MOM_SUMSQ] = msq; out[PARAM_SUMSQ] = psq; out[UPDATE_SUMSQ] = usq;
+    out[EPS_DOMINATED] = eps_dom; out[AMSGRAD_MAX_ACTIVE] = ams; out[ADAMOD_CLIPPED] = clipped;
+    out[ADABOUND_CLAMPED] = clamped; out[EFF_LR_SUM] = eta_sum;
+    for (int j = 0; j < NUM_EDGES; ++j) out[EFF_LR_LE_0 + j] = le[j];
+}
+
 /* One instantiation per variant, so the variant tests fold away and each loop vectorises on its own. */
-#define SEGMENT_OF(V) static void seg_##V(const Scalars* k, float* restrict p, const float* restrict g, \
-    float* restrict m, float* restrict v, float* restrict x, float* restrict s, int64_t n) \
-    { segment(V, k, p, g, m, v, x, s, n); }
+#define SEGMENT_OF(V) \
+    static void seg_##V(const Scalars* k, float* restrict p, const float* restrict g, float* restrict m, \
+                        float* restrict v, float* restrict x, float* restrict s, int64_t n) \
+    { segment(V, k, p, g, m, v, x, s, n); } \
+    static void stats_##V(const Scalars* k, float* restrict p, const float* restrict g, float* restrict m, \
+                          float* restrict v, float* restrict x, float* restrict s, int64_t n, float gsign, \
+                          const float* edges, double* out) \
+    { segment_stats(V, k, p, g, m, v, x, s, n, gsign, edges, out); }
 SEGMENT_OF(ADAM_MV) SEGMENT_OF(ADAM_MVX) SEGMENT_OF(BOUND_MV) SEGMENT_OF(BOUND_MVX) SEGMENT_OF(BOUND_MVS)
 SEGMENT_OF(BOUND_MVXS) SEGMENT_OF(ADAMAX_MU)
 
 typedef void (*SegmentFn)(const Scalars*, float*, const float*, float*, float*, float*, float*, int64_t);
 static const SegmentFn SEGMENTS[] = {seg_ADAM_MV, seg_ADAM_MVX, seg_BOUND_MV, seg_BOUND_MVX, seg_BOUND_MVS,
                                      seg_BOUND_MVXS, seg_ADAMAX_MU};
+typedef void (*StatsFn)(const Scalars*, float*, const float*, float*, float*, float*, float*, int64_t, float,
+                        const float*, double*);
+static const StatsFn STATS[] = {stats_ADAM_MV, stats_ADAM_MVX, stats_BOUND_MV, stats_BOUND_MVX, stats_BOUND_MVS,
+                                stats_BOUND_MVXS, stats_ADAMAX_MU};
 
 /* Work items: segment i is cut into ceil(len/CHUNK) items; first[i] is the index of its first item. */
 static int64_t* item_starts(int64_t nseg, const int64_t* table) {
@@ -116,9 +211,11 @@ static int64_t segment_of(const int64_t* first, int64_t nseg, int64_t item) {   
 
 /* table: nseg rows of (offset into the flat state, length, address of the float32 gradient, address of the float32
  * parameter values: a region of a flat buffer, or a tensor of their own).  x and s may be NULL when the variant has
- * no such state.  Returns 0, or -1 for an unknown variant or no memory. */
+ * no such state.  With ``out`` (NUM_SUMS doubles), a statistics step: the sums of segment_stats over every segment,
+ * per work item, added in item order (independent of the thread count).  Returns 0, or -1 for an unknown variant
+ * or no memory. */
 int sharded_optim_update(int variant, int64_t nseg, const int64_t* table, float* m, float* v, float* x, float* s,
-                         const float* sc, int nthreads) {
+                         const float* sc, int nthreads, float gsign, const float* edges, double* out) {
     if (variant < ADAM_MV || variant > ADAMAX_MU) return -1;
     Scalars k = {sc[GSCALE], sc[L2], sc[DECAY], sc[W1], sc[B2], sc[W2], sc[STEP], sc[DSCALE], sc[EPS], sc[LO],
                  sc[HI], sc[B3], sc[W3], sc[CG], 0.0f, 0};
@@ -126,8 +223,14 @@ int sharded_optim_update(int variant, int64_t nseg, const int64_t* table, float*
     k.coeff = k.big ? -(1.0f - k.w1) : k.w1;
     int64_t* first = item_starts(nseg, table);
     if (!first) return -1;
-    const SegmentFn fn = SEGMENTS[variant];
     const int64_t items = first[nseg];
+    double* partial = NULL;
+    if (out) {
+        partial = calloc((size_t)(items ? items : 1) * NUM_SUMS, sizeof(double));
+        if (!partial) { free(first); return -1; }
+    }
+    const SegmentFn fn = SEGMENTS[variant];
+    const StatsFn stats_fn = STATS[variant];
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(items > 1)
     for (int64_t it = 0; it < items; ++it) {
         const int64_t i = segment_of(first, nseg, it);
@@ -136,7 +239,15 @@ int sharded_optim_update(int variant, int64_t nseg, const int64_t* table, float*
         const int64_t at = row[0] + lo;
         const float* g = (const float*)(intptr_t)row[2] + lo;
         float* p = (float*)(intptr_t)row[3] + lo;
-        fn(&k, p, g, m + at, v ? v + at : NULL, x ? x + at : NULL, s ? s + at : NULL, n);
+        float *mi = m + at, *vi = v ? v + at : NULL, *xi = x ? x + at : NULL, *si = s ? s + at : NULL;
+        if (partial) stats_fn(&k, p, g, mi, vi, xi, si, n, gsign, edges, partial + it * NUM_SUMS);
+        else fn(&k, p, g, mi, vi, xi, si, n);
+    }
+    if (out) {
+        for (int j = 0; j < NUM_SUMS; ++j) out[j] = 0.0;
+        for (int64_t it = 0; it < items; ++it)
+            for (int j = 0; j < NUM_SUMS; ++j) out[j] += partial[it * NUM_SUMS + j];
+        free(partial);
     }
     free(first);
     return 0;

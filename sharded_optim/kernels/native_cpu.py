@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 
 from .. import rules
+from ..telemetry.fields import EFF_LR_EDGES
+from .stats import POST_FIELDS, PRE_FIELDS, add_post_sums, add_pre_sums
 
 SOURCE = Path(__file__).with_name("native_cpu.c")
 ENV_VAR = "SHARDED_OPTIM_NATIVE_CPU"
@@ -42,6 +44,10 @@ VARIANT_IDS = {"adam_mv": 0, "adam_mvx": 1, "bound_mv": 2, "bound_mvx": 3, "boun
 # state tensors in kernel argument order -> the C kernel's (m, v, x, s) slots
 _SLOTS = {"adam_mv": (0, 1), "adam_mvx": (0, 1, 2), "bound_mv": (0, 1), "bound_mvx": (0, 1, 2),
           "bound_mvs": (0, 1, 3), "bound_mvxs": (0, 1, 2, 3), "adamax_mu": (0, 2)}
+# the sums of a statistics step's update (the C enum NUMEL ...): stats.PRE_FIELDS, then POST_FIELDS without diffGrad's
+# friction (no native diffGrad kernel)
+SUM_FIELDS = PRE_FIELDS + tuple(f for f in POST_FIELDS if not f.startswith("friction"))
+_EDGES = torch.tensor(EFF_LR_EDGES, dtype=torch.float64).to(torch.float32)   # compared in float32, as stats.py does
 SCALAR_ORDER = (rules.GSCALE, rules.L2, rules.DECAY, rules.W1, rules.B2, rules.W2, rules.STEP, rules.DSCALE,
                 rules.EPS, rules.LO, rules.HI, rules.B3, rules.W3, rules.CG)   # the C enum, checked by the tests
 
@@ -94,7 +100,8 @@ def library() -> ctypes.CDLL | None:
                       f"copy gradients into a flat buffer instead", RuntimeWarning, stacklevel=2)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.sharded_optim_update.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.sharded_optim_update.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_float,
+                                         ptr, ptr]
     lib.sharded_optim_sumsq.argtypes = [i64, ptr, ptr, ctypes.c_int]
     return lib
 
@@ -138,9 +145,14 @@ def _check_flat(name: str, t: Tensor, end: int) -> int:
     return t.data_ptr()
 
 
-def update(variant: str, table: Tensor, state: tuple[Tensor, ...], sc: Tensor) -> None:
+def update(variant: str, table: Tensor, state: tuple[Tensor, ...], sc: Tensor, stats: bool = False,
+           gsign: float = 1.0) -> Tensor | None:
     """Run the fused update of ``variant`` over the segments of ``table`` (:func:`segment_table`): ``state`` (kernel
-    argument order) is flat, indexed by the table's offsets; ``sc`` the host scalars (:mod:`sharded_optim.rules`)."""
+    argument order) is flat, indexed by the table's offsets; ``sc`` the host scalars (:mod:`sharded_optim.rules`).
+
+    ``stats=True`` (a statistics step) also returns the :data:`SUM_FIELDS` sums in float64 from the same pass: those
+    of the gradient (times ``gsign``, the sign the update applies) and of the first moment before the update, and
+    those of the updated state and the step sizes, as :mod:`.stats` computes them in two more passes."""
     lib = library()
     if lib is None or variant not in VARIANT_IDS:
         raise ValueError(f"native_cpu: variant {variant!r} has no native kernel here "
@@ -150,10 +162,13 @@ def update(variant: str, table: Tensor, state: tuple[Tensor, ...], sc: Tensor) -
     for tensor, slot in zip(state, _SLOTS[variant], strict=True):
         slots[slot] = _check_flat("state", tensor, end)
     scalars = sc.to(torch.float32).contiguous()
+    sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64) if stats else None
     rc = lib.sharded_optim_update(VARIANT_IDS[variant], len(table), table.data_ptr(), *slots, scalars.data_ptr(),
-                                  torch.get_num_threads())
+                                  torch.get_num_threads(), gsign, _EDGES.data_ptr(),
+                                  None if sums is None else sums.data_ptr())
     if rc != 0:
         raise MemoryError("native_cpu: the update could not allocate its work list")
+    return sums
 
 
 def sumsq(grads: list[Tensor]) -> Tensor:
@@ -168,3 +183,11 @@ def sumsq(grads: list[Tensor]) -> Tensor:
                                               torch.get_num_threads()) != 0:
         raise MemoryError("native_cpu: the sum of squares could not allocate its work list")
     return out
+
+
+def add_sums(out: Tensor, sums: Tensor, lr: float) -> None:
+    """Add a statistics update's :data:`SUM_FIELDS` sums to the statistics row ``out``, as the separate passes'
+    :func:`.stats.add_pre_sums` and :func:`.stats.add_post_sums` do (the friction fields stay zero)."""
+    n_pre = len(PRE_FIELDS)
+    add_pre_sums(out, sums[:n_pre])
+    add_post_sums(out, torch.cat([sums[n_pre:], sums.new_zeros(len(POST_FIELDS) - (len(SUM_FIELDS) - n_pre))]), lr)

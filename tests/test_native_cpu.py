@@ -243,3 +243,33 @@ def test_statistics_from_the_update_pass_equal_the_separate_passes(monkeypatch, 
     for a, b in zip(fused, separate):
         assert a.shape == b.shape and (b != 0).any()
         assert torch.allclose(a, b, rtol=1e-12, atol=0), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("algorithm", ["adamw", "adamod"])
+def test_step_size_histogram_across_blocks_and_decades(monkeypatch, algorithm):
+    """The fused pass counts |eta| <= edge per block of the segment, comparing only the edges between the block's
+    least and greatest step size.  Segments of several blocks and a partial one (3000 and 2500 elements), gradient
+    magnitudes spread over 15 decades so the step sizes cross most edges inside one block: every count equals the
+    separate pass's (counts are exact integers; the float64 sums as in the test above)."""
+    from sharded_optim.telemetry.fields import SUM_FIELDS
+    le = [i for i, name in enumerate(SUM_FIELDS) if name.startswith("eff_lr_le_")]
+
+    def run(native: bool) -> list[torch.Tensor]:
+        monkeypatch.setenv(native_cpu.ENV_VAR, "1" if native else "0")
+        gen = torch.Generator().manual_seed(3)
+        params = [nn.Parameter(torch.randn(n, generator=gen)) for n in (3000, 2500)]
+        opt = ShardedOptimizer(params, algorithm=algorithm, lr=1e-2, stats_interval=1, kernel="compiled")
+        sums = []
+        for _ in range(3):
+            for p in params:
+                sign = torch.randint(0, 2, p.shape, generator=gen) * 2 - 1
+                p.grad = sign * 10.0 ** (torch.rand(p.shape, generator=gen) * 15 - 12)
+            opt.step()
+            sums.append(opt.flush_stats()[1])
+        assert next(iter(opt._runtimes.values()))[0].native == native
+        return sums
+    for a, b in zip(run(True), run(False)):
+        counts = b[:, le]
+        assert (counts > 0).any() and (counts < b[:, SUM_FIELDS.index("numel")][:, None]).any()
+        assert torch.equal(a[:, le], counts)
+        assert torch.allclose(a, b, rtol=1e-12, atol=0), (a - b).abs().max()

@@ -23,6 +23,7 @@ enum { GSCALE, L2, DECAY, W1, B2, W2, STEP, DSCALE, EPS, LO, HI, B3, W3, CG };
  * with the compiled kernel, whose vectorised exp is not the C library's) */
 enum { ADAM_MV, ADAM_MVX, BOUND_MV, BOUND_MVX, BOUND_MVS, BOUND_MVXS, ADAMAX_MU };
 
+#define STATS_BLOCK 1024   /* elements per statistics block: its |eta| patterns stay in L1 for the histogram */
 #define CHUNK 16384   /* elements per work item: small enough to balance threads, large enough to stream */
 #define ROW 4         /* table columns: state offset, length, gradient address, parameter address */
 #define LANES 8       /* independent float64 accumulators of the sum of squares (a fixed order: deterministic) */
@@ -133,37 +134,56 @@ static inline __attribute__((always_inline)) void segment_stats(int variant, con
     double gsq = 0, mg = 0, msq = 0, psq = 0, usq = 0, eta_sum = 0;
     int32_t nonfinite = 0, zero = 0, eps_dom = 0, ams = 0, clipped = 0, clamped = 0;
     int32_t le[NUM_EDGES] = {0};
-    float e0 = edges[0], e1 = edges[1], e2 = edges[2], e3 = edges[3], e4 = edges[4], e5 = edges[5], e6 = edges[6],
-          e7 = edges[7], e8 = edges[8], e9 = edges[9], e10 = edges[10], e11 = edges[11];
-    int32_t l0 = 0, l1 = 0, l2 = 0, l3 = 0, l4 = 0, l5 = 0, l6 = 0, l7 = 0, l8 = 0, l9 = 0, l10 = 0, l11 = 0;
-    #pragma omp simd reduction(+: gsq, mg, msq, psq, usq, eta_sum, nonfinite, zero, eps_dom, ams, clipped, clamped, \
-                               l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11)
-    for (int64_t i = 0; i < n; ++i) {
-        float gg = g[i] * gsign, mp = m[i];
-        int ok = isfinite(gg);
-        float gf = ok ? gg : 0.0f;
-        gsq += (double)(gg * gg);
-        nonfinite += !ok;
-        zero += fabsf(gg) <= 0.0f;
-        mg += (double)(mp * gf);
-        msq += (double)(mp * mp);
-        Element e;
-        element(variant, &kc, p, g, m, v, x, s, i, 1, &e);
-        psq += (double)(e.p * e.p);
-        float delta = e.eta * e.m;
-        usq += (double)(delta * delta);
-        eta_sum += (double)e.eta;
-        if (variant == ADAMAX_MU) eps_dom += fabsf(e.root) <= eps2;
-        else eps_dom += fabsf(e.root) < kc.eps;
-        if (variant == ADAM_MVX || variant == BOUND_MVX || variant == BOUND_MVXS) ams += e.vmax_before > e.v;   /* = (new max > v) */
-        if (variant == BOUND_MVS || variant == BOUND_MVXS) clipped += e.clipped;
-        if (variant == BOUND_MV || variant == BOUND_MVX) clamped += e.clamped;
-        float a = fabsf(e.eta);
-        l0 += a <= e0; l1 += a <= e1; l2 += a <= e2; l3 += a <= e3; l4 += a <= e4; l5 += a <= e5;
-        l6 += a <= e6; l7 += a <= e7; l8 += a <= e8; l9 += a <= e9; l10 += a <= e10; l11 += a <= e11;
+    int32_t eb[NUM_EDGES];
+    for (int j = 0; j < NUM_EDGES; ++j) { union { float f; int32_t i; } u = {edges[j]}; eb[j] = u.i; }
+    int32_t mag[STATS_BLOCK];   /* |eta| of one block: the histogram's compares run in a loop of their own */
+    for (int64_t b0 = 0; b0 < n; b0 += STATS_BLOCK) {
+        const int64_t nb = n - b0 < STATS_BLOCK ? n - b0 : STATS_BLOCK;
+        float* restrict pb = p + b0; float* restrict mb = m + b0; const float* restrict gb = g + b0;
+        float* restrict vb = v ? v + b0 : NULL; float* restrict xb = x ? x + b0 : NULL;
+        float* restrict sb = s ? s + b0 : NULL;
+        int32_t lo = INT32_MAX, hi = INT32_MIN;
+        #pragma omp simd reduction(+: gsq, mg, msq, psq, usq, eta_sum, nonfinite, zero, eps_dom, ams, clipped, \
+                                   clamped) reduction(min: lo) reduction(max: hi)
+        for (int64_t i = 0; i < nb; ++i) {
+            float gg = gb[i] * gsign, mp = mb[i];
+            int ok = isfinite(gg);
+            float gf = ok ? gg : 0.0f;
+            gsq += (double)(gg * gg);
+            nonfinite += !ok;
+            zero += fabsf(gg) <= 0.0f;
+            mg += (double)(mp * gf);
+            msq += (double)(mp * mp);
+            Element e;
+            element(variant, &kc, pb, gb, mb, vb, xb, sb, i, 1, &e);
+            psq += (double)(e.p * e.p);
+            float delta = e.eta * e.m;
+            usq += (double)(delta * delta);
+            eta_sum += (double)e.eta;
+            if (variant == ADAMAX_MU) eps_dom += fabsf(e.root) <= eps2;
+            else eps_dom += fabsf(e.root) < kc.eps;
+            if (variant == ADAM_MVX || variant == BOUND_MVX || variant == BOUND_MVXS) ams += e.vmax_before > e.v;
+            if (variant == BOUND_MVS || variant == BOUND_MVXS) clipped += e.clipped;
+            if (variant == BOUND_MV || variant == BOUND_MVX) clamped += e.clamped;
+            union { float f; int32_t i; } bits = {fabsf(e.eta)};
+            mag[i] = bits.i;
+            lo = bits.i < lo ? bits.i : lo;
+            hi = bits.i > hi ? bits.i : hi;
+        }
+        /* Cumulative counts |eta| <= edge, compared as int32 bit patterns (monotone for non-negative floats; a NaN's
+         * pattern is above every edge, so it is never counted).  An edge below the block's least pattern counts
+         * nothing, one at or above its greatest counts the whole block; only the edges in between (typically two or
+         * three decades) are compared element by element. */
+        for (int j = 0; j < NUM_EDGES; ++j) {
+            const int32_t ej = eb[j];
+            if (ej < lo) continue;
+            if (ej >= hi) { le[j] += (int32_t)nb; continue; }
+            int32_t c = 0;
+            #pragma omp simd reduction(+: c)
+            for (int64_t i = 0; i < nb; ++i) c += mag[i] <= ej;
+            le[j] += c;
+        }
     }
-    le[0] = l0; le[1] = l1; le[2] = l2; le[3] = l3; le[4] = l4; le[5] = l5;
-    le[6] = l6; le[7] = l7; le[8] = l8; le[9] = l9; le[10] = l10; le[11] = l11;
     out[NUMEL] = (double)n; out[GRAD_SUMSQ] = gsq; out[NONFINITE_GRAD] = nonfinite; out[ZERO_GRAD] = zero;
     out[MOM_GRAD_DOT] = mg; out[MOM_SUMSQ] = msq; out[PARAM_SUMSQ] = psq; out[UPDATE_SUMSQ] = usq;
     out[EPS_DOMINATED] = eps_dom; out[AMSGRAD_MAX_ACTIVE] = ams; out[ADAMOD_CLIPPED] = clipped;

@@ -26,7 +26,7 @@ enum { ADAM_MV, ADAM_MVX, BOUND_MV, BOUND_MVX, BOUND_MVS, BOUND_MVXS, ADAMAX_MU 
 #define STATS_BLOCK 1024   /* elements per statistics block: its |eta| patterns stay in L1 for the histogram */
 #define CHUNK 16384   /* elements per work item: small enough to balance threads, large enough to stream */
 #define ROW 4         /* table columns: state offset, length, gradient address, parameter address */
-#define LANES 8       /* independent float64 accumulators of the sum of squares (a fixed order: deterministic) */
+#define LANES 32      /* independent float64 accumulators of the sum of squares (a fixed order: deterministic) */
 
 static inline float max_nan(float a, float b) {   /* torch.maximum: NaN if either is */
     float r = a > b ? a : b;

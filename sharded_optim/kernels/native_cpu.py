@@ -14,6 +14,7 @@ flat gradient as before.  ``SHARDED_OPTIM_NATIVE_CPU=0`` turns the kernel off.
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import hashlib
@@ -119,27 +120,33 @@ def segment_table(rows: list[tuple[int, Tensor, Tensor | None]], flat_param: Ten
     if flat_param is not None:
         flat_ptr = _check_flat("flat_param", flat_param, max((o + g.numel() for o, g, q in rows if q is None),
                                                              default=0))
-    out = []
+    out = array.array("q")   # built flat and wrapped: a tensor from nested tuples costs 4x more per step
     for offset, g, param in rows:
-        _check_segment("gradient", g, g.numel())
+        n = g.numel()
+        grad_ptr = _check_segment("gradient", g, n)
         if param is None:
             if flat_ptr is None:
                 raise ValueError("native_cpu: a segment without parameter tensor needs flat_param")
-            out.append((offset, g.numel(), g.data_ptr(), flat_ptr + 4 * offset))
+            out.extend((offset, n, grad_ptr, flat_ptr + 4 * offset))
         else:
-            out.append((offset, g.numel(), g.data_ptr(), _check_segment("parameter", param, g.numel())))
-    return torch.tensor(out, dtype=torch.int64).reshape(-1, 4)
+            out.extend((offset, n, grad_ptr, _check_segment("parameter", param, n)))
+    return _wrap(out)
+
+
+def _wrap(rows: array.array) -> Tensor:
+    """The (n, 4) int64 table over ``rows`` (the tensor keeps the array alive)."""
+    return torch.frombuffer(rows, dtype=torch.int64).reshape(-1, 4) if rows else torch.zeros(0, 4, dtype=torch.int64)
 
 
 def _check_segment(name: str, t: Tensor, numel: int) -> int:
-    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != numel:
+    if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous() or t.numel() != numel:
         raise ValueError(f"native_cpu: each {name} must be a contiguous float32 CPU tensor of {numel} elements, got "
                          f"{t.dtype} on {t.device}, {t.numel()} elements (contiguous: {t.is_contiguous()})")
     return t.data_ptr()
 
 
 def _check_flat(name: str, t: Tensor, end: int) -> int:
-    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() < end:
+    if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous() or t.numel() < end:
         raise ValueError(f"native_cpu: {name} must be a contiguous float32 CPU tensor of at least {end} elements, "
                          f"got {t.dtype} on {t.device}, {t.numel()} elements (contiguous: {t.is_contiguous()})")
     return t.data_ptr()
@@ -177,7 +184,10 @@ def sumsq(grads: list[Tensor]) -> Tensor:
     lib = library()
     if lib is None:
         raise ValueError("native_cpu: the kernel library is not built")
-    table = segment_table([(0, g, g) for g in grads])   # the parameter column is not read
+    rows = array.array("q")
+    for g in grads:   # offset and parameter columns are not read
+        rows.extend((0, g.numel(), _check_segment("gradient", g, g.numel()), 0))
+    table = _wrap(rows)
     out = torch.zeros((), dtype=torch.float64)
     if len(table) and lib.sharded_optim_sumsq(len(table), table.data_ptr(), out.data_ptr(),
                                               torch.get_num_threads()) != 0:

@@ -273,3 +273,25 @@ def test_step_size_histogram_across_blocks_and_decades(monkeypatch, algorithm):
         assert (counts > 0).any() and (counts < b[:, SUM_FIELDS.index("numel")][:, None]).any()
         assert torch.equal(a[:, le], counts)
         assert torch.allclose(a, b, rtol=1e-12, atol=0), (a - b).abs().max()
+
+
+def test_statistics_from_the_update_pass_with_a_parameter_without_gradient(monkeypatch):
+    """One rank updates only the parameters that have a gradient (torch.optim semantics): the update runs over
+    the remaining runs, and the fused sums must cover exactly what the separate passes cover."""
+    def run(native: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        monkeypatch.setenv(native_cpu.ENV_VAR, "1" if native else "0")
+        model = _model()
+        opt = ShardedOptimizer(model.parameters(), lr=1e-2, stats_interval=1, kernel="compiled")
+        sums = []
+        for i in range(3):
+            model(torch.randn(4, 8, generator=torch.Generator().manual_seed(i))).square().mean().backward()
+            model[2].weight.grad = None   # the middle layer's weight: no gradient these steps
+            opt.step()
+            opt.zero_grad()
+            sums.append(opt.flush_stats()[1])
+        assert next(iter(opt._runtimes.values()))[0].native == native
+        return sums, [p.detach().clone() for p in model.parameters()]
+    (fused, params), (separate, params_ref) = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(params, params_ref))
+    for a, b in zip(fused, separate):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0), (a - b).abs().max()

@@ -277,4 +277,3 @@ def test_step_size_histogram_across_blocks_and_decades(monkeypatch, algorithm):
         assert (counts > 0).any() and (counts < b[:, SUM_FIELDS.index("numel")][:, None]).any()
         assert torch.equal(a[:, le], counts)
         assert torch.allclose(a, b, rtol=1e-12, atol=0), (a - b).abs().max()
-

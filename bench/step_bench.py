@@ -18,7 +18,8 @@ big tensor, a GPT-like parameter list (CUDA: GPT-2-medium shapes, 289 tensors, 3
 small model (20 tensors, 0.66M) for latency, each with and without clipping, and ours with statistics every step
 against none; DiffGrad and DiffMod (which torch lacks) against torch-optimizer's DiffGrad and the DiffMod
 reference, both eager.  On CUDA the small model is also timed as a CUDA-graph replay (ours ``capturable=True``, torch
-``fused=True, capturable=True``).  Ratios are peer time / our time: above 1 means we are faster.
+``fused=True, capturable=True``).  Ratios are peer time / our time, the median over rounds of each round's
+ratio (:func:`paired_ratio`): above 1 means we are faster.
 
     python bench/step_bench.py                       # CPU, results in bench/results/step_bench_cpu.*
     python bench/step_bench.py --device cuda --compiled-peer   # on a GPU: bench/results/step_bench_cuda.*
@@ -157,6 +158,14 @@ def time_loops(loops: dict[str, Loop], device: str, rounds: int, iters: int, war
     return out
 
 
+def paired_ratio(peer: list[float], ours: list[float]) -> float:
+    """Median over rounds of ``peer / ours`` measured in the same round: each round times every candidate back to
+    back, so a slow phase of a shared machine (seconds long here) scales both sides of a round's ratio alike, where
+    a ratio of two medians mixes rounds from different phases (it moved single ratios by up to a third between
+    runs of the same code on the 2-core CPU)."""
+    return median([p / o for p, o in zip(peer, ours, strict=True)])
+
+
 def graph_replay(make: Callable, shapes: list[tuple[int, ...]], rounds: int, iters: int) -> list[float]:
     """The whole iteration (zero_grad excluded: the graph owns its gradients) captured once, replayed."""
     loop = Loop("graph", shapes, "cuda", False, make)
@@ -195,11 +204,10 @@ def run(device: str, quick: bool, compiled_peer: bool, rounds: int) -> dict[str,
             loops = {n: Loop(n, shapes, device, clip, m) for n, m in makers.items()}
             times = time_loops(loops, device, rounds, iters[workload], warmup=2)
             key = f"{workload}{'_clip' if clip else ''}"
-            ours_t = median(times["ours"])
             results[key] = {
                 "tensors": len(shapes), "numel": sum(torch.Size(s).numel() for s in shapes), "clip": clip,
                 "seconds": {n: spread(t) for n, t in times.items()},
-                "ratio_vs_ours": {n: median(t) / ours_t for n, t in times.items() if n != "ours"},
+                "ratio_vs_ours": {n: paired_ratio(t, times["ours"]) for n, t in times.items() if n != "ours"},
                 "first_call_s": {n: loop.compile_s for n, loop in loops.items()}}
             print(key, {n: f"{median(t) * 1e3:.3f} ms" for n, t in times.items()},
                   {n: f"{r:.2f}x" for n, r in results[key]["ratio_vs_ours"].items()}, flush=True)
@@ -211,7 +219,7 @@ def run(device: str, quick: bool, compiled_peer: bool, rounds: int) -> dict[str,
                  "eager_peer": Loop("eager_peer", loads["gpt"], device, False, eager_peer(algorithm))}
         times = time_loops(loops, device, rounds, iters["gpt"], warmup=2)
         results[f"gpt_{algorithm}"] = {"seconds": {n: spread(t) for n, t in times.items()},
-                                       "peer_over_ours": median(times["eager_peer"]) / median(times["ours"])}
+                                       "peer_over_ours": paired_ratio(times["eager_peer"], times["ours"])}
         print(f"gpt_{algorithm}", f"{results[f'gpt_{algorithm}']['peer_over_ours']:.2f}x", flush=True)
         del loops
     shapes = loads["gpt"]
@@ -219,7 +227,7 @@ def run(device: str, quick: bool, compiled_peer: bool, rounds: int) -> dict[str,
              "stats_1": Loop("stats_1", shapes, device, False, ours(1))}
     times = time_loops(loops, device, rounds, iters["gpt"], warmup=2)
     results["gpt_stats"] = {"seconds": {n: spread(t) for n, t in times.items()},
-                            "stats_1_over_0": median(times["stats_1"]) / median(times["stats_0"])}
+                            "stats_1_over_0": paired_ratio(times["stats_1"], times["stats_0"])}
     print("gpt_stats", f"{results['gpt_stats']['stats_1_over_0']:.3f}x", flush=True)
     del loops
     if device == "cuda":
@@ -248,7 +256,8 @@ def report(device: str, results: dict[str, Any], args: argparse.Namespace) -> No
                      ("torch_fused", "torch_foreach", "torch_compiled")])
     text = [f"# Step benchmark ({env.get('cuda') or env.get('cpu')})", "",
             f"`{cmd}`; torch {env['torch']}; median seconds per iteration of zero_grad + backward (one fresh "
-            "gradient per parameter) + optional clip_grad_norm_(1.0) + step; ratio = peer time / our time "
+            "gradient per parameter) + optional clip_grad_norm_(1.0) + step; ratio = median over rounds of peer "
+            "time / our time in that round "
             "(> 1: we are faster).", "",
             md_table(["workload", "tensors", "params", "ours ms", "torch fused", "torch foreach", "torch compiled"],
                      rows), "",

@@ -148,7 +148,9 @@ def revalidate_group(algorithm: str, group: dict[str, Any], validated: dict[int,
                      runtimes: list[Any]) -> None:
     """Re-validate ``group``'s hyperparameters unless unchanged since the snapshot kept in ``validated``; the state
     set (``amsgrad``) of a group with ``runtimes`` cannot change."""
-    snapshot = tuple((k, v if not isinstance(v, Tensor) else float(v)) for k, v in group.items() if k != "params")
+    # with each value's type: 0j == 0.0 == False in Python, and an edit to one of those must still be validated
+    snapshot = tuple((k, type(v), v if not isinstance(v, Tensor) else float(v)) for k, v in group.items()
+                     if k != "params")
     if validated.get(id(group)) == snapshot:
         return  # unchanged since it was last validated
     rules.validate_group(algorithm, group)

@@ -8,7 +8,7 @@ import os
 
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sharded_optim import ALGORITHMS, ShardedOptimizer
@@ -105,6 +105,8 @@ def test_constructor_only_raises_validation_errors(algorithm, kwargs):
 @SETTINGS
 @given(algorithm=st.sampled_from(ALGORITHMS), edits=st.dictionaries(st.sampled_from(HYPER_NAMES + tuple(OPTION_NAMES)),
                                                                     value, min_size=1, max_size=3))
+@example(algorithm="adam", edits={"weight_decay": 0j})   # == 0.0, the old value: once skipped re-validation
+@example(algorithm="adamw", edits={"amsgrad": 0})        # == False, the same
 def test_step_after_editing_param_groups(algorithm, edits):
     model = _model()
     opt = ShardedOptimizer(model.parameters(), algorithm=algorithm, kernel="eager")

@@ -16,7 +16,7 @@ from torch import nn
 
 from sharded_optim import ShardedOptimizer, rules
 from sharded_optim.kernels import dispatch, native_cpu
-from sharded_optim.telemetry.fields import EFF_LR_EDGES
+from sharded_optim.telemetry.fields import EFF_LR_EDGES, SUM_FIELDS
 
 N_STATE = {"adam_mv": 2, "adam_mvx": 3, "bound_mv": 2, "bound_mvx": 3, "bound_mvs": 3, "bound_mvxs": 4,
            "adamax_mu": 2}
@@ -28,6 +28,33 @@ def _c_enum(first: str) -> list[str]:
     match = re.search(r"enum \{ (" + first + r"[^}]*)\}", native_cpu.SOURCE.read_text())
     assert match is not None, f"no enum starting with {first} in {native_cpu.SOURCE.name}"
     return [name.strip() for name in match.group(1).split(",")]
+
+
+# statistics fields that count elements (exact in both paths); the others are sums of float32 terms
+COUNTS = {"numel", "nonfinite_grad", "zero_grad", "eps_dominated", "amsgrad_max_active", "adamod_clipped",
+          "adabound_clamped", "friction_near_half"} | {f for f in SUM_FIELDS if f.startswith("eff_lr_le_")}
+
+
+def _assert_fused_sums_close(fused: torch.Tensor, separate: torch.Tensor) -> None:
+    """Statistics rows of the fused pass against the separate passes (float64 sums of the same float32 terms).
+
+    Counts are equal.  A fused sum adds blocks of ``STATS_BLOCK`` terms summed in float32, in any order, so it is
+    within ``gamma_{B-1} * sum|x|`` of the exact sum (plus float64 rounding, far below; 1e-12 relative covers it).
+    ``sum|x|`` is the field itself for the sums of non-negative terms, and for ``mom_grad_dot`` (sum m*g) at most
+    ``sqrt(mom_sumsq * grad_sumsq)`` (Cauchy-Schwarz; 1e-6 slack for the terms' own float32 rounding)."""
+    gamma = native_cpu.STATS_BLOCK_GAMMA
+    index = {name: i for i, name in enumerate(SUM_FIELDS)}
+    for name, i in index.items():
+        a, b = fused[..., i], separate[..., i]
+        if name in COUNTS:
+            assert torch.equal(a, b), (name, a, b)
+            continue
+        if name == "mom_grad_dot":
+            scale = (separate[..., index["mom_sumsq"]] * separate[..., index["grad_sumsq"]]).sqrt() * (1 + 1e-6)
+        else:
+            assert (b >= 0).all(), (name, b)
+            scale = b
+        assert ((a - b).abs() <= gamma * scale + 1e-12 * b.abs()).all(), (name, a, b, (a - b).abs() / scale)
 
 
 def test_the_c_side_numbers_scalars_and_variants_as_python_does():
@@ -42,6 +69,8 @@ def test_the_c_side_numbers_scalars_and_variants_as_python_does():
     assert [n.lower() for n in sums[:first_edge + 1]] == list(native_cpu.SUM_FIELDS[:first_edge + 1])
     assert sums[first_edge + 1] == f"NUM_EDGES = {len(EFF_LR_EDGES)}"
     assert len(native_cpu.SUM_FIELDS) == first_edge + len(EFF_LR_EDGES)
+    block = re.search(r"#define STATS_BLOCK (\d+)", native_cpu.SOURCE.read_text())
+    assert block is not None and int(block.group(1)) == native_cpu.STATS_BLOCK
 
 
 def _case(variant: str, w1: float, seed: int) -> tuple:
@@ -224,8 +253,9 @@ def test_an_unbuildable_kernel_warns_once_and_the_copying_path_runs(monkeypatch,
     ("adamw", {}, True)])
 def test_statistics_from_the_update_pass_equal_the_separate_passes(monkeypatch, algorithm, options, frozen):
     """A native runtime's statistics step computes every sum inside the update (one pass, gradients in place); the
-    copying path computes them in two more passes.  Counts are equal; float64 sums of the same float32 terms in
-    another order differ by a few ulps: bound 1e-12 relative (~2e-16 measured).  ``frozen``: the middle layer's
+    copying path computes them in two more passes.  Counts are equal; the sums, the same float32 terms added in
+    float32 blocks: within the bound of :func:`_assert_fused_sums_close` (1.5e-5 relative; 9e-8 the worst measured
+    here).  ``frozen``: the middle layer's
     weight has no gradient, so one rank updates the other runs only, and the sums must cover just those."""
     def run(native: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         monkeypatch.setenv(native_cpu.ENV_VAR, "1" if native else "0")
@@ -246,7 +276,7 @@ def test_statistics_from_the_update_pass_equal_the_separate_passes(monkeypatch, 
     assert all(torch.equal(a, b) for a, b in zip(params, params_ref))
     for a, b in zip(fused, separate):
         assert a.shape == b.shape and (b != 0).any()
-        assert torch.allclose(a, b, rtol=1e-12, atol=0), (a - b).abs().max()
+        _assert_fused_sums_close(a, b)
 
 
 @pytest.mark.parametrize("algorithm", ["adamw", "adamod"])
@@ -255,7 +285,6 @@ def test_step_size_histogram_across_blocks_and_decades(monkeypatch, algorithm):
     least and greatest step size.  Segments of several blocks and a partial one (3000 and 2500 elements), gradient
     magnitudes spread over 15 decades so the step sizes cross most edges inside one block: every count equals the
     separate pass's (counts are exact integers; the float64 sums as in the test above)."""
-    from sharded_optim.telemetry.fields import SUM_FIELDS
     le = [i for i, name in enumerate(SUM_FIELDS) if name.startswith("eff_lr_le_")]
 
     def run(native: bool) -> list[torch.Tensor]:
@@ -276,4 +305,4 @@ def test_step_size_histogram_across_blocks_and_decades(monkeypatch, algorithm):
         counts = b[:, le]
         assert (counts > 0).any() and (counts < b[:, SUM_FIELDS.index("numel")][:, None]).any()
         assert torch.equal(a[:, le], counts)
-        assert torch.allclose(a, b, rtol=1e-12, atol=0), (a - b).abs().max()
+        _assert_fused_sums_close(a, b)

@@ -23,7 +23,7 @@ enum { GSCALE, L2, DECAY, W1, B2, W2, STEP, DSCALE, EPS, LO, HI, B3, W3, CG };
  * with the compiled kernel, whose vectorised exp is not the C library's) */
 enum { ADAM_MV, ADAM_MVX, BOUND_MV, BOUND_MVX, BOUND_MVS, BOUND_MVXS, ADAMAX_MU };
 
-#define STATS_BLOCK 1024   /* elements per statistics block: its |eta| patterns stay in L1 for the histogram */
+#define STATS_BLOCK 256    /* elements per statistics block: float32 partial sums, |eta| patterns kept in L1 */
 #define CHUNK 16384   /* elements per work item: small enough to balance threads, large enough to stream */
 #define ROW 4         /* table columns: state offset, length, gradient address, parameter address */
 #define LANES 32      /* independent float64 accumulators of the sum of squares (a fixed order: deterministic) */
@@ -118,7 +118,10 @@ static inline __attribute__((always_inline)) void segment(int variant, const Sca
 }
 
 /* The statistics sums, in the order of kernels/stats.py PRE_FIELDS then POST_FIELDS (without diffGrad's friction):
- * elementwise work in float32 as there, sums in float64, counts exact. */
+ * elementwise work in float32 as there; each block of STATS_BLOCK terms summed in float32 (vector lanes, in any
+ * order: error <= gamma_{B-1} * sum|x|, gamma_k = k u / (1 - k u), u = 2^-24, 1.5e-5 for B = 256), the blocks in
+ * float64; counts exact.  With every term converted to float64 instead, the statistics pass took 1.5x the plain
+ * update's time on 2 cores (the GPT-like list of bench/step_bench.py), with float32 blocks 1.15x. */
 enum { NUMEL, GRAD_SUMSQ, NONFINITE_GRAD, ZERO_GRAD, MOM_GRAD_DOT, MOM_SUMSQ, PARAM_SUMSQ, UPDATE_SUMSQ,
        EPS_DOMINATED, AMSGRAD_MAX_ACTIVE, ADAMOD_CLIPPED, ADABOUND_CLAMPED, EFF_LR_SUM, EFF_LR_LE_0,
        NUM_EDGES = 12, NUM_SUMS = EFF_LR_LE_0 + NUM_EDGES };
@@ -143,23 +146,24 @@ static inline __attribute__((always_inline)) void segment_stats(int variant, con
         float* restrict vb = v ? v + b0 : NULL; float* restrict xb = x ? x + b0 : NULL;
         float* restrict sb = s ? s + b0 : NULL;
         int32_t lo = INT32_MAX, hi = INT32_MIN;
-        #pragma omp simd reduction(+: gsq, mg, msq, psq, usq, eta_sum, nonfinite, zero, eps_dom, ams, clipped, \
+        float bgsq = 0, bmg = 0, bmsq = 0, bpsq = 0, busq = 0, beta = 0;   /* this block's float32 sums */
+        #pragma omp simd reduction(+: bgsq, bmg, bmsq, bpsq, busq, beta, nonfinite, zero, eps_dom, ams, clipped, \
                                    clamped) reduction(min: lo) reduction(max: hi)
         for (int64_t i = 0; i < nb; ++i) {
             float gg = gb[i] * gsign, mp = mb[i];
             int ok = isfinite(gg);
             float gf = ok ? gg : 0.0f;
-            gsq += (double)(gg * gg);
+            bgsq += gg * gg;
             nonfinite += !ok;
             zero += fabsf(gg) <= 0.0f;
-            mg += (double)(mp * gf);
-            msq += (double)(mp * mp);
+            bmg += mp * gf;
+            bmsq += mp * mp;
             Element e;
             element(variant, &kc, pb, gb, mb, vb, xb, sb, i, 1, &e);
-            psq += (double)(e.p * e.p);
+            bpsq += e.p * e.p;
             float delta = e.eta * e.m;
-            usq += (double)(delta * delta);
-            eta_sum += (double)e.eta;
+            busq += delta * delta;
+            beta += e.eta;
             if (variant == ADAMAX_MU) eps_dom += fabsf(e.root) <= eps2;
             else eps_dom += fabsf(e.root) < kc.eps;
             if (variant == ADAM_MVX || variant == BOUND_MVX || variant == BOUND_MVXS) ams += e.vmax_before > e.v;
@@ -170,6 +174,7 @@ static inline __attribute__((always_inline)) void segment_stats(int variant, con
             lo = bits.i < lo ? bits.i : lo;
             hi = bits.i > hi ? bits.i : hi;
         }
+        gsq += bgsq; mg += bmg; msq += bmsq; psq += bpsq; usq += busq; eta_sum += beta;
         /* Cumulative counts |eta| <= edge, compared as int32 bit patterns (monotone for non-negative floats; a NaN's
          * pattern is above every edge, so it is never counted).  An edge below the block's least pattern counts
          * nothing, one at or above its greatest counts the whole block; only the edges in between (typically two or

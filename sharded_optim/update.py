@@ -194,7 +194,7 @@ def host_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Run]
         if table is not None:   # CPU, fp32: every gradient read where autograd left it
             sums = native_cpu.update(variant, table, rt.state_args(keys, rng), sc, stats=stats is not None,
                                      gsign=-1.0 if group.get("maximize", False) else 1.0)
-            if stats is not None and sums is not None:
+            if sums is not None:   # a statistics step
                 native_cpu.add_sums(stats, sums, float(group["lr"]))
         else:
             dispatch.run(dispatch.update(variant, rt.state_precision), opt.kernel_mode, rt.param_of(rng, slots),

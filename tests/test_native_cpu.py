@@ -247,6 +247,22 @@ def test_an_unbuildable_kernel_warns_once_and_the_copying_path_runs(monkeypatch,
     assert native_cpu.enabled()
 
 
+def _stats_rows(monkeypatch, native: bool, params: list[torch.Tensor], backward, algorithm: str,
+                **options) -> list[torch.Tensor]:
+    """Statistics rows of three steps at ``stats_interval=1`` with the native kernel on or off; ``backward(i)``
+    hands ``params`` step ``i``'s gradients."""
+    monkeypatch.setenv(native_cpu.ENV_VAR, "1" if native else "0")
+    opt = ShardedOptimizer(params, algorithm=algorithm, lr=1e-2, stats_interval=1, kernel="compiled", **options)
+    rows = []
+    for i in range(3):
+        backward(i)
+        opt.step()
+        opt.zero_grad()
+        rows.append(opt.flush_stats()[1])
+    assert next(iter(opt._runtimes.values()))[0].native == native
+    return rows
+
+
 @pytest.mark.parametrize("algorithm, options, frozen", [
     ("adamw", {"maximize": True}, False), ("adam", {"amsgrad": True}, False), ("adamod", {}, False),
     ("adabound", {"amsgrad": True}, False), ("adabound", {}, False), ("adamax", {"weight_decay": 1e-2}, False),
@@ -254,24 +270,18 @@ def test_an_unbuildable_kernel_warns_once_and_the_copying_path_runs(monkeypatch,
 def test_statistics_from_the_update_pass_equal_the_separate_passes(monkeypatch, algorithm, options, frozen):
     """A native runtime's statistics step computes every sum inside the update (one pass, gradients in place); the
     copying path computes them in two more passes.  Counts are equal; the sums, the same float32 terms added in
-    float32 blocks: within the bound of :func:`_assert_fused_sums_close` (1.5e-5 relative; 9e-8 the worst measured
-    here).  ``frozen``: the middle layer's
-    weight has no gradient, so one rank updates the other runs only, and the sums must cover just those."""
+    float32 blocks, are within the bound of :func:`_assert_fused_sums_close` (1.5e-5 relative; 9e-8 the worst
+    measured here).  ``frozen``: the middle layer's weight has no gradient, so one rank updates the other runs
+    only, and the sums must cover just those."""
     def run(native: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        monkeypatch.setenv(native_cpu.ENV_VAR, "1" if native else "0")
         model = _model()
-        opt = ShardedOptimizer(model.parameters(), algorithm=algorithm, lr=1e-2, stats_interval=1,
-                               kernel="compiled", **options)
-        sums = []
-        for i in range(3):
+
+        def backward(i: int) -> None:
             model(torch.randn(4, 8, generator=torch.Generator().manual_seed(i))).square().mean().backward()
             if frozen:
                 model[2].weight.grad = None
-            opt.step()
-            opt.zero_grad()
-            sums.append(opt.flush_stats()[1])
-        assert next(iter(opt._runtimes.values()))[0].native == native
-        return sums, [p.detach().clone() for p in model.parameters()]
+        rows = _stats_rows(monkeypatch, native, list(model.parameters()), backward, algorithm, **options)
+        return rows, [p.detach().clone() for p in model.parameters()]
     (fused, params), (separate, params_ref) = run(True), run(False)
     assert all(torch.equal(a, b) for a, b in zip(params, params_ref))
     for a, b in zip(fused, separate):
@@ -284,23 +294,18 @@ def test_step_size_histogram_across_blocks_and_decades(monkeypatch, algorithm):
     """The fused pass counts |eta| <= edge per block of the segment, comparing only the edges between the block's
     least and greatest step size.  Segments of several blocks and a partial one (3000 and 2500 elements), gradient
     magnitudes spread over 15 decades so the step sizes cross most edges inside one block: every count equals the
-    separate pass's (counts are exact integers; the float64 sums as in the test above)."""
+    separate pass's (counts are exact integers; the sums within the bound of the test above)."""
     le = [i for i, name in enumerate(SUM_FIELDS) if name.startswith("eff_lr_le_")]
 
     def run(native: bool) -> list[torch.Tensor]:
-        monkeypatch.setenv(native_cpu.ENV_VAR, "1" if native else "0")
         gen = torch.Generator().manual_seed(3)
         params = [nn.Parameter(torch.randn(n, generator=gen)) for n in (3000, 2500)]
-        opt = ShardedOptimizer(params, algorithm=algorithm, lr=1e-2, stats_interval=1, kernel="compiled")
-        sums = []
-        for _ in range(3):
+
+        def backward(i: int) -> None:
             for p in params:
                 sign = torch.randint(0, 2, p.shape, generator=gen) * 2 - 1
                 p.grad = sign * 10.0 ** (torch.rand(p.shape, generator=gen) * 15 - 12)
-            opt.step()
-            sums.append(opt.flush_stats()[1])
-        assert next(iter(opt._runtimes.values()))[0].native == native
-        return sums
+        return _stats_rows(monkeypatch, native, params, backward, algorithm)
     for a, b in zip(run(True), run(False)):
         counts = b[:, le]
         assert (counts > 0).any() and (counts < b[:, SUM_FIELDS.index("numel")][:, None]).any()

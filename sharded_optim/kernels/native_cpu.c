@@ -48,7 +48,7 @@ typedef struct {
 
 /* What one element's update leaves behind, for the statistics: the new values and the step size's pieces. */
 typedef struct {
-    float p, m, v, vh;   /* new parameter, first moment, second moment (u for AdaMax), the moment in the step */
+    float p, m, v;       /* new parameter, first moment, second moment (u for AdaMax) */
     float vmax_before;   /* AMSGrad: the running max before this step */
     float root;          /* sqrt(vh) * dscale (AdaMax: u) */
     float eta;           /* the statistics' step size: step / (root + eps) (AdaMax step / u), bounded as the update */
@@ -71,7 +71,7 @@ static inline __attribute__((always_inline)) void element(int variant, const Sca
         float u = max_nan(x[i] * k->b2, fabsf(gi) + k->eps);
         x[i] = u;
         p[i] = e->p = pd - k->step * (mn / u);
-        if (want_stats) { e->v = e->vh = e->root = u; e->eta = k->step / u; }
+        if (want_stats) { e->v = e->root = u; e->eta = k->step / u; }
         return;
     }
     float vn = v[i] * k->b2 + (k->w2 * gi) * gi;        /* addcmul's rounding order */
@@ -83,7 +83,6 @@ static inline __attribute__((always_inline)) void element(int variant, const Sca
         x[i] = vh;
     }
     e->v = vn;
-    e->vh = vh;
     float root = sqrtf(vh) * k->dscale;
     float d = root + k->eps;
     e->root = root;

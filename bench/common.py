@@ -2,7 +2,7 @@
 
 Timing rule (DESIGN.md section 5): every candidate is timed in the same process, repetitions interleaved
 (A, B, C, A, B, C, ...; the order rotates each round so no candidate always runs first), and we report medians
-and ratios of medians.  Absolute times on a shared machine are only indicative.
+and paired ratios (:func:`paired_ratio`).  Absolute times on a shared machine are only indicative.
 """
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ def wall_time(fn: Callable[[], object]) -> float:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def paired_ratio(peer: list[float], ours: list[float]) -> float:
+    """Median over rounds of ``peer / ours`` measured in the same round: each round times every candidate back to
+    back, so a slow phase of a shared machine (seconds long here) scales both sides of a round's ratio alike, where
+    a ratio of two medians mixes rounds from different phases (it moved single ratios by up to a third between
+    runs of the same code on the 2-core CPU)."""
+    return median([p / o for p, o in zip(peer, ours, strict=True)])
 
 
 def spread(xs: list[float]) -> dict[str, float]:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 
-from common import environment, md_table, median, plot_path, spread, write_json, write_markdown
+from common import environment, md_table, median, paired_ratio, plot_path, spread, write_json, write_markdown
 from sharded_optim import ShardedOptimizer
 
 LR, WD = 1e-3, 1e-2
@@ -156,14 +156,6 @@ def time_loops(loops: dict[str, Loop], device: str, rounds: int, iters: int, war
             _sync(device)
             out[name].append((time.perf_counter() - t0) / iters)
     return out
-
-
-def paired_ratio(peer: list[float], ours: list[float]) -> float:
-    """Median over rounds of ``peer / ours`` measured in the same round: each round times every candidate back to
-    back, so a slow phase of a shared machine (seconds long here) scales both sides of a round's ratio alike, where
-    a ratio of two medians mixes rounds from different phases (it moved single ratios by up to a third between
-    runs of the same code on the 2-core CPU)."""
-    return median([p / o for p, o in zip(peer, ours, strict=True)])
 
 
 def graph_replay(make: Callable, shapes: list[tuple[int, ...]], rounds: int, iters: int) -> list[float]:

@@ -25,8 +25,9 @@ SIZES = [1000, 17, 40000, 3, 16384]   # 40000 spans three work items of the kern
 
 def _c_enum(first: str) -> list[str]:
     """The names of the C source's enum that starts with ``first``, in order."""
-    match = re.search(r"enum \{ (" + first + r"[^}]*)\}", native_cpu.SOURCE.read_text())
-    assert match is not None, f"no enum starting with {first} in {native_cpu.SOURCE.name}"
+    text = "\n".join(path.read_text() for path in native_cpu.SOURCES)
+    match = re.search(r"enum \{ (" + first + r"[^}]*)\}", text)
+    assert match is not None, f"no enum starting with {first} in {[path.name for path in native_cpu.SOURCES]}"
     return [name.strip() for name in match.group(1).split(",")]
 
 

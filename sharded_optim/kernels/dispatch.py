@@ -23,7 +23,7 @@ import torch
 
 from .adam_family import VARIANTS, lookahead_sync
 from .fused_stats import POST
-from . import int8_state
+from . import int8_state, native_int8
 from .low_precision import STATE_PRECISIONS, bf16_state
 from .stats import pre_sums
 
@@ -154,6 +154,8 @@ def run(kernel: Kernel, mode: str, *tensors: torch.Tensor) -> object:
     if first.numel() == 0 and not kernel.returns_sums:
         return None  # an empty shard (FSDP2 gives some ranks 0 elements); size 0 would also compile apart
     if kernel.precision == "int8" and first.dim() == 1:   # as (blocks, 256) views, in chunks: int8_state
+        if kernel.role is Role.UPDATE and mode != "eager" and native_int8.accepts(kernel.variant, tensors):
+            return native_int8.update(kernel.variant, *tensors)   # on CPU: bitwise the compiled kernel, 2-3x faster
         offset = 1 if kernel.role is Role.GATED else 0
         n_state = (len(tensors) - offset - 4) // 2   # (p, g, *codes, *scales, sc, step)
         for part in int8_state.blocked_calls(tensors, offset, n_state):

@@ -17,97 +17,16 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-enum { GSCALE, L2, DECAY, W1, B2, W2, STEP, DSCALE, EPS, LO, HI, B3, W3, CG };
-
-/* variants: the state sets of adam_family.VARIANTS this kernel implements (no exp: diffGrad's friction stays
- * with the compiled kernel, whose vectorised exp is not the C library's) */
-enum { ADAM_MV, ADAM_MVX, BOUND_MV, BOUND_MVX, BOUND_MVS, BOUND_MVXS, ADAMAX_MU };
+#include "native_common.h"
 
 #define STATS_BLOCK 256    /* elements per statistics block: float32 partial sums, |eta| patterns kept in L1 */
 #define CHUNK 16384   /* elements per work item: small enough to balance threads, large enough to stream */
 #define ROW 4         /* table columns: state offset, length, gradient address, parameter address */
 #define LANES 32      /* independent float64 accumulators of the sum of squares (a fixed order: deterministic) */
 
-static inline float max_nan(float a, float b) {   /* torch.maximum: NaN if either is */
-    float r = a > b ? a : b;
-    r = (a != a) ? a : r;
-    return (b != b) ? b : r;
-}
-
-static inline float min_nan(float a, float b) {   /* torch.minimum */
-    float r = a < b ? a : b;
-    r = (a != a) ? a : r;
-    return (b != b) ? b : r;
-}
-
-typedef struct {
-    float gscale, l2, decay, w1, b2, w2, step, dscale, eps, lo, hi, b3, w3, cg;
-    float coeff;   /* lerp's coefficient: w1, or w1 - 1 computed as -(1 - w1) when |w1| >= 0.5 */
-    int big;       /* |w1| >= 0.5: lerp starts from the end point */
-} Scalars;
-
-/* What one element's update leaves behind, for the statistics: the new values and the step size's pieces. */
-typedef struct {
-    float p, m, v;       /* new parameter, first moment, second moment (u for AdaMax) */
-    float vmax_before;   /* AMSGrad: the running max before this step */
-    float root;          /* sqrt(vh) * dscale (AdaMax: u) */
-    float eta;           /* the statistics' step size: step / (root + eps) (AdaMax step / u), bounded as the update */
-    int clipped, clamped;   /* AdaMod: s capped eta; AdaBound: the clamp changed eta */
-} Element;
-
-/* The update of element i (p, m, v, x (vmax or u), s: the segment's buffers); with want_stats, also what the
- * statistics read (kernels/stats.py _post recomputes it from the stored state; here it is at hand). */
-static inline __attribute__((always_inline)) void element(int variant, const Scalars* k, float* restrict p, const float* restrict g,
-                           float* restrict m, float* restrict v, float* restrict x, float* restrict s, int64_t i,
-                           int want_stats, Element* e) {
-    float pi = p[i], mi = m[i];
-    float gi = g[i] * k->gscale + k->l2 * pi;          /* transformed gradient (p before decay) */
-    float pd = pi - k->decay * pi;                      /* decoupled decay */
-    float base = k->big ? gi : mi;
-    float mn = base + k->coeff * (gi - mi);             /* m.lerp_(g, w1) */
-    m[i] = mn;
-    e->m = mn;
-    if (variant == ADAMAX_MU) {
-        float u = max_nan(x[i] * k->b2, fabsf(gi) + k->eps);
-        x[i] = u;
-        p[i] = e->p = pd - k->step * (mn / u);
-        if (want_stats) { e->v = e->root = u; e->eta = k->step / u; }
-        return;
-    }
-    float vn = v[i] * k->b2 + (k->w2 * gi) * gi;        /* addcmul's rounding order */
-    v[i] = vn;
-    float vh = vn;
-    if (variant == ADAM_MVX || variant == BOUND_MVX || variant == BOUND_MVXS) {
-        e->vmax_before = x[i];
-        vh = max_nan(x[i], vn);
-        x[i] = vh;
-    }
-    e->v = vn;
-    float root = sqrtf(vh) * k->dscale;
-    float d = root + k->eps;
-    e->root = root;
-    if (variant == ADAM_MV || variant == ADAM_MVX) {
-        p[i] = e->p = pd - (k->step * (mn / d) + k->cg * (gi / d));
-        if (want_stats) e->eta = k->step / d;
-        return;
-    }
-    float eta = k->step / d;
-    e->clipped = e->clamped = 0;
-    if (variant == BOUND_MVS || variant == BOUND_MVXS) {
-        float sn = s[i] * k->b3 + k->w3 * eta;
-        s[i] = sn;
-        e->clipped = sn < eta;
-        eta = min_nan(eta, sn);
-    } else {
-        e->clamped = (eta < k->lo) | (eta > k->hi);
-    }
-    eta = min_nan(max_nan(eta, k->lo), k->hi);          /* torch.clamp(eta, lo, hi) */
-    e->eta = eta;
-    p[i] = e->p = pd - eta * mn;
-}
-
 /* One segment [0, n) of the update. */
-static inline __attribute__((always_inline)) void segment(int variant, const Scalars* ks, float* restrict p, const float* restrict g,
+static inline __attribute__((always_inline))
+void segment(int variant, const Scalars* ks, float* restrict p, const float* restrict g,
                            float* restrict m, float* restrict v, float* restrict x, float* restrict s, int64_t n) {
     const Scalars kc = *ks;   /* a local copy: the loop keeps the scalars in registers */
     for (int64_t i = 0; i < n; ++i) {
@@ -128,7 +47,8 @@ enum { NUMEL, GRAD_SUMSQ, NONFINITE_GRAD, ZERO_GRAD, MOM_GRAD_DOT, MOM_SUMSQ, PA
 /* One segment of the update with the statistics of a statistics step in the same pass: before the update, the
  * gradient (sign ``gsign``, as the update applies it) and the previous first moment; after, the new state and the
  * step sizes.  Non-finite gradient elements are counted and left out of the momentum sums. */
-static inline __attribute__((always_inline)) void segment_stats(int variant, const Scalars* ks, float* restrict p, const float* restrict g,
+static inline __attribute__((always_inline))
+void segment_stats(int variant, const Scalars* ks, float* restrict p, const float* restrict g,
                                  float* restrict m, float* restrict v, float* restrict x, float* restrict s,
                                  int64_t n, float gsign, const float* edges, double* out) {
     const Scalars kc = *ks;
@@ -241,10 +161,7 @@ static int64_t segment_of(const int64_t* first, int64_t nseg, int64_t item) {   
 int sharded_optim_update(int variant, int64_t nseg, const int64_t* table, float* m, float* v, float* x, float* s,
                          const float* sc, int nthreads, float gsign, const float* edges, double* out) {
     if (variant < ADAM_MV || variant > ADAMAX_MU) return -1;
-    Scalars k = {sc[GSCALE], sc[L2], sc[DECAY], sc[W1], sc[B2], sc[W2], sc[STEP], sc[DSCALE], sc[EPS], sc[LO],
-                 sc[HI], sc[B3], sc[W3], sc[CG], 0.0f, 0};
-    k.big = fabsf(k.w1) >= 0.5f;
-    k.coeff = k.big ? -(1.0f - k.w1) : k.w1;
+    const Scalars k = scalars_of(sc);
     int64_t* first = item_starts(nseg, table);
     if (!first) return -1;
     const int64_t items = first[nseg];

@@ -10,7 +10,8 @@ optimizers take tensor lists: one call per run, no copy.  Its arithmetic is bitw
 The library is built once per machine with the system C compiler (``$CC``, else ``cc``; under a second) into
 ``$SHARDED_OPTIM_CACHE_DIR`` (default ``~/.cache/sharded_optim``), keyed by the source, the flags, the compiler
 and the CPU (``-march=native``).  Where no compiler works, one warning says so and the compiled kernels read a
-flat gradient as before.  ``SHARDED_OPTIM_NATIVE_CPU=0`` turns the kernel off.
+flat gradient as before.  ``SHARDED_OPTIM_NATIVE_CPU=0`` turns the kernel off, and with it the 8-bit state
+update of :mod:`.native_int8`, built into the same library.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from ..telemetry.fields import EFF_LR_EDGES
 from .stats import POST_FIELDS, PRE_FIELDS, add_post_sums, add_pre_sums
 
 SOURCE = Path(__file__).with_name("native_cpu.c")
+# one library from every source: the fp32 kernels here, the 8-bit state update (native_int8.py), what they share
+SOURCES = (SOURCE, SOURCE.with_name("native_int8.c"), SOURCE.with_name("native_common.h"))
 ENV_VAR = "SHARDED_OPTIM_NATIVE_CPU"
 CACHE_ENV_VAR = "SHARDED_OPTIM_CACHE_DIR"
 # -ffp-contract=off as Inductor's CPU code: no FMA contraction, so the bits match the compiled kernels;
@@ -72,7 +75,8 @@ def _compiler() -> str | None:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id()]).encode()).hexdigest()
+    texts = [path.read_text() for path in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_id()]).encode()).hexdigest()
     cache = Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "sharded_optim")
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / f"native_cpu-{key[:20]}.so"
@@ -81,7 +85,8 @@ def _build(cc: str) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, check=True)
+            units = [str(path) for path in SOURCES if path.suffix == ".c"]
+            subprocess.run([cc, *FLAGS, *units, "-o", tmp, "-lm"], capture_output=True, text=True, check=True)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -106,6 +111,7 @@ def library() -> ctypes.CDLL | None:
     lib.sharded_optim_update.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_float,
                                          ptr, ptr]
     lib.sharded_optim_sumsq.argtypes = [i64, ptr, ptr, ctypes.c_int]
+    lib.sharded_optim_update_int8.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     return lib
 
 

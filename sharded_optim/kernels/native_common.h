@@ -1,0 +1,104 @@
+/* What the CPU kernels share (native_cpu.c: fp32 state; native_int8.c: 8-bit state): the scalars, and the update
+ * of one element with the same IEEE operations, in the same order, as the compiled kernels of adam_family.py
+ * (Inductor's generated code: its lerp is base + coeff*(end - start), its maximum and minimum propagate NaN).
+ * Built with -ffp-contract=off as Inductor is, so nothing is fused into an FMA.
+ */
+#ifndef SHARDED_OPTIM_NATIVE_COMMON_H
+#define SHARDED_OPTIM_NATIVE_COMMON_H
+#include <math.h>
+#include <stdint.h>
+
+enum { GSCALE, L2, DECAY, W1, B2, W2, STEP, DSCALE, EPS, LO, HI, B3, W3, CG };
+
+/* variants: the state sets of adam_family.VARIANTS this kernel implements (no exp: diffGrad's friction stays
+ * with the compiled kernel, whose vectorised exp is not the C library's) */
+enum { ADAM_MV, ADAM_MVX, BOUND_MV, BOUND_MVX, BOUND_MVS, BOUND_MVXS, ADAMAX_MU };
+
+static inline float max_nan(float a, float b) {   /* torch.maximum: NaN if either is */
+    float r = a > b ? a : b;
+    r = (a != a) ? a : r;
+    return (b != b) ? b : r;
+}
+
+static inline float min_nan(float a, float b) {   /* torch.minimum */
+    float r = a < b ? a : b;
+    r = (a != a) ? a : r;
+    return (b != b) ? b : r;
+}
+
+typedef struct {
+    float gscale, l2, decay, w1, b2, w2, step, dscale, eps, lo, hi, b3, w3, cg;
+    float coeff;   /* lerp's coefficient: w1, or w1 - 1 computed as -(1 - w1) when |w1| >= 0.5 */
+    int big;       /* |w1| >= 0.5: lerp starts from the end point */
+} Scalars;
+
+/* What one element's update leaves behind, for the statistics: the new values and the step size's pieces. */
+typedef struct {
+    float p, m, v;       /* new parameter, first moment, second moment (u for AdaMax) */
+    float vmax_before;   /* AMSGrad: the running max before this step */
+    float root;          /* sqrt(vh) * dscale (AdaMax: u) */
+    float eta;           /* the statistics' step size: step / (root + eps) (AdaMax step / u), bounded as the update */
+    int clipped, clamped;   /* AdaMod: s capped eta; AdaBound: the clamp changed eta */
+} Element;
+
+/* The update of element i (p, m, v, x (vmax or u), s: the segment's buffers); with want_stats, also what the
+ * statistics read (kernels/stats.py _post recomputes it from the stored state; here it is at hand). */
+static inline __attribute__((always_inline))
+void element(int variant, const Scalars* k, float* restrict p, const float* restrict g,
+                           float* restrict m, float* restrict v, float* restrict x, float* restrict s, int64_t i,
+                           int want_stats, Element* e) {
+    float pi = p[i], mi = m[i];
+    float gi = g[i] * k->gscale + k->l2 * pi;          /* transformed gradient (p before decay) */
+    float pd = pi - k->decay * pi;                      /* decoupled decay */
+    float base = k->big ? gi : mi;
+    float mn = base + k->coeff * (gi - mi);             /* m.lerp_(g, w1) */
+    m[i] = mn;
+    e->m = mn;
+    if (variant == ADAMAX_MU) {
+        float u = max_nan(x[i] * k->b2, fabsf(gi) + k->eps);
+        x[i] = u;
+        p[i] = e->p = pd - k->step * (mn / u);
+        if (want_stats) { e->v = e->root = u; e->eta = k->step / u; }
+        return;
+    }
+    float vn = v[i] * k->b2 + (k->w2 * gi) * gi;        /* addcmul's rounding order */
+    v[i] = vn;
+    float vh = vn;
+    if (variant == ADAM_MVX || variant == BOUND_MVX || variant == BOUND_MVXS) {
+        e->vmax_before = x[i];
+        vh = max_nan(x[i], vn);
+        x[i] = vh;
+    }
+    e->v = vn;
+    float root = sqrtf(vh) * k->dscale;
+    float d = root + k->eps;
+    e->root = root;
+    if (variant == ADAM_MV || variant == ADAM_MVX) {
+        p[i] = e->p = pd - (k->step * (mn / d) + k->cg * (gi / d));
+        if (want_stats) e->eta = k->step / d;
+        return;
+    }
+    float eta = k->step / d;
+    e->clipped = e->clamped = 0;
+    if (variant == BOUND_MVS || variant == BOUND_MVXS) {
+        float sn = s[i] * k->b3 + k->w3 * eta;
+        s[i] = sn;
+        e->clipped = sn < eta;
+        eta = min_nan(eta, sn);
+    } else {
+        e->clamped = (eta < k->lo) | (eta > k->hi);
+    }
+    eta = min_nan(max_nan(eta, k->lo), k->hi);          /* torch.clamp(eta, lo, hi) */
+    e->eta = eta;
+    p[i] = e->p = pd - eta * mn;
+}
+
+/* The kernel's scalars from sc[] (laid out as sharded_optim.rules; test_native_cpu checks the indices). */
+static inline Scalars scalars_of(const float* sc) {
+    Scalars k = {sc[GSCALE], sc[L2], sc[DECAY], sc[W1], sc[B2], sc[W2], sc[STEP], sc[DSCALE], sc[EPS], sc[LO],
+                 sc[HI], sc[B3], sc[W3], sc[CG], 0.0f, 0};
+    k.big = fabsf(k.w1) >= 0.5f;
+    k.coeff = k.big ? -(1.0f - k.w1) : k.w1;
+    return k;
+}
+#endif

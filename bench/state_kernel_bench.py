@@ -1,17 +1,17 @@
 """The update kernel alone with its state in fp32, bf16 and int8 (issue 19's speed targets), CPU or one CUDA GPU.
 
-The update over one flat shard of ``--numel`` elements, called as ``ShardedOptimizer`` calls it (``dispatch.run``
-on the state buffers of a :class:`~sharded_optim.state_storage.StateStorage`, host scalars of step 1), timed
+The update over one flat shard of ``--numel`` elements, called as ``ShardedOptimizer`` calls it (``dispatch.run`` on
+the state buffers of a :class:`~sharded_optim.state_storage.StateStorage`, host scalars of step 1), timed
 interleaved against a device copy of one fp32 shard (``dst.copy_(src)``: 8 bytes per element, the practical memory
-ceiling): CUDA events on a GPU, wall time on CPU.  What runs: Inductor's kernels, except int8 on CPU, which
-``dispatch`` hands to the C kernel (:mod:`sharded_optim.kernels.native_int8`).  On CPU two references more: ``fp32
-C``, the fp32 kernel a one-rank CPU optimizer runs (:mod:`sharded_optim.kernels.native_cpu`, one segment), and
-``int8 Inductor``, the compiled 8-bit kernel the C one replaced.  Reported per algorithm and state: the median time,
-the speed against each fp32 kernel as a paired ratio (median over rounds of fp32 time / time in the same round),
-and the achieved bandwidth counted on the bytes the kernel must move in that precision (parameter read and written
-8, gradient 4, each state read and written: 8 in fp32, 4 in bf16, 2 + 8/256 in int8) as a fraction of the copy's.
-Targets (issue 19): int8 >= 0.8x the fp32 kernel's speed on CPU; >= 0.8 of the copy bandwidth on the compressed
-bytes on a GPU.
+ceiling): CUDA events on a GPU, wall time on CPU.  What runs: Inductor's kernels, except bf16 and int8 on CPU, which
+``dispatch`` hands to C kernels (:mod:`sharded_optim.kernels.native_bf16`, ``native_int8``).  On CPU three references
+more: ``fp32 C``, the fp32 kernel a one-rank CPU optimizer runs (:mod:`sharded_optim.kernels.native_cpu`, one
+segment), and ``bf16 Inductor`` and ``int8 Inductor``, the compiled kernels the C ones replaced.  Reported per
+algorithm and state: the median time, the speed against each fp32 kernel as a paired ratio (median over rounds of
+fp32 time / time in the same round), and the achieved bandwidth counted on the bytes the kernel must move in that
+precision (parameter read and written 8, gradient 4, each state read and written: 8 in fp32, 4 in bf16, 2 + 8/256 in
+int8) as a fraction of the copy's.  Targets (issue 19): int8 >= 0.8x the fp32 kernel's speed on CPU; >= 0.8 of the
+copy bandwidth on the compressed bytes on a GPU.
 
     python bench/state_kernel_bench.py                                   # CPU, 16M elements
     python bench/state_kernel_bench.py --device cuda --numel 268435456   # one GPU, 256M elements
@@ -34,7 +34,7 @@ from sharded_optim.state_storage import StateStorage
 
 CASES = [("adamw", "adamw", {}), ("amsgrad", "adam", {"amsgrad": True})]
 PRECISIONS = ("fp32", "bf16", "int8")
-CPU_REFERENCES = ("fp32 C", "int8 Inductor")   # CPU only: how the kernel is run, not a state precision
+CPU_REFERENCES = ("fp32 C", "bf16 Inductor", "int8 Inductor")   # CPU only: which kernel runs a precision
 STATE_BYTES = {"fp32": 8.0, "bf16": 4.0, "int8": 2.0 + 8.0 / 256}   # per element and state, read + written
 
 
@@ -58,8 +58,9 @@ def _kernel(algorithm: str, options: dict, name: str, numel: int, device: torch.
 
         def step() -> None:
             native_cpu.update(variant, table, args[2:-1], sc)
-    elif name == "int8 Inductor":
-        compiled, calls = dispatch._compiled(kernel), int8_state.blocked_calls(args, 0, len(keys))
+    elif name.endswith("Inductor"):   # the compiled kernel called directly (int8: in its blocked chunks)
+        compiled = dispatch._compiled(kernel)
+        calls = int8_state.blocked_calls(args, 0, len(keys)) if precision == "int8" else [args]
 
         def step() -> None:
             for part in calls:
@@ -111,8 +112,8 @@ def main() -> None:
         f"rounds: median times, speeds as paired ratios (median over rounds of the fp32 kernel's time / this "
         f"kernel's); bandwidth on the bytes each precision must move, against a copy of one shard "
         f"({rows[0]['copy_GBps']:.1f} GB/s).  `fp32` is the compiled kernel over a flat shard (ZeRO ranks), "
-        f"`fp32 C` the one a one-rank CPU optimizer runs; `int8` on CPU is the C kernel, `int8 Inductor` the "
-        f"compiled one it replaced.", "",
+        f"`fp32 C` the one a one-rank CPU optimizer runs; `bf16` and `int8` on CPU are the C kernels, "
+        f"`... Inductor` the compiled ones they replaced.", "",
         md_table(["algorithm", "kernel", "ms", *[f"speed vs {b}" for b in bases], "GB/s moved",
                   "of copy bandwidth"], table)])
     write_markdown(f"state_kernel_{tag}", text)

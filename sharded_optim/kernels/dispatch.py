@@ -23,7 +23,7 @@ import torch
 
 from .adam_family import VARIANTS, lookahead_sync
 from .fused_stats import POST
-from . import int8_state, native_int8
+from . import int8_state, native_bf16, native_int8
 from .low_precision import STATE_PRECISIONS, bf16_state
 from .stats import pre_sums
 
@@ -97,6 +97,7 @@ class Kernel:
 
 # one function (one compile cache entry) per variant and precision
 _LOW = {"bf16": functools.cache(bf16_state), "int8": functools.cache(int8_state.int8_state)}
+_NATIVE_LOW = {"bf16": native_bf16, "int8": native_int8}   # the CPU kernels of each low precision
 
 
 @functools.cache
@@ -153,9 +154,10 @@ def run(kernel: Kernel, mode: str, *tensors: torch.Tensor) -> object:
     first = tensors[1] if kernel.role is Role.GATED else tensors[0]   # gated kernels take the flag first
     if first.numel() == 0 and not kernel.returns_sums:
         return None  # an empty shard (FSDP2 gives some ranks 0 elements); size 0 would also compile apart
+    native = _NATIVE_LOW.get(kernel.precision) if kernel.role is Role.UPDATE and mode != "eager" else None
+    if native is not None and native.accepts(kernel.variant, tensors):   # CPU: bitwise the compiled kernel, faster
+        return native.update(kernel.variant, *tensors)
     if kernel.precision == "int8" and first.dim() == 1:   # as (blocks, 256) views, in chunks: int8_state
-        if kernel.role is Role.UPDATE and mode != "eager" and native_int8.accepts(kernel.variant, tensors):
-            return native_int8.update(kernel.variant, *tensors)   # on CPU: bitwise the compiled kernel, 2-3x faster
         offset = 1 if kernel.role is Role.GATED else 0
         n_state = (len(tensors) - offset - 4) // 2   # (p, g, *codes, *scales, sc, step)
         for part in int8_state.blocked_calls(tensors, offset, n_state):

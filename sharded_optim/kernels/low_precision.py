@@ -2,7 +2,8 @@ r"""Optimizer state stored in bfloat16, updated by the fp32 math of :mod:`.adam_
 
 A ``bf16`` kernel loads each state tensor, widens it to fp32, runs the variant's update exactly as the fp32
 kernel does (the parameter step uses the fp32 values, before any rounding), and stores each state back in
-bfloat16.  Compiled, the widened copies never reach memory: one read and one write of every compressed tensor.
+bfloat16.  Compiled, the widened copies never reach memory: one read and one write of every compressed tensor.  On
+CPU :func:`.dispatch.run` runs the C kernel of :mod:`.native_bf16` instead, bitwise this one (NaN patterns aside).
 
 How each state is rounded to bfloat16 (8 significant bits, a relative spacing of :math:`2^{-8}` to
 :math:`2^{-7}`):

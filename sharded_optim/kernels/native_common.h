@@ -7,6 +7,7 @@
 #define SHARDED_OPTIM_NATIVE_COMMON_H
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 enum { GSCALE, L2, DECAY, W1, B2, W2, STEP, DSCALE, EPS, LO, HI, B3, W3, CG };
 
@@ -101,4 +102,44 @@ static inline Scalars scalars_of(const float* sc) {
     k.coeff = k.big ? -(1.0f - k.w1) : k.w1;
     return k;
 }
+
+/* The low-precision kernels' (native_int8.c, native_bf16.c) pieces. */
+#define MAX_STATE 4
+
+/* the states of each variant in kernel argument order, as slots of element(): m 0, v 1, x 2, s 3; -1 ends */
+static const int SLOT[][MAX_STATE] = {
+    [ADAM_MV] = {0, 1, -1, -1}, [ADAM_MVX] = {0, 1, 2, -1}, [BOUND_MV] = {0, 1, -1, -1},
+    [BOUND_MVX] = {0, 1, 2, -1}, [BOUND_MVS] = {0, 1, 3, -1}, [BOUND_MVXS] = {0, 1, 2, 3}, [ADAMAX_MU] = {0, 2, -1, -1},
+};
+
+/* whether ``variant`` keeps a state in ``slot`` (constant-folded in each instantiation) */
+static inline int uses(int variant, int slot) {
+    for (int j = 0; j < MAX_STATE; ++j) if (SLOT[variant][j] == slot) return 1;
+    return 0;
+}
+
+static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t max_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
+/* low_precision.random_bits: 16 bits from a value's bits, the salt's and the state's position.  Every step there is
+ * taken mod 2**16 (a 16-bit value times a multiplier below 2**15, plus a 16-bit value, then masked), so 16-bit
+ * arithmetic gives the same bits and the vectoriser packs twice the lanes. */
+static inline uint32_t random_bits(uint32_t x, uint32_t salt, uint32_t position) {
+    const uint16_t a = (uint16_t)x, b = (uint16_t)(x >> 16);
+    const uint16_t c = (uint16_t)salt, d = (uint16_t)((salt >> 16) ^ (position * 0x3C6F));
+    uint16_t h = (uint16_t)(a * 0x6B43 + c);
+    h ^= h >> 8;
+    h = (uint16_t)((h ^ b) * 0x4E6D + d);
+    h ^= h >> 7;
+    h = (uint16_t)((h ^ c) * 0x5A35 + a);
+    h ^= h >> 9;
+    h = (uint16_t)((h ^ d) * 0x7A4B + b);
+    h ^= h >> 8;
+    h = (uint16_t)(h * 0x6B43);
+    return (uint32_t)(uint16_t)(h ^ (h >> 7));
+}
+
+/* low_precision.rounding_salt's step part: the salt of element i is bits(g[i]) ^ step_salt(step) */
+static inline uint32_t step_salt(int64_t step) { return (uint32_t)(step & 0xFFFF) * 0x2545u; }
 #endif

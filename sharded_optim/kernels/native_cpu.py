@@ -10,8 +10,8 @@ optimizers take tensor lists: one call per run, no copy.  Its arithmetic is bitw
 The library is built once per machine with the system C compiler (``$CC``, else ``cc``; under a second) into
 ``$SHARDED_OPTIM_CACHE_DIR`` (default ``~/.cache/sharded_optim``), keyed by the source, the flags, the compiler
 and the CPU (``-march=native``).  Where no compiler works, one warning says so and the compiled kernels read a
-flat gradient as before.  ``SHARDED_OPTIM_NATIVE_CPU=0`` turns the kernel off, and with it the 8-bit state
-update of :mod:`.native_int8`, built into the same library.
+flat gradient as before.  ``SHARDED_OPTIM_NATIVE_CPU=0`` turns the kernel off, and with it the 8-bit and bf16
+state updates of :mod:`.native_int8` and :mod:`.native_bf16`, built into the same library.
 """
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ from ..telemetry.fields import EFF_LR_EDGES
 from .stats import POST_FIELDS, PRE_FIELDS, add_post_sums, add_pre_sums
 
 SOURCE = Path(__file__).with_name("native_cpu.c")
-# one library from every source: the fp32 kernels here, the 8-bit state update (native_int8.py), what they share
-SOURCES = (SOURCE, SOURCE.with_name("native_int8.c"), SOURCE.with_name("native_common.h"))
+# one library from every source: the fp32 kernels here, the 8-bit and bf16 state updates (native_int8.py,
+# native_bf16.py), what they share
+SOURCES = (SOURCE, SOURCE.with_name("native_int8.c"), SOURCE.with_name("native_bf16.c"),
+           SOURCE.with_name("native_common.h"))
 ENV_VAR = "SHARDED_OPTIM_NATIVE_CPU"
 CACHE_ENV_VAR = "SHARDED_OPTIM_CACHE_DIR"
 # -ffp-contract=off as Inductor's CPU code: no FMA contraction, so the bits match the compiled kernels;
@@ -112,6 +114,7 @@ def library() -> ctypes.CDLL | None:
                                          ptr, ptr]
     lib.sharded_optim_sumsq.argtypes = [i64, ptr, ptr, ctypes.c_int]
     lib.sharded_optim_update_int8.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.sharded_optim_update_bf16.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     return lib
 
 

@@ -10,12 +10,11 @@
  *
  * Bitwise contract: the same integer operations as int8_state.py (decode, block scale, 16-bit hash, encode) and the
  * same IEEE operations for the update and for the one float product of the encoding (the signed states' chance of
- * rounding up from zero); tests/test_native_int8.py checks it against the compiled kernel, bit for bit (a NaN
+ * rounding up from zero); tests/test_native_low_precision.py checks it against the compiled kernel, bit for bit (a NaN
  * state's code aside: which NaN pattern an operation returns is the compiler's choice).  Integer
  * arithmetic is unsigned here where Inductor's int32 would wrap, so nothing is undefined in C.
  */
 #include <stdint.h>
-#include <string.h>
 
 #include "native_common.h"
 
@@ -25,42 +24,6 @@
 #define ONE_BITS 0x3F800000u
 #define EXPONENT 0x7F800000u
 #define ITEM_BLOCKS 64     /* blocks per work item (16384 elements, as native_cpu.c's CHUNK) */
-#define MAX_STATE 4
-
-/* the states of each variant in kernel argument order, as slots of element(): m 0, v 1, x 2, s 3; -1 ends */
-static const int SLOT[][MAX_STATE] = {
-    [ADAM_MV] = {0, 1, -1, -1}, [ADAM_MVX] = {0, 1, 2, -1}, [BOUND_MV] = {0, 1, -1, -1},
-    [BOUND_MVX] = {0, 1, 2, -1}, [BOUND_MVS] = {0, 1, 3, -1}, [BOUND_MVXS] = {0, 1, 2, 3}, [ADAMAX_MU] = {0, 2, -1, -1},
-};
-
-/* whether ``variant`` keeps a state in ``slot`` (constant-folded in each instantiation) */
-static inline int uses(int variant, int slot) {
-    for (int j = 0; j < MAX_STATE; ++j) if (SLOT[variant][j] == slot) return 1;
-    return 0;
-}
-
-static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static inline uint32_t max_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
-
-/* low_precision.random_bits: 16 bits from a value's bits, the salt's and the state's position.  Every step there is
- * taken mod 2**16 (a 16-bit value times a multiplier below 2**15, plus a 16-bit value, then masked), so 16-bit
- * arithmetic gives the same bits and the vectoriser packs twice the lanes. */
-static inline uint32_t random_bits(uint32_t x, uint32_t salt, uint32_t position) {
-    const uint16_t a = (uint16_t)x, b = (uint16_t)(x >> 16);
-    const uint16_t c = (uint16_t)salt, d = (uint16_t)((salt >> 16) ^ (position * 0x3C6F));
-    uint16_t h = (uint16_t)(a * 0x6B43 + c);
-    h ^= h >> 8;
-    h = (uint16_t)((h ^ b) * 0x4E6D + d);
-    h ^= h >> 7;
-    h = (uint16_t)((h ^ c) * 0x5A35 + a);
-    h ^= h >> 9;
-    h = (uint16_t)((h ^ d) * 0x7A4B + b);
-    h ^= h >> 8;
-    h = (uint16_t)(h * 0x6B43);
-    return (uint32_t)(uint16_t)(h ^ (h >> 7));
-}
-
 /* int8_state._decode of one block: codes (int8 if ``is_signed``, else uint8) under the scale's bits */
 static inline void decode(const void* codes, int is_signed, uint32_t scale_bits, float* restrict out) {
     const int32_t kmax = is_signed ? 127 : 255, top = (int32_t)(scale_bits >> SHIFT);
@@ -180,13 +143,12 @@ int sharded_optim_update_int8(int variant, int64_t nblocks, float* p, const floa
                               float* const* scales, const float* sc, int64_t step, int nthreads) {
     if (variant < ADAM_MV || variant > ADAMAX_MU) return -1;
     const Scalars k = scalars_of(sc);
-    const uint32_t step_mix = (uint32_t)(step & 0xFFFF) * 0x2545u;   /* low_precision.rounding_salt */
     const BlocksFn fn = BLOCKS[variant];
     const int64_t items = (nblocks + ITEM_BLOCKS - 1) / ITEM_BLOCKS;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(items > 1)
     for (int64_t it = 0; it < items; ++it) {
         const int64_t b0 = it * ITEM_BLOCKS, b1 = b0 + ITEM_BLOCKS < nblocks ? b0 + ITEM_BLOCKS : nblocks;
-        fn(&k, p, g, codes, scales, step_mix, b0, b1);
+        fn(&k, p, g, codes, scales, step_salt(step), b0, b1);
     }
     return 0;
 }

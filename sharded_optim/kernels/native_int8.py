@@ -27,7 +27,8 @@ def accepts(variant: str, tensors: tuple[Tensor, ...]) -> bool:
     step``, 1-D): every tensor on the CPU, parameter and gradient contiguous float32 of whole blocks, the library
     built and enabled.  Anything else stays with the compiled kernel."""
     p, g = tensors[0], tensors[1]
-    return (variant in native_cpu.VARIANT_IDS and p.device.type == "cpu" and p.dtype == g.dtype == torch.float32
+    return (variant in native_cpu.VARIANT_IDS and p.device.type == "cpu" and p.dim() == 1
+            and p.dtype == g.dtype == torch.float32
             and all(t.is_cpu and t.is_contiguous() for t in tensors) and p.numel() % BLOCK == 0
             and native_cpu.enabled())
 

@@ -122,12 +122,11 @@ static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return 
 static inline float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t max_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
 
-/* low_precision.random_bits: 16 bits from a value's bits, the salt's and the state's position.  Every step there is
- * taken mod 2**16 (a 16-bit value times a multiplier below 2**15, plus a 16-bit value, then masked), so 16-bit
- * arithmetic gives the same bits and the vectoriser packs twice the lanes. */
-static inline uint32_t random_bits(uint32_t x, uint32_t salt, uint32_t position) {
-    const uint16_t a = (uint16_t)x, b = (uint16_t)(x >> 16);
-    const uint16_t c = (uint16_t)salt, d = (uint16_t)((salt >> 16) ^ (position * 0x3C6F));
+/* low_precision.random_bits on 16-bit halves: ``a``, ``b`` the value's low and high half, ``c`` the salt's low half,
+ * ``d`` its high half xor the position's mix.  Every step there is taken mod 2**16 (a 16-bit value times a
+ * multiplier below 2**15, plus a 16-bit value, then masked), so 16-bit arithmetic gives the same bits and the
+ * vectoriser packs twice the lanes. */
+static inline uint16_t hash16(uint16_t a, uint16_t b, uint16_t c, uint16_t d) {
     uint16_t h = (uint16_t)(a * 0x6B43 + c);
     h ^= h >> 8;
     h = (uint16_t)((h ^ b) * 0x4E6D + d);
@@ -137,7 +136,15 @@ static inline uint32_t random_bits(uint32_t x, uint32_t salt, uint32_t position)
     h = (uint16_t)((h ^ d) * 0x7A4B + b);
     h ^= h >> 8;
     h = (uint16_t)(h * 0x6B43);
-    return (uint32_t)(uint16_t)(h ^ (h >> 7));
+    return (uint16_t)(h ^ (h >> 7));
+}
+
+/* the position's mix of low_precision.random_bits, xored into the salt's high half */
+static inline uint16_t position_mix(uint32_t position) { return (uint16_t)(position * 0x3C6F); }
+
+/* low_precision.random_bits: 16 bits from a value's bits, the salt's and the state's position */
+static inline uint32_t random_bits(uint32_t x, uint32_t salt, uint32_t position) {
+    return hash16((uint16_t)x, (uint16_t)(x >> 16), (uint16_t)salt, (uint16_t)((salt >> 16) ^ position_mix(position)));
 }
 
 /* low_precision.rounding_salt's step part: the salt of element i is bits(g[i]) ^ step_salt(step) */

@@ -52,38 +52,61 @@ static inline int32_t levels_below(uint32_t mb, uint32_t r, int32_t top) {
     return top - (int32_t)((mb + (r << (SHIFT - 16))) >> SHIFT);
 }
 
-/* int8_state.quantize_blocks of one block with stochastic rounding: 16 random bits per element from the new value,
- * the salt (gradient bits and step) and the state's position.  Signed states (int8 codes, kmax 127) round between 0
- * and the last level up with probability |x| / last; non-negative ones (uint8, kmax 255) never round to zero unless
- * exactly 0.  Two loops, not one with a branch: a branch in the loop stops the vectoriser. */
-static inline void encode(const float* restrict w, const float* restrict g, uint32_t step_mix, uint32_t position,
-                          int is_signed, uint32_t scale_bits, void* codes) {
-    const int32_t kmax = is_signed ? 127 : 255;
-    const int32_t top = (int32_t)(scale_bits >> SHIFT);
-    const int32_t room = top - MIN_NORMAL, last = room < kmax - 1 ? room : kmax - 1;
-    const int32_t floor_bits = (int32_t)((uint32_t)(top - last) << SHIFT);
+/* What the encoding of a block needs: its scale's grid index ``top``, the last level's distance ``last`` below it
+ * and that level's grid index ``floor_idx`` (int8_state._last). */
+typedef struct { int32_t kmax, top, last, floor_idx; } Grid;
+
+static inline Grid grid_of(uint32_t scale_bits, int is_signed) {
+    Grid q;
+    q.kmax = is_signed ? 127 : 255;
+    q.top = (int32_t)(scale_bits >> SHIFT);
+    const int32_t room = q.top - MIN_NORMAL;
+    q.last = room < q.kmax - 1 ? room : q.kmax - 1;
+    q.floor_idx = q.top - q.last;
+    return q;
+}
+
+/* int8_state.quantize_blocks of a signed state's block (int8 codes): stochastic rounding with 16 random bits per
+ * element from the new value, the salt halves ``cs``, ``ds`` (gradient bits and step) and the state's position;
+ * between 0 and the last level, up with probability |x| / last (one float product, as the compiled kernel). */
+static inline void encode_signed(const float* restrict w, const uint16_t* restrict cs, const uint16_t* restrict ds,
+                                 uint16_t dpos, Grid q, int8_t* restrict out) {
+    const int32_t floor_bits = (int32_t)((uint32_t)q.floor_idx << SHIFT);
     const float floor_value = float_of((uint32_t)floor_bits);
-    if (is_signed) {
-        int8_t* restrict out = codes;
-        #pragma omp simd
-        for (int i = 0; i < BLOCK; ++i) {
-            const float mag = fabsf(w[i]);
-            const uint32_t mb = bits_of(mag), r = random_bits(bits_of(w[i]), bits_of(g[i]) ^ step_mix, position);
-            const float u = ((float)(int32_t)r + 0.5f) * (1.0f / 65536);
-            const int32_t up = u * floor_value < mag, below = (int32_t)mb < floor_bits;
-            const int32_t small = up ? last : kmax, c = below ? small : levels_below(mb, r, top);
-            const int32_t j = kmax - c, negative = w[i] < 0.0f;
-            out[i] = (int8_t)(negative ? -j : j);
-        }
-    } else {
-        uint8_t* restrict out = codes;
-        #pragma omp simd
-        for (int i = 0; i < BLOCK; ++i) {
-            const float mag = fabsf(w[i]);
-            const uint32_t mb = bits_of(mag), r = random_bits(bits_of(w[i]), bits_of(g[i]) ^ step_mix, position);
-            const int32_t c = (int32_t)mb < floor_bits ? (mag > 0.0f ? last : kmax) : levels_below(mb, r, top);
-            out[i] = (uint8_t)(kmax - c);
-        }
+    #pragma omp simd
+    for (int i = 0; i < BLOCK; ++i) {
+        const uint32_t xb = bits_of(w[i]);
+        const float mag = fabsf(w[i]);
+        const uint32_t mb = bits_of(mag);
+        const uint32_t r = hash16((uint16_t)xb, (uint16_t)(xb >> 16), cs[i], (uint16_t)(ds[i] ^ dpos));
+        const float u = ((float)(int32_t)r + 0.5f) * (1.0f / 65536);
+        const int32_t up = u * floor_value < mag, below = (int32_t)mb < floor_bits;
+        const int32_t small = up ? q.last : q.kmax, c = below ? small : levels_below(mb, r, q.top);
+        const int32_t j = q.kmax - c, negative = w[i] < 0.0f;
+        out[i] = (int8_t)(negative ? -j : j);
+    }
+}
+
+/* The same for a non-negative state (uint8 codes; never rounded to zero unless exactly 0), all in 16-bit lanes.
+ * With the magnitude's halves lo, hi (hi without the sign bit): (mb + (r << 4)) >> 20 == (hi + q / 4096) >> 4 for
+ * q = (lo >> 4) + r (the dropped low 4 bits of lo cannot carry past a multiple of 16), and q / 4096 is the top 4
+ * bits of q's 16-bit sum plus 16 when that sum wrapped; mb < floor_bits compares grid indices, hi >> 4 against
+ * floor_idx (floor_bits has no lower bits).  The codes equal the 32-bit form's bit for bit (tests). */
+static inline void encode_unsigned(const float* restrict w, const uint16_t* restrict cs, const uint16_t* restrict ds,
+                                   uint16_t dpos, Grid q, uint8_t* restrict out) {
+    const uint16_t top = (uint16_t)q.top, last = (uint16_t)q.last, kmax = (uint16_t)q.kmax;
+    const uint16_t floor_idx = (uint16_t)q.floor_idx;
+    #pragma omp simd
+    for (int i = 0; i < BLOCK; ++i) {
+        const uint32_t xb = bits_of(w[i]);
+        const uint16_t lo = (uint16_t)xb, b = (uint16_t)(xb >> 16), hi = (uint16_t)(b & 0x7FFF);
+        const uint16_t r = hash16(lo, b, cs[i], (uint16_t)(ds[i] ^ dpos));
+        const uint16_t sum = (uint16_t)((lo >> 4) + r);
+        const uint16_t carry = (uint16_t)((sum >> 12) + (sum < r ? 16 : 0));
+        const uint16_t levels = (uint16_t)(top - (uint16_t)((uint16_t)(hi + carry) >> 4));
+        const uint16_t small = (hi | lo) ? last : kmax;
+        const uint16_t c = (hi >> 4) < floor_idx ? small : levels;
+        out[i] = (uint8_t)(kmax - c);
     }
 }
 
@@ -99,7 +122,7 @@ static inline __attribute__((always_inline)) void blocks(int variant, const Scal
     for (int64_t b = b0; b < b1; ++b) {
         float* restrict pb = p + b * BLOCK;
         const float* restrict gb = g + b * BLOCK;
-        for (int j = 0; j < n; ++j)   /* only the exp_avg (m, slot 0) is signed among these variants */
+        for (int j = 0; j < n; ++j)
             decode((const char*)codes[j] + b * BLOCK, SLOT[variant][j] == 0, bits_of(scales[j][b]),
                    wide[SLOT[variant][j]]);
         uint32_t top_m = 0, top_v = 0, top_x = 0, top_s = 0;   /* greatest |state| patterns, per slot */
@@ -112,12 +135,24 @@ static inline __attribute__((always_inline)) void blocks(int variant, const Scal
             if (uses(variant, 2)) top_x = max_u32(top_x, bits_of(wide[2][i]) & 0x7FFFFFFFu);
             if (uses(variant, 3)) top_s = max_u32(top_s, bits_of(wide[3][i]) & 0x7FFFFFFFu);
         }
+        uint16_t cs[BLOCK], ds[BLOCK];   /* the salt's halves (low_precision.rounding_salt), shared by the states */
+        #pragma omp simd
+        for (int i = 0; i < BLOCK; ++i) {
+            const uint32_t salt = bits_of(gb[i]) ^ step_mix;
+            cs[i] = (uint16_t)salt;
+            ds[i] = (uint16_t)(salt >> 16);
+        }
         const uint32_t top[MAX_STATE] = {top_m, top_v, top_x, top_s};
-        for (int j = 0; j < n; ++j) {
+        for (int j = 0; j < n; ++j) {   /* only the exp_avg (m, slot 0) is signed among these variants */
             const int slot = SLOT[variant][j];
             const uint32_t scale_bits = block_scale(top[slot]);
             scales[j][b] = float_of(scale_bits);
-            encode(wide[slot], gb, step_mix, (uint32_t)j, slot == 0, scale_bits, (char*)codes[j] + b * BLOCK);
+            char* out = (char*)codes[j] + b * BLOCK;
+            if (slot == 0)
+                encode_signed(wide[slot], cs, ds, position_mix((uint32_t)j), grid_of(scale_bits, 1), (int8_t*)out);
+            else
+                encode_unsigned(wide[slot], cs, ds, position_mix((uint32_t)j), grid_of(scale_bits, 0),
+                                (uint8_t*)out);
         }
     }
 }

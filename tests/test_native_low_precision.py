@@ -39,6 +39,13 @@ def _case(precision: str, variant: str, w1: float, seed: int) -> tuple:
         x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-30, 0, (n,), generator=gen).float())
         x = x if letter == "m" else x.abs()
         x[q8.BLOCK: 2 * q8.BLOCK] = 0.0
+        # a block on the code's edges: its scale exactly (a power of two), levels and midpoints between them,
+        # values around the last level (2**-31.75 below the scale for uint8, 2**-15.75 for int8), a subnormal, -0
+        edge = torch.tensor([1.0, 0.5, 0.9375, 1.0 - 2**-5, 2.0**-31, 2.0**-31.5, 2.0**-32, 2.0**-15, 2.0**-15.5,
+                             2.0**-16, 2.0**-17, 1e-45, -0.0, 0.75, 0.8125, 0.78125])
+        x[2 * q8.BLOCK: 2 * q8.BLOCK + 256] = edge.repeat(16)
+        if letter == "m":
+            x[2 * q8.BLOCK + 1: 2 * q8.BLOCK + 256: 2] *= -1
         if precision == "bf16":
             codes.append(x.to(torch.bfloat16))
             continue

@@ -18,31 +18,42 @@
 #define TILE 256           /* elements per tile: 4 states x 1 KiB of float32 in L1 */
 #define ITEM_TILES 64      /* tiles per work item (16384 elements, as native_cpu.c's CHUNK) */
 
-static inline int is_finite_bits(uint32_t u) { return (u & 0x7F800000u) != 0x7F800000u; }
+/* All in 16-bit lanes, on the value's halves lo, hi: adding 16 bits to the 32-bit pattern and keeping the upper half
+ * is hi plus the carry out of lo, and the carry of lo + r is (lo + r) mod 2**16 < r. */
+static inline int finite_half(uint16_t hi) { return (hi & 0x7F80) != 0x7F80; }
 
 /* a non-finite value in bfloat16: an infinity's upper half; a NaN's with the quiet bit set, so that a payload in the
  * lower half alone cannot turn into an infinity */
-static inline uint32_t nonfinite_half(uint32_t u) { return (u >> 16) | ((u & 0x7FFFFFu) ? 0x40u : 0u); }
+static inline uint16_t nonfinite_half(uint16_t hi, uint16_t lo) {
+    return (uint16_t)(hi | (((hi & 0x7F) | lo) ? 0x40 : 0));
+}
 
-/* low_precision.round_stochastic to bfloat16 bits: a finite pattern plus 16 random bits, truncated */
-static inline void store_stochastic(const float* restrict w, const float* restrict g, uint32_t salt, uint32_t position,
-                                    int64_t n, uint16_t* restrict out) {
+/* low_precision.round_stochastic to bfloat16 bits: a finite pattern plus 16 random bits (hashed from the pattern, or
+ * from 0 for a non-finite value, the salt's halves ``cs``, ``ds`` and the position), truncated */
+static inline void store_stochastic(const float* restrict w, const uint16_t* restrict cs, const uint16_t* restrict ds,
+                                    uint16_t dpos, int64_t n, uint16_t* restrict out) {
     #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-        const uint32_t u = bits_of(w[i]), finite = is_finite_bits(u), bits = finite ? u : 0u;
-        const uint32_t rounded = (bits + random_bits(bits, bits_of(g[i]) ^ salt, position)) >> 16;
-        out[i] = (uint16_t)(finite ? rounded : nonfinite_half(u));
+        const uint32_t u = bits_of(w[i]);
+        const uint16_t lo = (uint16_t)u, hi = (uint16_t)(u >> 16);
+        const int finite = finite_half(hi);
+        const uint16_t a = finite ? lo : 0, b = finite ? hi : 0;
+        const uint16_t r = hash16(a, b, cs[i], (uint16_t)(ds[i] ^ dpos));
+        const uint16_t rounded = (uint16_t)(hi + ((uint16_t)(lo + r) < r));
+        out[i] = finite ? rounded : nonfinite_half(hi, lo);
     }
 }
 
-/* torch's float-to-bfloat16 conversion: round half to even (a carry into the exponent makes the next power of two,
- * or infinity, as it should) */
+/* torch's float-to-bfloat16 conversion: round half to even, u + 0x7FFF + (hi & 1) keeping the upper half, so hi plus
+ * a carry when lo + (hi & 1) > 0x8000 (a carry into the exponent makes the next power of two, or infinity, as it
+ * should) */
 static inline void store_nearest(const float* restrict w, int64_t n, uint16_t* restrict out) {
     #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
         const uint32_t u = bits_of(w[i]);
-        const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-        out[i] = (uint16_t)(is_finite_bits(u) ? rounded : nonfinite_half(u));
+        const uint16_t lo = (uint16_t)u, hi = (uint16_t)(u >> 16);
+        const uint16_t rounded = (uint16_t)(hi + (lo + (hi & 1) > 0x8000));
+        out[i] = finite_half(hi) ? rounded : nonfinite_half(hi, lo);
     }
 }
 
@@ -67,12 +78,19 @@ void tiles(int variant, const Scalars* ks, float* restrict p, const float* restr
             Element e;
             element(variant, &kc, p + t0, g + t0, wide[0], wide[1], wide[2], wide[3], i, 0, &e);
         }
+        uint16_t cs[TILE], ds[TILE];   /* the salt's halves (low_precision.rounding_salt), shared by the states */
+        #pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+            const uint32_t s = bits_of(g[t0 + i]) ^ salt;
+            cs[i] = (uint16_t)s;
+            ds[i] = (uint16_t)(s >> 16);
+        }
         for (int j = 0; j < n_state; ++j) {
             const int slot = SLOT[variant][j];
             if (slot == 2 && variant != ADAMAX_MU)   /* AMSGrad's running max: nearest (no small increments) */
                 store_nearest(wide[slot], n, states[j] + t0);
             else
-                store_stochastic(wide[slot], g + t0, salt, (uint32_t)j, n, states[j] + t0);
+                store_stochastic(wide[slot], cs, ds, position_mix((uint32_t)j), n, states[j] + t0);
         }
     }
 }

@@ -2,7 +2,7 @@
  * decode every state into float32, run the fp32 update of one element (native_common.h), then re-encode every state
  * under a new power-of-two block scale with stochastic rounding.
  *
- * Why by hand: the compiled kernel (Inductor) ran at 0.23-0.36x the fp32 kernel's speed on 2 cores.  Its code
+ * Why by hand: the compiled kernel (Inductor) ran at 0.22-0.36x the fp32 kernel's speed on 2 cores.  Its code
  * makes several passes over a chunk: the update, writing the new states to fp32 temporaries with one block maximum;
  * a loop for each further maximum; the encoding from the temporaries; single-threaded loops for the scales.  The
  * work is compute-bound (a hash and an encoding per state and element).  Here a block's decoded and updated state

@@ -117,6 +117,7 @@ class FlatParamGroup(GradientReduction):
                               and state_precision != "int8"}   # int8 runs cover whole blocks of ``grad``
         self._in_flat = True   # this step wrote gradients into ``grad`` (norms read it); native runtimes track it
         self._direct: dict[int, Tensor] = {}   # this step's in-place gradients, by slot
+        self._table: Tensor | None = None       # native: this step's gradient segments (step_table)
         self._stale_direct: set[int] = set()   # in-place slots whose region of ``grad`` a copy wrote since
         # gloo's reduce_scatter and all_gather are 2-3x slower than its all_reduce and broadcast (25 MiB bucket,
         # 2 ranks: reduce_scatter 57.8 ms vs all_reduce 19.8 ms; all_gather 24.1 ms vs one broadcast per rank
@@ -304,9 +305,8 @@ class FlatParamGroup(GradientReduction):
 
     def local_grad_sumsq(self) -> Tensor:
         """Sum of squares of this rank's gradient shard, in float64 (padding is zero and adds nothing)."""
-        if self.native:   # one multi-tensor pass over the in-place gradients; ``grad`` only if written this step
-            total = native_cpu.sumsq(list(self._direct.values()))
-            return total + sumsq(self.grad) if self._in_flat else total
+        if self.native:   # one multi-tensor pass over every slot's segment: in place, or its region of ``grad``
+            return native_cpu.sumsq_table(self.step_table())
         total = sumsq(self.grad)
         for g in self._direct.values():
             total = total + sumsq(g)

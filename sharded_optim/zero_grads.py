@@ -209,6 +209,7 @@ class GradientReduction:
         DeepSpeed): whether a gradient exists is a per-rank fact and the shards must stay in lock-step.
         """
         has_grad = [True] * len(self.layout.slots)
+        self._table = None   # this step's segments (native runtimes): built again from this step's gradients
         if self.world == 1 or not self.reduce_grads:
             dsts: list[Tensor] = []
             srcs: list[Tensor] = []
@@ -300,7 +301,7 @@ class GradientReduction:
         self._reduced = [False] * len(self.layout.buckets)
         self._ready = [0] * len(self.layout.buckets)
         self._next_launch, self._backward_open = 0, False
-        self._direct = {}
+        self._direct, self._table = {}, None
 
     def grad_of(self, rng: slice, slots: list[int]) -> Tensor:
         """The gradient the update of run ``rng`` reads: the parameter's own when read in place, else ``grad``."""
@@ -310,17 +311,24 @@ class GradientReduction:
 
     def grad_table(self, rng: slice, slots: list[int]) -> Tensor | None:
         """Native runtimes: the gradient segments of run ``rng`` for :func:`.kernels.native_cpu.update` (each
-        slot's in-place gradient, else its region of ``grad``); None: the update reads :meth:`grad_of`."""
+        slot's in-place gradient, else its region of ``grad``), offsets relative to ``rng``: the rows of
+        :meth:`step_table` for ``slots``; None: the update reads :meth:`grad_of`."""
         if not self.native:
             return None
-        rows = []
-        for s in slots:
-            slot = self.layout.slots[s]
-            g = self._direct.get(s)
-            if g is None:   # copied: its region of ``grad``
-                g = self.grad[slot.offset: slot.offset + slot.numel]
-            rows.append((slot.offset - rng.start, g, None))
-        return native_cpu.segment_table(rows, self.master[rng])
+        consecutive = slots == list(range(slots[0], slots[-1] + 1))
+        table = self.step_table()[slots[0]: slots[-1] + 1].clone() if consecutive else self.step_table()[slots]
+        table[:, 0] -= rng.start
+        return table
+
+    def step_table(self) -> Tensor:
+        """Native runtimes: this step's table of every slot's gradient segment (:func:`.kernels.native_cpu.
+        slot_table`), built once after the gradients are collected and shared by the norm and the update runs
+        (two loops over the parameters less per step)."""
+        if self._table is None:
+            slots = self.layout.slots
+            self._table = native_cpu.slot_table([s.offset for s in slots], [s.numel for s in slots], self.grad,
+                                                self.master, self._direct)
+        return self._table
 
     def param_of(self, rng: slice, slots: list[int]) -> Tensor:
         """The parameter values a run's update writes: always the flat ``master`` (parameters are its views)."""

@@ -191,16 +191,36 @@ def update(variant: str, table: Tensor, state: tuple[Tensor, ...], sc: Tensor, s
     return sums
 
 
+def slot_table(offsets: list[int], numels: list[int], grad: Tensor, master: Tensor, direct: dict[int, Tensor]
+               ) -> Tensor:
+    """A one-rank runtime's table for one step, one row per parameter slot in slot order: the slot's offset into
+    the flat buffers, its length, its gradient (``direct[s]``, read where autograd left it, or else the slot's
+    region of the flat ``grad``) and its region of ``master``.  Built once per step and shared by the norm
+    (:func:`sumsq_table`) and the update runs (row slices): one loop over the slots, no per-row checks (the
+    caller made the direct gradients float32 and contiguous; the flat buffers are checked here)."""
+    end = max((offset + numel for offset, numel in zip(offsets, numels)), default=0)
+    base_g, base_p = _check_flat("grad", grad, end), _check_flat("master", master, end)
+    rows = array.array("q")
+    for s, (offset, numel) in enumerate(zip(offsets, numels)):
+        g = direct.get(s)
+        rows.extend((offset, numel, base_g + 4 * offset if g is None else g.data_ptr(), base_p + 4 * offset))
+    return _wrap(rows)
+
+
 def sumsq(grads: list[Tensor]) -> Tensor:
     """Sum of squares of every tensor of ``grads`` (float32, CPU, contiguous) in float64, in one call: deterministic,
     independent of the thread count."""
-    lib = library()
-    if lib is None:
-        raise ValueError("native_cpu: the kernel library is not built")
     rows = array.array("q")
     for g in grads:   # offset and parameter columns are not read
         rows.extend((0, g.numel(), _check_segment("gradient", g, g.numel()), 0))
-    table = _wrap(rows)
+    return sumsq_table(_wrap(rows))
+
+
+def sumsq_table(table: Tensor) -> Tensor:
+    """:func:`sumsq` of the gradient segments of a table (:func:`segment_table`, :func:`slot_table`)."""
+    lib = library()
+    if lib is None:
+        raise ValueError("native_cpu: the kernel library is not built")
     out = torch.zeros((), dtype=torch.float64)
     if len(table) and lib.sharded_optim_sumsq(len(table), table.data_ptr(), out.data_ptr(),
                                               torch.get_num_threads()) != 0:

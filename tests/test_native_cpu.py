@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sharded_optim import ShardedOptimizer, rules
-from sharded_optim.kernels import dispatch, native_cpu
+from sharded_optim.kernels import dispatch, native_bf16, native_cpu
 from sharded_optim.telemetry.fields import EFF_LR_EDGES, SUM_FIELDS
 
 N_STATE = {"adam_mv": 2, "adam_mvx": 3, "bound_mv": 2, "bound_mvx": 3, "bound_mvs": 3, "bound_mvxs": 4,
@@ -242,6 +242,14 @@ def test_an_unbuildable_kernel_warns_once_and_the_copying_path_runs(monkeypatch,
         assert sum("could not be built" in str(w.message) for w in caught) == 1
         assert not next(iter(opt._runtimes.values()))[0].native
         assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        # bf16 state falls back to the compiled kernel (the variant tests/test_native_low_precision.py compiles)
+        p = torch.nn.Parameter(torch.randn(300))
+        p.grad = torch.randn(300)
+        low = ShardedOptimizer([p], algorithm="adamod", amsgrad=True, lr=1e-2, state_precision="bf16")
+        start = p.detach().clone()
+        monkeypatch.setattr(native_bf16, "update", lambda *a: pytest.fail("the C bf16 kernel ran without a library"))
+        low.step()
+        assert not torch.equal(start, p) and low.state[p]["exp_avg"].dtype == torch.bfloat16
     finally:
         monkeypatch.undo()
         native_cpu.library.cache_clear()

@@ -107,7 +107,8 @@ def library() -> ctypes.CDLL | None:
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", None) or exc
         warnings.warn(f"sharded_optim: the CPU multi-tensor kernel could not be built ({detail}); one-rank CPU steps "
-                      f"copy gradients into a flat buffer instead", RuntimeWarning, stacklevel=2)
+                      f"copy gradients into a flat buffer instead, and bf16/int8 state runs the compiled kernels",
+                      RuntimeWarning, stacklevel=2)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.sharded_optim_update.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_float,

@@ -10,9 +10,9 @@
  *
  * Bitwise contract: the same integer operations as int8_state.py (decode, block scale, 16-bit hash, encode) and the
  * same IEEE operations for the update and for the one float product of the encoding (the signed states' chance of
- * rounding up from zero); tests/test_native_low_precision.py checks it against the compiled kernel, bit for bit (a NaN
- * state's code aside: which NaN pattern an operation returns is the compiler's choice).  Integer
- * arithmetic is unsigned here where Inductor's int32 would wrap, so nothing is undefined in C.
+ * rounding up from zero); tests/test_native_low_precision.py checks it against the compiled kernel, bit for bit (a
+ * NaN state's code aside: which NaN pattern an operation returns is the compiler's choice).  Integer arithmetic is
+ * unsigned here where Inductor's int32 would wrap, so nothing is undefined in C.
  */
 #include <stdint.h>
 
@@ -24,6 +24,7 @@
 #define ONE_BITS 0x3F800000u
 #define EXPONENT 0x7F800000u
 #define ITEM_BLOCKS 64     /* blocks per work item (16384 elements, as native_cpu.c's CHUNK) */
+
 /* int8_state._decode of one block: codes (int8 if ``is_signed``, else uint8) under the scale's bits */
 static inline void decode(const void* codes, int is_signed, uint32_t scale_bits, float* restrict out) {
     const int32_t kmax = is_signed ? 127 : 255, top = (int32_t)(scale_bits >> SHIFT);

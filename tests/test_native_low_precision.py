@@ -12,6 +12,7 @@ payload) is each implementation's choice, so only NaN-ness is compared there.
 from __future__ import annotations
 
 import re
+import subprocess
 
 import pytest
 import torch
@@ -193,3 +194,14 @@ def test_the_c_side_constants_are_the_python_ones():
     defines = {name: int(value, 0) for name, value in re.findall(r"#define (\w+) (0x[0-9A-Fa-f]+|\d+)u?\b", text)}
     assert defines["BLOCK"] == q8.BLOCK and defines["SHIFT"] == q8.SHIFT and defines["MIN_NORMAL"] == q8._MIN_NORMAL
     assert defines["EXPONENT"] == q8._EXPONENT and defines["ONE_BITS"] == q8._ONE
+
+
+def test_the_phase_timing_harness_still_builds(tmp_path):
+    """``bench/int8_phases.c`` includes the kernel's source and calls its functions: it must follow their changes."""
+    cc = native_cpu._compiler()
+    assert cc is not None, "no C compiler: the native kernels need one too"
+    harness = native_cpu.SOURCE.parents[2] / "bench" / "int8_phases.c"
+    flags = [f for f in native_cpu.FLAGS if f not in ("-shared", "-fPIC")]
+    done = subprocess.run([cc, *flags, "-I", str(native_cpu.SOURCE.parent), str(harness), "-o",
+                           str(tmp_path / "int8_phases"), "-lm"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -115,7 +115,6 @@ class FlatParamGroup(GradientReduction):
         self._direct_slots = {s for s, slot in enumerate(self.layout.slots)
                               if world == 1 and threshold is not None and (slot.numel >= threshold or self.native)
                               and state_precision != "int8"}   # int8 runs cover whole blocks of ``grad``
-        self._in_flat = True   # this step wrote gradients into ``grad`` (norms read it); native runtimes track it
         self._direct: dict[int, Tensor] = {}   # this step's in-place gradients, by slot
         self._table: Tensor | None = None       # native: this step's gradient segments (step_table)
         self._stale_direct: set[int] = set()   # in-place slots whose region of ``grad`` a copy wrote since

@@ -82,8 +82,8 @@ class GradientReduction:
     _grad_pieces: list[list[tuple[Tensor, int | None, int | None]]]
     _direct_slots: set[int]
     native: bool
-    _in_flat: bool
     _direct: dict[int, Tensor]
+    _table: Tensor | None
     _stale_direct: set[int]
 
     def _register_hooks(self) -> None:
@@ -245,7 +245,6 @@ class GradientReduction:
             # parameter, which on a GPU left the device idle for most of the step
             if dsts:
                 torch._foreach_copy_(dsts, srcs)
-            self._in_flat = len(self._direct) < sum(has_grad)
             if self.world == 1:
                 self._hand_over_grad_views(has_grad)
             return has_grad

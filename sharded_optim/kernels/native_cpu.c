@@ -20,6 +20,7 @@
 #include "native_common.h"
 
 #define STATS_BLOCK 256    /* elements per statistics block: float32 partial sums, |eta| patterns kept in L1 */
+#define STATS_LANES 16     /* float32 partial sums per block (each adds STATS_BLOCK / STATS_LANES terms) */
 #define CHUNK 16384   /* elements per work item: small enough to balance threads, large enough to stream */
 #define ROW 4         /* table columns: state offset, length, gradient address, parameter address */
 #define LANES 32      /* independent float64 accumulators of the sum of squares (a fixed order: deterministic) */
@@ -36,64 +37,91 @@ void segment(int variant, const Scalars* ks, float* restrict p, const float* res
 }
 
 /* The statistics sums, in the order of kernels/stats.py PRE_FIELDS then POST_FIELDS (without diffGrad's friction):
- * elementwise work in float32 as there; each block of STATS_BLOCK terms summed in float32 (vector lanes, in any
- * order: error <= gamma_{B-1} * sum|x|, gamma_k = k u / (1 - k u), u = 2^-24, 1.5e-5 for B = 256), the blocks in
- * float64; counts exact.  With every term converted to float64 instead, the statistics pass took 1.5x the plain
- * update's time on 2 cores (the GPT-like list of bench/step_bench.py), with float32 blocks 1.15x. */
+ * elementwise work in float32 as there.  Element b0 + i of a block adds its terms to lane i % STATS_LANES: each
+ * lane sums its STATS_BLOCK / STATS_LANES terms of the block in float32, in element order (error <= gamma_{k-1} *
+ * sum|x| for k terms, gamma_k = k u / (1 - k u), u = 2^-24), then into a float64 lane; the lanes are added in lane
+ * order at the end of the segment.  The order is the source's, so the sums do not depend on the vector width the
+ * compiler picks; counts are exact.  Why lanes: with one float32 sum per block and `omp simd reduction`, the compiler
+ * may not reassociate, so every block ended in 16 in-order scalar adds per sum (a third of the statistics pass).
+ * With every term converted to float64 instead, the statistics pass took 1.5x the plain update's time. */
 enum { NUMEL, GRAD_SUMSQ, NONFINITE_GRAD, ZERO_GRAD, MOM_GRAD_DOT, MOM_SUMSQ, PARAM_SUMSQ, UPDATE_SUMSQ,
        EPS_DOMINATED, AMSGRAD_MAX_ACTIVE, ADAMOD_CLIPPED, ADABOUND_CLAMPED, EFF_LR_SUM, EFF_LR_LE_0,
        NUM_EDGES = 12, NUM_SUMS = EFF_LR_LE_0 + NUM_EDGES };
+enum { FSUMS = 6 };   /* the float sums: gradient^2, m*g, m^2, p^2, update^2, step size */
+enum { ICOUNTS = 6 }; /* the counts: non-finite, zero, eps-dominated, AMSGrad max active, AdaMod clipped, clamped */
+
+typedef struct {
+    float f[FSUMS][STATS_LANES];       /* this block's float32 lane sums */
+    int32_t c[ICOUNTS][STATS_LANES];   /* the segment's counts */
+    int32_t lo[STATS_LANES], hi[STATS_LANES];   /* this block's least and greatest |eta| pattern */
+} Lanes;
+
+/* The update of element i with its statistics terms added to lane l. */
+static inline __attribute__((always_inline))
+void stats_term(int variant, const Scalars* kc, float* restrict p, const float* restrict g, float* restrict m,
+                float* restrict v, float* restrict x, float* restrict s, int64_t i, int l, Lanes* restrict a,
+                int32_t* restrict mag) {
+    float gg = g[i], mp = m[i];
+    int ok = isfinite(gg);
+    float gf = ok ? gg : 0.0f;
+    a->f[0][l] += gg * gg;
+    a->c[0][l] += !ok;
+    a->c[1][l] += fabsf(gg) <= 0.0f;
+    a->f[1][l] += mp * gf;
+    a->f[2][l] += mp * mp;
+    Element e;
+    element(variant, kc, p, g, m, v, x, s, i, 1, &e);
+    a->f[3][l] += e.p * e.p;
+    float delta = e.eta * e.m;
+    a->f[4][l] += delta * delta;
+    a->f[5][l] += e.eta;
+    if (variant == ADAMAX_MU) a->c[2][l] += fabsf(e.root) <= 2 * kc->eps;
+    else a->c[2][l] += fabsf(e.root) < kc->eps;
+    if (variant == ADAM_MVX || variant == BOUND_MVX || variant == BOUND_MVXS) a->c[3][l] += e.vmax_before > e.v;
+    if (variant == BOUND_MVS || variant == BOUND_MVXS) a->c[4][l] += e.clipped;
+    if (variant == BOUND_MV || variant == BOUND_MVX) a->c[5][l] += e.clamped;
+    union { float f; int32_t i; } bits = {fabsf(e.eta)};
+    mag[i] = bits.i;
+    a->lo[l] = bits.i < a->lo[l] ? bits.i : a->lo[l];
+    a->hi[l] = bits.i > a->hi[l] ? bits.i : a->hi[l];
+}
 
 /* One segment of the update with the statistics of a statistics step in the same pass: before the update, the
- * gradient (sign ``gsign``, as the update applies it) and the previous first moment; after, the new state and the
- * step sizes.  Non-finite gradient elements are counted and left out of the momentum sums. */
+ * gradient (with the sign ``gsign`` = +-1 the update applies: only sum(m * g) depends on it, and it is negated
+ * exactly at the end) and the previous first moment; after, the new state and the step sizes.  Non-finite gradient
+ * elements are counted and left out of the momentum sums. */
 static inline __attribute__((always_inline))
 void segment_stats(int variant, const Scalars* ks, float* restrict p, const float* restrict g,
                                  float* restrict m, float* restrict v, float* restrict x, float* restrict s,
                                  int64_t n, float gsign, const float* edges, double* out) {
     const Scalars kc = *ks;
-    const float eps2 = 2 * kc.eps;
-    double gsq = 0, mg = 0, msq = 0, psq = 0, usq = 0, eta_sum = 0;
-    int32_t nonfinite = 0, zero = 0, eps_dom = 0, ams = 0, clipped = 0, clamped = 0;
+    double sums[FSUMS][STATS_LANES] = {{0}};
     int32_t le[NUM_EDGES] = {0};
     int32_t eb[NUM_EDGES];
     for (int j = 0; j < NUM_EDGES; ++j) { union { float f; int32_t i; } u = {edges[j]}; eb[j] = u.i; }
+    Lanes a;
+    memset(a.c, 0, sizeof a.c);
     int32_t mag[STATS_BLOCK];   /* |eta| of one block: the histogram's compares run in a loop of their own */
     for (int64_t b0 = 0; b0 < n; b0 += STATS_BLOCK) {
-        const int64_t nb = n - b0 < STATS_BLOCK ? n - b0 : STATS_BLOCK;
+        const int64_t nb = n - b0 < STATS_BLOCK ? n - b0 : STATS_BLOCK, full = nb - nb % STATS_LANES;
         float* restrict pb = p + b0; float* restrict mb = m + b0; const float* restrict gb = g + b0;
         float* restrict vb = v ? v + b0 : NULL; float* restrict xb = x ? x + b0 : NULL;
         float* restrict sb = s ? s + b0 : NULL;
-        int32_t lo = INT32_MAX, hi = INT32_MIN;
-        float bgsq = 0, bmg = 0, bmsq = 0, bpsq = 0, busq = 0, beta = 0;   /* this block's float32 sums */
-        #pragma omp simd reduction(+: bgsq, bmg, bmsq, bpsq, busq, beta, nonfinite, zero, eps_dom, ams, clipped, \
-                                   clamped) reduction(min: lo) reduction(max: hi)
-        for (int64_t i = 0; i < nb; ++i) {
-            float gg = gb[i] * gsign, mp = mb[i];
-            int ok = isfinite(gg);
-            float gf = ok ? gg : 0.0f;
-            bgsq += gg * gg;
-            nonfinite += !ok;
-            zero += fabsf(gg) <= 0.0f;
-            bmg += mp * gf;
-            bmsq += mp * mp;
-            Element e;
-            element(variant, &kc, pb, gb, mb, vb, xb, sb, i, 1, &e);
-            bpsq += e.p * e.p;
-            float delta = e.eta * e.m;
-            busq += delta * delta;
-            beta += e.eta;
-            if (variant == ADAMAX_MU) eps_dom += fabsf(e.root) <= eps2;
-            else eps_dom += fabsf(e.root) < kc.eps;
-            if (variant == ADAM_MVX || variant == BOUND_MVX || variant == BOUND_MVXS) ams += e.vmax_before > e.v;
-            if (variant == BOUND_MVS || variant == BOUND_MVXS) clipped += e.clipped;
-            if (variant == BOUND_MV || variant == BOUND_MVX) clamped += e.clamped;
-            union { float f; int32_t i; } bits = {fabsf(e.eta)};
-            mag[i] = bits.i;
-            lo = bits.i < lo ? bits.i : lo;
-            hi = bits.i > hi ? bits.i : hi;
+        memset(a.f, 0, sizeof a.f);
+        for (int l = 0; l < STATS_LANES; ++l) { a.lo[l] = INT32_MAX; a.hi[l] = INT32_MIN; }
+        for (int64_t i0 = 0; i0 < full; i0 += STATS_LANES) {
+            #pragma omp simd
+            for (int l = 0; l < STATS_LANES; ++l)
+                stats_term(variant, &kc, pb, gb, mb, vb, xb, sb, i0 + l, l, &a, mag);
         }
-        gsq += bgsq; mg += bmg; msq += bmsq; psq += bpsq; usq += busq; eta_sum += beta;
+        for (int64_t i = full; i < nb; ++i)
+            stats_term(variant, &kc, pb, gb, mb, vb, xb, sb, i, (int)(i - full), &a, mag);
+        int32_t lo = INT32_MAX, hi = INT32_MIN;
+        for (int l = 0; l < STATS_LANES; ++l) {
+            for (int f = 0; f < FSUMS; ++f) sums[f][l] += a.f[f][l];
+            lo = a.lo[l] < lo ? a.lo[l] : lo;
+            hi = a.hi[l] > hi ? a.hi[l] : hi;
+        }
         /* Cumulative counts |eta| <= edge, compared as int32 bit patterns (monotone for non-negative floats; a NaN's
          * pattern is above every edge, so it is never counted).  An edge below the block's least pattern counts
          * nothing, one at or above its greatest counts the whole block; only the edges in between (typically two or
@@ -108,10 +136,20 @@ void segment_stats(int variant, const Scalars* ks, float* restrict p, const floa
             le[j] += c;
         }
     }
-    out[NUMEL] = (double)n; out[GRAD_SUMSQ] = gsq; out[NONFINITE_GRAD] = nonfinite; out[ZERO_GRAD] = zero;
-    out[MOM_GRAD_DOT] = mg; out[MOM_SUMSQ] = msq; out[PARAM_SUMSQ] = psq; out[UPDATE_SUMSQ] = usq;
-    out[EPS_DOMINATED] = eps_dom; out[AMSGRAD_MAX_ACTIVE] = ams; out[ADAMOD_CLIPPED] = clipped;
-    out[ADABOUND_CLAMPED] = clamped; out[EFF_LR_SUM] = eta_sum;
+    static const int FIELD[FSUMS] = {GRAD_SUMSQ, MOM_GRAD_DOT, MOM_SUMSQ, PARAM_SUMSQ, UPDATE_SUMSQ, EFF_LR_SUM};
+    static const int COUNT[ICOUNTS] = {NONFINITE_GRAD, ZERO_GRAD, EPS_DOMINATED, AMSGRAD_MAX_ACTIVE, ADAMOD_CLIPPED,
+                                       ADABOUND_CLAMPED};
+    out[NUMEL] = (double)n;
+    for (int f = 0; f < FSUMS; ++f) {
+        double t = 0.0;
+        for (int l = 0; l < STATS_LANES; ++l) t += sums[f][l];
+        out[FIELD[f]] = FIELD[f] == MOM_GRAD_DOT ? gsign * t : t;
+    }
+    for (int f = 0; f < ICOUNTS; ++f) {
+        int32_t t = 0;
+        for (int l = 0; l < STATS_LANES; ++l) t += a.c[f][l];
+        out[COUNT[f]] = t;
+    }
     for (int j = 0; j < NUM_EDGES; ++j) out[EFF_LR_LE_0 + j] = le[j];
 }
 

@@ -53,8 +53,9 @@ _SLOTS = {"adam_mv": (0, 1), "adam_mvx": (0, 1, 2), "bound_mv": (0, 1), "bound_m
 # the sums of a statistics step's update (the C enum NUMEL ...): stats.PRE_FIELDS, then POST_FIELDS without diffGrad's
 # friction (no native diffGrad kernel)
 SUM_FIELDS = PRE_FIELDS + tuple(f for f in POST_FIELDS if not f.startswith("friction"))
-STATS_BLOCK = 256   # the C source's: terms a statistics sum adds in float32 before float64
-STATS_BLOCK_GAMMA = (STATS_BLOCK - 1) * 2.0**-24 / (1 - (STATS_BLOCK - 1) * 2.0**-24)   # gamma_{B-1}, any order
+STATS_BLOCK, STATS_LANES = 256, 16   # the C source's: a block's terms go to 16 float32 lanes, then float64
+_LANE_TERMS = STATS_BLOCK // STATS_LANES   # terms a lane adds in float32 before float64
+STATS_BLOCK_GAMMA = (_LANE_TERMS - 1) * 2.0**-24 / (1 - (_LANE_TERMS - 1) * 2.0**-24)   # gamma_{k-1}
 _EDGES = torch.tensor(EFF_LR_EDGES, dtype=torch.float64).to(torch.float32)   # compared in float32, as stats.py does
 SCALAR_ORDER = (rules.GSCALE, rules.L2, rules.DECAY, rules.W1, rules.B2, rules.W2, rules.STEP, rules.DSCALE,
                 rules.EPS, rules.LO, rules.HI, rules.B3, rules.W3, rules.CG)   # the C enum, checked by the tests
@@ -172,8 +173,11 @@ def update(variant: str, table: Tensor, state: tuple[Tensor, ...], sc: Tensor, s
     ``stats=True`` (a statistics step) also returns the :data:`SUM_FIELDS` sums from the same pass: those of the
     gradient (times ``gsign``, the sign the update applies) and of the first moment before the update, and those of
     the updated state and the step sizes, as :mod:`.stats` computes them in two more passes.  Counts are exact; sums
-    add blocks of :data:`STATS_BLOCK` float32 terms summed in float32 (error at most :data:`STATS_BLOCK_GAMMA` times
-    the sum of the terms' magnitudes) in float64, where :mod:`.stats` adds every term in float64."""
+    add lanes of ``STATS_BLOCK / STATS_LANES`` float32 terms summed in float32 (error at most
+    :data:`STATS_BLOCK_GAMMA` times the sum of the terms' magnitudes) in float64, where :mod:`.stats` adds every
+    term in float64.  ``gsign`` is 1 or -1 (``maximize``)."""
+    if gsign not in (1.0, -1.0):
+        raise ValueError(f"native_cpu.update: gsign must be 1.0 or -1.0 (the sign of a maximize step), got {gsign!r}")
     lib = library()
     if lib is None or variant not in VARIANT_IDS:
         raise ValueError(f"native_cpu: variant {variant!r} has no native kernel here "

@@ -46,7 +46,7 @@ int main(void) {
         for (int i = 0; i < BLOCK; ++i) { cs[i] = (uint16_t)(i * 40503u); ds[i] = (uint16_t)(i * 9973u); }
         for (int r = 0; r < reps; ++r)
             for (int64_t b = 0; b < nb; ++b) {
-                encode_signed(wide[0], cs, ds, position_mix(0), grid_of(ONE_BITS, 1), m + b * BLOCK);
+                encode_signed_above(wide[0], cs, ds, position_mix(0), grid_of(ONE_BITS, 1), m + b * BLOCK);
                 encode_unsigned(wide[1], cs, ds, position_mix(1), grid_of(ONE_BITS, 0), v + b * BLOCK);
             }
         const double t3 = now();

@@ -35,9 +35,12 @@ def _case(precision: str, variant: str, w1: float, seed: int) -> tuple:
     p = torch.randn(n, generator=gen)
     g = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-12, 4, (n,), generator=gen).float())
     g[3], g[700], g[1000:1100] = float("nan"), float("inf"), 0.0
+    moderate = slice(5 * q8.BLOCK, 6 * q8.BLOCK)   # one block within a few octaves: no new m below the last level
+    g[moderate] = torch.randn(q8.BLOCK, generator=gen)
     codes, scales = [], []
     for letter in state_letters(variant):
         x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-30, 0, (n,), generator=gen).float())
+        x[moderate] = torch.randn(q8.BLOCK, generator=gen)
         x = x if letter == "m" else x.abs()
         x[q8.BLOCK: 2 * q8.BLOCK] = 0.0
         # a block on the code's edges: its scale exactly (a power of two), levels and midpoints between them,
@@ -59,8 +62,9 @@ def _case(precision: str, variant: str, w1: float, seed: int) -> tuple:
     return p, g, (*codes, *scales), sc, torch.tensor(70_001, dtype=torch.int64)
 
 
-def _reference(precision: str, variant: str, p, g, states, sc, step) -> torch.Tensor:
-    """The kernel's definition with the fp32 CPU kernel's float math, in place; returns where a new state is NaN."""
+def _reference(precision: str, variant: str, p, g, states, sc, step) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The kernel's definition with the fp32 CPU kernel's float math, in place; returns where a new state is NaN,
+    and the new states before rounding."""
     letters = state_letters(variant)
     codes, scales = states[:len(letters)], states[len(letters):]
     wide = [c.float() for c in codes] if precision == "bf16" else [q8.dequantize(c, s) for c, s in zip(codes, scales)]
@@ -73,7 +77,15 @@ def _reference(precision: str, variant: str, p, g, states, sc, step) -> torch.Te
         new_codes, new_scales = q8.quantize(w, letter == "m", random_bits(w.view(torch.int32), salt, position))
         c.copy_(new_codes)
         scales[position].copy_(new_scales)
-    return torch.stack([w.isnan() for w in wide]).any(dim=0)
+    return torch.stack([w.isnan() for w in wide]).any(dim=0), wide
+
+
+def _blocks_above_the_last_level(m: torch.Tensor) -> torch.Tensor:
+    """Per block of a new first moment: finite, and nothing below its last level (the C kernel's 16-bit encoding
+    of the signed state; the other blocks take the 32-bit one)."""
+    blocks = m.reshape(-1, q8.BLOCK)
+    floor = q8.last_level(q8.block_scales(blocks.abs()), signed=True)
+    return blocks.isfinite().all(dim=1) & (blocks.abs().amin(dim=1) >= floor.reshape(-1))
 
 
 def _same_bits(got: list[torch.Tensor], want: list[torch.Tensor], skip: torch.Tensor) -> None:
@@ -94,10 +106,13 @@ def _same_bits(got: list[torch.Tensor], want: list[torch.Tensor], skip: torch.Te
 def test_native_update_is_bitwise_the_kernels_definition(precision, variant, w1):
     p, g, states, sc, step = _case(precision, variant, w1, seed=len(variant))
     want = [p.clone(), *[s.clone() for s in states]]
-    nan = _reference(precision, variant, want[0], g, want[1:], sc, step)
+    nan, wide = _reference(precision, variant, want[0], g, want[1:], sc, step)
     NATIVE[precision].update(variant, p, g, *states, sc, step)
     _same_bits([p, *states], want, skip=nan)
     assert p.isnan().any() and nan.sum() < 3   # the NaN went through; every other element is compared
+    if precision == "int8" and "m" in state_letters(variant):   # both encodings of the signed state ran
+        above = _blocks_above_the_last_level(wide[state_letters(variant).index("m")])
+        assert above.any() and not above.all(), int(above.sum())
 
 
 @pytest.mark.parametrize("precision", sorted(NATIVE))

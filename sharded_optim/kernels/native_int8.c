@@ -88,11 +88,19 @@ static inline void encode_signed(const float* restrict w, const uint16_t* restri
     }
 }
 
-/* The same for a non-negative state (uint8 codes; never rounded to zero unless exactly 0), all in 16-bit lanes.
- * With the magnitude's halves lo, hi (hi without the sign bit): (mb + (r << 4)) >> 20 == (hi + q / 4096) >> 4 for
- * q = (lo >> 4) + r (the dropped low 4 bits of lo cannot carry past a multiple of 16), and q / 4096 is the top 4
- * bits of q's 16-bit sum plus 16 when that sum wrapped; mb < floor_bits compares grid indices, hi >> 4 against
- * floor_idx (floor_bits has no lower bits).  The codes equal the 32-bit form's bit for bit (tests). */
+/* levels_below in 16-bit lanes, for a value with pattern halves ``lo``, ``b`` (hi = b without the sign bit) and the
+ * hash's salt halves ``c``, ``d``: (mb + (r << 4)) >> 20 == (hi + q / 4096) >> 4 for q = (lo >> 4) + r (the
+ * dropped low 4 bits of lo cannot carry past a multiple of 16), and q / 4096 is the top 4 bits of q's 16-bit sum
+ * plus 16 when that sum wrapped.  Equal to the 32-bit form bit for bit (tests). */
+static inline uint16_t levels_below16(uint16_t lo, uint16_t b, uint16_t c, uint16_t d, uint16_t top) {
+    const uint16_t r = hash16(lo, b, c, d);
+    const uint16_t sum = (uint16_t)((lo >> 4) + r);
+    const uint16_t carry = (uint16_t)((sum >> 12) + (sum < r ? 16 : 0));
+    return (uint16_t)(top - (uint16_t)((uint16_t)((b & 0x7FFF) + carry) >> 4));
+}
+
+/* The same for a non-negative state (uint8 codes; never rounded to zero unless exactly 0), all in 16-bit lanes:
+ * mb < floor_bits compares grid indices, hi >> 4 against floor_idx (floor_bits has no lower bits). */
 static inline void encode_unsigned(const float* restrict w, const uint16_t* restrict cs, const uint16_t* restrict ds,
                                    uint16_t dpos, Grid q, uint8_t* restrict out) {
     const uint16_t top = (uint16_t)q.top, last = (uint16_t)q.last, kmax = (uint16_t)q.kmax;
@@ -101,13 +109,26 @@ static inline void encode_unsigned(const float* restrict w, const uint16_t* rest
     for (int i = 0; i < BLOCK; ++i) {
         const uint32_t xb = bits_of(w[i]);
         const uint16_t lo = (uint16_t)xb, b = (uint16_t)(xb >> 16), hi = (uint16_t)(b & 0x7FFF);
-        const uint16_t r = hash16(lo, b, cs[i], (uint16_t)(ds[i] ^ dpos));
-        const uint16_t sum = (uint16_t)((lo >> 4) + r);
-        const uint16_t carry = (uint16_t)((sum >> 12) + (sum < r ? 16 : 0));
-        const uint16_t levels = (uint16_t)(top - (uint16_t)((uint16_t)(hi + carry) >> 4));
+        const uint16_t levels = levels_below16(lo, b, cs[i], (uint16_t)(ds[i] ^ dpos), top);
         const uint16_t small = (hi | lo) ? last : kmax;
         const uint16_t c = (hi >> 4) < floor_idx ? small : levels;
         out[i] = (uint8_t)(kmax - c);
+    }
+}
+
+/* encode_signed for a block with no element below the last level (its least |w| at or above the floor) and a finite
+ * greatest |w|: every code is then the distance formula with w's sign applied, so it runs in 16-bit lanes too
+ * (twice the lanes of encode_signed; the same codes, bit for bit: tests).  Most blocks of a first moment qualify;
+ * one holding a zero, or a value 2^-16 of its largest, takes encode_signed. */
+static inline void encode_signed_above(const float* restrict w, const uint16_t* restrict cs,
+                                       const uint16_t* restrict ds, uint16_t dpos, Grid q, int8_t* restrict out) {
+    const uint16_t top = (uint16_t)q.top, kmax = (uint16_t)q.kmax;
+    #pragma omp simd
+    for (int i = 0; i < BLOCK; ++i) {
+        const uint32_t xb = bits_of(w[i]);
+        const uint16_t lo = (uint16_t)xb, b = (uint16_t)(xb >> 16);
+        const uint16_t j = (uint16_t)(kmax - levels_below16(lo, b, cs[i], (uint16_t)(ds[i] ^ dpos), top));
+        out[i] = (int8_t)(uint8_t)(b & 0x8000 ? (uint16_t)-j : j);
     }
 }
 
@@ -127,11 +148,14 @@ static inline __attribute__((always_inline)) void blocks(int variant, const Scal
             decode((const char*)codes[j] + b * BLOCK, SLOT[variant][j] == 0, bits_of(scales[j][b]),
                    wide[SLOT[variant][j]]);
         uint32_t top_m = 0, top_v = 0, top_x = 0, top_s = 0;   /* greatest |state| patterns, per slot */
-        #pragma omp simd reduction(max: top_m, top_v, top_x, top_s)
+        uint32_t bot_m = UINT32_MAX;                           /* the least |m| pattern */
+        #pragma omp simd reduction(max: top_m, top_v, top_x, top_s) reduction(min: bot_m)
         for (int i = 0; i < BLOCK; ++i) {
             Element e;
             element(variant, &kc, pb, gb, wide[0], wide[1], wide[2], wide[3], i, 0, &e);
-            top_m = max_u32(top_m, bits_of(wide[0][i]) & 0x7FFFFFFFu);
+            const uint32_t mag_m = bits_of(wide[0][i]) & 0x7FFFFFFFu;
+            top_m = max_u32(top_m, mag_m);
+            bot_m = mag_m < bot_m ? mag_m : bot_m;
             if (uses(variant, 1)) top_v = max_u32(top_v, bits_of(wide[1][i]) & 0x7FFFFFFFu);
             if (uses(variant, 2)) top_x = max_u32(top_x, bits_of(wide[2][i]) & 0x7FFFFFFFu);
             if (uses(variant, 3)) top_s = max_u32(top_s, bits_of(wide[3][i]) & 0x7FFFFFFFu);
@@ -149,11 +173,13 @@ static inline __attribute__((always_inline)) void blocks(int variant, const Scal
             const uint32_t scale_bits = block_scale(top[slot]);
             scales[j][b] = float_of(scale_bits);
             char* out = (char*)codes[j] + b * BLOCK;
-            if (slot == 0)
-                encode_signed(wide[slot], cs, ds, position_mix((uint32_t)j), grid_of(scale_bits, 1), (int8_t*)out);
+            const Grid q = grid_of(scale_bits, slot == 0);
+            if (slot == 0 && top_m < EXPONENT && bot_m >= (uint32_t)q.floor_idx << SHIFT)
+                encode_signed_above(wide[slot], cs, ds, position_mix((uint32_t)j), q, (int8_t*)out);
+            else if (slot == 0)
+                encode_signed(wide[slot], cs, ds, position_mix((uint32_t)j), q, (int8_t*)out);
             else
-                encode_unsigned(wide[slot], cs, ds, position_mix((uint32_t)j), grid_of(scale_bits, 0),
-                                (uint8_t*)out);
+                encode_unsigned(wide[slot], cs, ds, position_mix((uint32_t)j), q, (uint8_t*)out);
         }
     }
 }

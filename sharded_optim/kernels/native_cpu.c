@@ -38,9 +38,11 @@ void segment(int variant, const Scalars* ks, float* restrict p, const float* res
 
 /* The statistics sums, in the order of kernels/stats.py PRE_FIELDS then POST_FIELDS (without diffGrad's friction):
  * elementwise work in float32 as there.  Element b0 + i of a block adds its terms to lane i % STATS_LANES: each
- * lane sums its STATS_BLOCK / STATS_LANES terms of the block in float32, in element order (error <= gamma_{k-1} *
- * sum|x| for k terms, gamma_k = k u / (1 - k u), u = 2^-24), then into a float64 lane; the lanes are added in lane
- * order at the end of the segment.  The order is the source's, so the sums do not depend on the vector width the
+ * lane sums its k = STATS_BLOCK / STATS_LANES terms of the block in float32, in element order, the products with
+ * explicit fmaf (one instruction and one rounding per term: the update's own arithmetic stays unfused, as
+ * -ffp-contract=off keeps it; these sums are ours), then into a float64 lane; the lanes are added in lane order at
+ * the end of the segment.  Error <= gamma_k * sum|x| (gamma_k = k u / (1 - k u), u = 2^-24) against the exact sum
+ * of the unrounded terms, and one u * sum|x| more against the rounded terms the separate passes of stats.py add.  The order is the source's, so the sums do not depend on the vector width the
  * compiler picks; counts are exact.  Why lanes: with one float32 sum per block and `omp simd reduction`, the compiler
  * may not reassociate, so every block ended in 16 in-order scalar adds per sum (a third of the statistics pass).
  * With every term converted to float64 instead, the statistics pass took 1.5x the plain update's time. */
@@ -64,16 +66,16 @@ void stats_term(int variant, const Scalars* kc, float* restrict p, const float* 
     float gg = g[i], mp = m[i];
     int ok = isfinite(gg);
     float gf = ok ? gg : 0.0f;
-    a->f[0][l] += gg * gg;
+    a->f[0][l] = fmaf(gg, gg, a->f[0][l]);
     a->c[0][l] += !ok;
     a->c[1][l] += fabsf(gg) <= 0.0f;
-    a->f[1][l] += mp * gf;
-    a->f[2][l] += mp * mp;
+    a->f[1][l] = fmaf(mp, gf, a->f[1][l]);
+    a->f[2][l] = fmaf(mp, mp, a->f[2][l]);
     Element e;
     element(variant, kc, p, g, m, v, x, s, i, 1, &e);
-    a->f[3][l] += e.p * e.p;
+    a->f[3][l] = fmaf(e.p, e.p, a->f[3][l]);
     float delta = e.eta * e.m;
-    a->f[4][l] += delta * delta;
+    a->f[4][l] = fmaf(delta, delta, a->f[4][l]);
     a->f[5][l] += e.eta;
     if (variant == ADAMAX_MU) a->c[2][l] += fabsf(e.root) <= 2 * kc->eps;
     else a->c[2][l] += fabsf(e.root) < kc->eps;

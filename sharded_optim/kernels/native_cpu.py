@@ -54,8 +54,10 @@ _SLOTS = {"adam_mv": (0, 1), "adam_mvx": (0, 1, 2), "bound_mv": (0, 1), "bound_m
 # friction (no native diffGrad kernel)
 SUM_FIELDS = PRE_FIELDS + tuple(f for f in POST_FIELDS if not f.startswith("friction"))
 STATS_BLOCK, STATS_LANES = 256, 16   # the C source's: a block's terms go to 16 float32 lanes, then float64
-_LANE_TERMS = STATS_BLOCK // STATS_LANES   # terms a lane adds in float32 before float64
-STATS_BLOCK_GAMMA = (_LANE_TERMS - 1) * 2.0**-24 / (1 - (_LANE_TERMS - 1) * 2.0**-24)   # gamma_{k-1}
+_LANE_TERMS = STATS_BLOCK // STATS_LANES   # k: terms a lane adds in float32 (fmaf for products) before float64
+# gamma_k (k roundings per lane) + u (the separate passes round each product first): the fused sums' distance from
+# the separate passes', in units of the sum of the terms' magnitudes
+STATS_BLOCK_GAMMA = _LANE_TERMS * 2.0**-24 / (1 - _LANE_TERMS * 2.0**-24) + 2.0**-24
 _EDGES = torch.tensor(EFF_LR_EDGES, dtype=torch.float64).to(torch.float32)   # compared in float32, as stats.py does
 SCALAR_ORDER = (rules.GSCALE, rules.L2, rules.DECAY, rules.W1, rules.B2, rules.W2, rules.STEP, rules.DSCALE,
                 rules.EPS, rules.LO, rules.HI, rules.B3, rules.W3, rules.CG)   # the C enum, checked by the tests
@@ -173,9 +175,8 @@ def update(variant: str, table: Tensor, state: tuple[Tensor, ...], sc: Tensor, s
     ``stats=True`` (a statistics step) also returns the :data:`SUM_FIELDS` sums from the same pass: those of the
     gradient (times ``gsign``, the sign the update applies) and of the first moment before the update, and those of
     the updated state and the step sizes, as :mod:`.stats` computes them in two more passes.  Counts are exact; sums
-    add lanes of ``STATS_BLOCK / STATS_LANES`` float32 terms summed in float32 (error at most
-    :data:`STATS_BLOCK_GAMMA` times the sum of the terms' magnitudes) in float64, where :mod:`.stats` adds every
-    term in float64.  ``gsign`` is 1 or -1 (``maximize``)."""
+    add lanes of ``STATS_BLOCK / STATS_LANES`` terms summed in float32 in float64, where :mod:`.stats` adds every
+    float32 term in float64: within :data:`STATS_BLOCK_GAMMA` times the sum of the terms' magnitudes of that.  ``gsign`` is 1 or -1 (``maximize``)."""
     if gsign not in (1.0, -1.0):
         raise ValueError(f"native_cpu.update: gsign must be 1.0 or -1.0 (the sign of a maximize step), got {gsign!r}")
     lib = library()

@@ -284,9 +284,10 @@ class DTensorParamGroup(DTensorStateExchange):
             return self._direct[slots[0]][1]
         return self.grad[rng]
 
-    def grad_table(self, rng: slice, slots: list[int]) -> Tensor | None:
-        """Native runtimes: run ``rng``'s segments for :func:`.kernels.native_cpu.update`, each in-place shard with
-        its own gradient and parameter, the others in ``grad`` and ``master``; else None."""
+    def grad_table(self, rng: slice, slots: list[int]) -> tuple[Tensor, int] | None:
+        """Native runtimes: run ``rng``'s segments for :func:`.kernels.native_cpu.update` (offsets relative to
+        ``rng``: base 0), each in-place shard with its own gradient and parameter, the others in ``grad`` and
+        ``master``; else None."""
         if not self.native:
             return None
         rows: list[tuple[int, Tensor, Tensor | None]] = []
@@ -294,7 +295,7 @@ class DTensorParamGroup(DTensorStateExchange):
             at = self.layout.slots[s].offset - rng.start
             rows.append((at, self._direct[s][1], self._direct[s][0]) if s in self._direct
                         else (at, self.grad[self._range(s)], None))
-        return native_cpu.segment_table(rows, self.master[rng] if self.master.numel() else None)
+        return native_cpu.segment_table(rows, self.master[rng] if self.master.numel() else None), 0
 
     def param_of(self, rng: slice, slots: list[int]) -> Tensor:
         """The parameter values a run's update writes: the local shard itself when updated in place."""

@@ -104,8 +104,9 @@ class ParamRuntime(Protocol):
         """The gradient the update of run ``rng`` reads."""
         ...
 
-    def grad_table(self, rng: slice, slots: list[int]) -> Tensor | None:
-        """The run's gradient segments for the CPU multi-tensor kernel (:mod:`.kernels.native_cpu`), or None."""
+    def grad_table(self, rng: slice, slots: list[int]) -> tuple[Tensor, int] | None:
+        """The run's gradient segments for the CPU multi-tensor kernel (:mod:`.kernels.native_cpu`) and the base
+        of their state offsets, or None."""
         ...
 
     def param_of(self, rng: slice, slots: list[int]) -> Tensor:

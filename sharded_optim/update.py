@@ -190,17 +190,21 @@ def host_runs(opt: Any, group: dict[str, Any], rt: ParamRuntime, runs: list[Run]
                                 mu_product=mus[slots[0]])
         hs.values[rules.GSCALE] *= decision.coef
         sc = torch.tensor(hs.values, dtype=rt.compute_dtype, device=rt.device)
-        table = rt.grad_table(rng, slots)
-        if table is not None:   # CPU, fp32: every gradient read where autograd left it
+        segments = rt.grad_table(rng, slots)
+        if segments is not None:   # CPU, fp32: every gradient read where autograd left it
+            table, base = segments
             sums = native_cpu.update(variant, table, rt.state_args(keys, rng), sc, stats=stats is not None,
-                                     gsign=-1.0 if group.get("maximize", False) else 1.0)
+                                     gsign=-1.0 if group.get("maximize", False) else 1.0, base=base)
             if sums is not None:   # a statistics step
                 native_cpu.add_sums(stats, sums, float(group["lr"]))
         else:
             dispatch.run(dispatch.update(variant, rt.state_precision), opt.kernel_mode, rt.param_of(rng, slots),
                          rt.grad_of(rng, slots), *rt.state_args(keys, rng), sc, *_seed(rt, t - 1))
         index = _index(slots)
-        rt.steps[index] += 1
+        if isinstance(index, slice):
+            rt.steps[index].add_(1)   # a view: one in-place op instead of a read, an add and a write back
+        else:
+            rt.steps[index] += 1
         if hs.mu_product is not None:
             rt.mu_products[index] = hs.mu_product
         yield rng, sc, hs.rectification

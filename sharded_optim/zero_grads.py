@@ -308,16 +308,14 @@ class GradientReduction:
             return self._direct[slots[0]]
         return self.grad[rng]
 
-    def grad_table(self, rng: slice, slots: list[int]) -> Tensor | None:
+    def grad_table(self, rng: slice, slots: list[int]) -> tuple[Tensor, int] | None:
         """Native runtimes: the gradient segments of run ``rng`` for :func:`.kernels.native_cpu.update` (each
-        slot's in-place gradient, else its region of ``grad``), offsets relative to ``rng``: the rows of
-        :meth:`step_table` for ``slots``; None: the update reads :meth:`grad_of`."""
+        slot's in-place gradient, else its region of ``grad``) and the base of their offsets (``rng.start``): the
+        rows of :meth:`step_table` for ``slots``, a view when consecutive; None: the update reads :meth:`grad_of`."""
         if not self.native:
             return None
         consecutive = slots == list(range(slots[0], slots[-1] + 1))
-        table = self.step_table()[slots[0]: slots[-1] + 1].clone() if consecutive else self.step_table()[slots]
-        table[:, 0] -= rng.start
-        return table
+        return (self.step_table()[slots[0]: slots[-1] + 1] if consecutive else self.step_table()[slots]), rng.start
 
     def step_table(self) -> Tensor:
         """Native runtimes: this step's table of every slot's gradient segment (:func:`.kernels.native_cpu.

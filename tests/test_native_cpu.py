@@ -151,6 +151,27 @@ def test_bad_gradients_and_buffers_are_refused():
         native_cpu.update("adam_mvg", table, (torch.zeros(12),) * 3, sc)
     with pytest.raises(ValueError, match=r"gsign must be 1.0 or -1.0 \(the sign of a maximize step\), got 0.5"):
         native_cpu.update("adam_mv", table, (torch.zeros(12),) * 2, sc, stats=True, gsign=0.5)
+    with pytest.raises(ValueError, match=r"a table row starts before the state \(offset below base 9\)"):
+        native_cpu.update("adam_mv", table, (torch.zeros(12),) * 2, sc, base=9)
+    with pytest.raises(ValueError, match=r"state must be a contiguous float32 CPU tensor of at least 5 elements"):
+        native_cpu.update("adam_mv", table, (torch.zeros(4),) * 2, sc, base=7)
+    with pytest.raises(ValueError, match=r"the table must be a contiguous int64 tensor of rows of 4"):
+        native_cpu.update("adam_mv", table.t(), (torch.zeros(12),) * 2, sc)
+
+
+def test_a_run_reads_its_rows_of_the_step_table_through_a_base_offset():
+    """A run's rows keep the step table's offsets (no rewritten copy); ``base`` locates its state: the same bits
+    as the rows rewritten relative to the run's own state views."""
+    p, state, rows, flat, sc = _case("adam_mvx", 0.1, seed=4)
+    start = rows[1][0]   # a run from the second segment on
+    p2, state2 = p.clone(), [x.clone() for x in state]
+    native_cpu.update("adam_mvx", native_cpu.segment_table(rows[1:], p), tuple(x[start:] for x in state), sc,
+                      base=start)
+    native_cpu.update("adam_mvx", native_cpu.segment_table([(o - start, g, None) for o, g, _ in rows[1:]], p2[start:]),
+                      tuple(x[start:] for x in state2), sc)
+    for got, want in zip([p, *state], [p2, *state2]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(p, _case("adam_mvx", 0.1, seed=4)[0])
 
 
 def test_segments_may_update_parameters_of_their_own():

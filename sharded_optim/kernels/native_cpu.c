@@ -193,14 +193,20 @@ static int64_t segment_of(const int64_t* first, int64_t nseg, int64_t item) {   
     return lo;
 }
 
-/* table: nseg rows of (offset into the flat state, length, address of the float32 gradient, address of the float32
- * parameter values: a region of a flat buffer, or a tensor of their own).  x and s may be NULL when the variant has
- * no such state.  With ``out`` (NUM_SUMS doubles), a statistics step: the sums of segment_stats over every segment,
- * per work item, added in item order (independent of the thread count).  Returns 0, or -1 for an unknown variant
- * or no memory. */
-int sharded_optim_update(int variant, int64_t nseg, const int64_t* table, float* m, float* v, float* x, float* s,
-                         const float* sc, int nthreads, float gsign, const float* edges, double* out) {
+/* table: nseg rows of (offset, length, address of the float32 gradient, address of the float32 parameter values: a
+ * region of a flat buffer, or a tensor of their own); a row's state starts at offset - base of the state buffers
+ * (a run's rows are a slice of its step's table, not a rewritten copy), which hold nstate elements.  x and s may be
+ * NULL when the variant has no such state.  With ``out`` (NUM_SUMS doubles), a statistics step: the sums of
+ * segment_stats over every segment, per work item, added in item order (independent of the thread count).
+ * Returns 0; -1 for an unknown variant or no memory; -2 when a row's state lies outside [0, nstate). */
+int sharded_optim_update(int variant, int64_t nseg, const int64_t* table, int64_t base, int64_t nstate, float* m,
+                         float* v, float* x, float* s, const float* sc, int nthreads, float gsign,
+                         const float* edges, double* out) {
     if (variant < ADAM_MV || variant > ADAMAX_MU) return -1;
+    for (int64_t i = 0; i < nseg; ++i) {
+        const int64_t at = table[ROW * i] - base, n = table[ROW * i + 1];
+        if (at < 0 || n < 0 || at > nstate - n) return -2;
+    }
     const Scalars k = scalars_of(sc);
     int64_t* first = item_starts(nseg, table);
     if (!first) return -1;
@@ -217,7 +223,7 @@ int sharded_optim_update(int variant, int64_t nseg, const int64_t* table, float*
         const int64_t i = segment_of(first, nseg, it);
         const int64_t* row = table + ROW * i;
         const int64_t lo = (it - first[i]) * CHUNK, n = row[1] - lo < CHUNK ? row[1] - lo : CHUNK;
-        const int64_t at = row[0] + lo;
+        const int64_t at = row[0] - base + lo;
         const float* g = (const float*)(intptr_t)row[2] + lo;
         float* p = (float*)(intptr_t)row[3] + lo;
         float *mi = m + at, *vi = v ? v + at : NULL, *xi = x ? x + at : NULL, *si = s ? s + at : NULL;

@@ -114,8 +114,8 @@ def library() -> ctypes.CDLL | None:
                       RuntimeWarning, stacklevel=2)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.sharded_optim_update.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_float,
-                                         ptr, ptr]
+    lib.sharded_optim_update.argtypes = [ctypes.c_int, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int,
+                                         ctypes.c_float, ptr, ptr]
     lib.sharded_optim_sumsq.argtypes = [i64, ptr, ptr, ctypes.c_int]
     lib.sharded_optim_update_int8.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.sharded_optim_update_bf16.argtypes = [ctypes.c_int, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
@@ -168,30 +168,40 @@ def _check_flat(name: str, t: Tensor, end: int) -> int:
 
 
 def update(variant: str, table: Tensor, state: tuple[Tensor, ...], sc: Tensor, stats: bool = False,
-           gsign: float = 1.0) -> Tensor | None:
-    """Run the fused update of ``variant`` over the segments of ``table`` (:func:`segment_table`): ``state`` (kernel
-    argument order) is flat, indexed by the table's offsets; ``sc`` the host scalars (:mod:`sharded_optim.rules`).
+           gsign: float = 1.0, base: int = 0) -> Tensor | None:
+    """Run the fused update of ``variant`` over the segments of ``table`` (:func:`segment_table`, or rows of
+    :func:`slot_table`): ``state`` (kernel argument order) is flat, a row's state at its offset minus ``base``; ``sc``
+    the host scalars (:mod:`sharded_optim.rules`).  The rows are bounds-checked against the state in C (one loop;
+    the tensor arithmetic that did it here cost more than a small step's kernel).
 
     ``stats=True`` (a statistics step) also returns the :data:`SUM_FIELDS` sums from the same pass: those of the
     gradient (times ``gsign``, the sign the update applies) and of the first moment before the update, and those of
     the updated state and the step sizes, as :mod:`.stats` computes them in two more passes.  Counts are exact; sums
     add lanes of ``STATS_BLOCK / STATS_LANES`` terms summed in float32 in float64, where :mod:`.stats` adds every
-    float32 term in float64: within :data:`STATS_BLOCK_GAMMA` times the sum of the terms' magnitudes of that.  ``gsign`` is 1 or -1 (``maximize``)."""
+    float32 term in float64: within :data:`STATS_BLOCK_GAMMA` times the sum of the terms' magnitudes of that.
+    ``gsign`` is 1 or -1 (``maximize``)."""
     if gsign not in (1.0, -1.0):
         raise ValueError(f"native_cpu.update: gsign must be 1.0 or -1.0 (the sign of a maximize step), got {gsign!r}")
     lib = library()
     if lib is None or variant not in VARIANT_IDS:
         raise ValueError(f"native_cpu: variant {variant!r} has no native kernel here "
                          f"(built: {lib is not None}; variants: {sorted(VARIANT_IDS)})")
-    end = int((table[:, 0] + table[:, 1]).max()) if len(table) else 0
+    if table.dtype is not torch.int64 or table.dim() != 2 or table.shape[1] != 4 or not table.is_contiguous():
+        raise ValueError(f"native_cpu: the table must be a contiguous int64 tensor of rows of 4 (segment_table), got "
+                         f"{table.dtype} of shape {tuple(table.shape)}")
     slots: list[int | None] = [None] * 4
     for tensor, slot in zip(state, _SLOTS[variant], strict=True):
-        slots[slot] = _check_flat("state", tensor, end)
-    scalars = sc.to(torch.float32).contiguous()
+        slots[slot] = _check_flat("state", tensor, 0)
+    nstate = min(t.numel() for t in state)
+    scalars = sc if sc.dtype is torch.float32 and sc.is_contiguous() else sc.to(torch.float32).contiguous()
     sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64) if stats else None
-    rc = lib.sharded_optim_update(VARIANT_IDS[variant], len(table), table.data_ptr(), *slots, scalars.data_ptr(),
-                                  torch.get_num_threads(), gsign, _EDGES.data_ptr(),
+    rc = lib.sharded_optim_update(VARIANT_IDS[variant], len(table), table.data_ptr(), base, nstate, *slots,
+                                  scalars.data_ptr(), torch.get_num_threads(), gsign, _EDGES.data_ptr(),
                                   None if sums is None else sums.data_ptr())
+    if rc == -2:
+        end = int((table[:, 0] - base + table[:, 1]).max())
+        _check_flat("state", min(state, key=Tensor.numel), end)   # raises, naming the size the rows need
+        raise ValueError(f"native_cpu: a table row starts before the state (offset below base {base})")
     if rc != 0:
         raise MemoryError("native_cpu: the update could not allocate its work list")
     return sums

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .flat import FlatLayout, bound_views, flatten_into_views, merge_runs, refresh_master_pieces, run_counters
 from .kernels import native_cpu
+from .kernels.int8_state import BLOCK as INT8_BLOCK
 from .kernels.stats import sumsq
 from .state_storage import StateStorage, layout_options
 from .zero_grads import GradientReduction, _Pending
@@ -112,9 +113,11 @@ class FlatParamGroup(GradientReduction):
         self.native = (native and world == 1 and self.device.type == "cpu" and state_precision == "fp32"
                        and self.dtype == self.compute_dtype == self.grad_dtype == torch.float32
                        and native_cpu.enabled())
+        # (8-bit state: only a whole number of blocks, since a run covers whole blocks and the kernel would read a
+        # partial last block's padding beyond the gradient; slots start on blocks)
         self._direct_slots = {s for s, slot in enumerate(self.layout.slots)
                               if world == 1 and threshold is not None and (slot.numel >= threshold or self.native)
-                              and state_precision != "int8"}   # int8 runs cover whole blocks of ``grad``
+                              and (state_precision != "int8" or slot.numel % INT8_BLOCK == 0)}
         self._direct: dict[int, Tensor] = {}   # this step's in-place gradients, by slot
         self._table: Tensor | None = None       # native: this step's gradient segments (step_table)
         self._stale_direct: set[int] = set()   # in-place slots whose region of ``grad`` a copy wrote since
@@ -234,7 +237,7 @@ class FlatParamGroup(GradientReduction):
         because the host scalars depend on the step.
         """
         if self._direct and not self.native:   # the native kernel reads in-place gradients within any run
-            return self._split_direct(self._runs(has_grad, uniform_steps))
+            return self.storage.whole_blocks(self._split_direct(self._runs(has_grad, uniform_steps)))
         return self.storage.whole_blocks(self._runs(has_grad, uniform_steps))
 
     def _split_direct(self, runs: list[tuple[slice, list[int]]]) -> list[tuple[slice, list[int]]]:

@@ -186,3 +186,37 @@ def test_chunked_kernel_calls_are_bitwise_the_one_call(monkeypatch, capturable):
     assert torch.equal(whole[0], parts[0])
     for key, value in whole[1].items():
         assert torch.equal(value, parts[1][key]), key
+
+
+def test_whole_block_gradients_are_read_in_place_bitwise_the_copied_path(monkeypatch):
+    """One rank, 8-bit state: a parameter over ``DIRECT_MIN_NUMEL`` whose size is a whole number of blocks is
+    updated from its own ``.grad`` (no copy into the flat buffer); one that ends inside a block is still copied (its
+    run's last block reads padding).  Bitwise the all-copied path, through a skipped NaN step and a statistics step."""
+    from torch import nn
+
+    from sharded_optim import zero
+
+    def train(threshold: int) -> tuple[list[torch.Tensor], ShardedOptimizer]:
+        monkeypatch.setitem(zero.DIRECT_MIN_NUMEL, "cpu", threshold)
+        torch.manual_seed(0)
+        # the layout follows backward's order: the last layer's weight (not whole blocks) comes first, its run
+        # then ends inside a block before the in-place ones and must be extended to whole blocks
+        model = nn.Sequential(nn.Linear(300, 512), nn.Tanh(), nn.Linear(512, 300, bias=False), nn.Tanh(),
+                              nn.Linear(300, 300, bias=False))
+        opt = ShardedOptimizer(model.parameters(), algorithm="adamw", lr=1e-2, state_precision="int8",
+                               stats_interval=3)
+        for i in range(5):
+            model(torch.randn(4, 300, generator=torch.Generator().manual_seed(i))).square().mean().backward()
+            if i == 3:
+                model[2].weight.grad[0, 0] = float("nan")
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    direct, opt = train(1 << 16)
+    copied, _ = train(1 << 40)
+    assert all(torch.equal(a, b) for a, b in zip(direct, copied))
+    assert opt.skipped_steps["nonfinite"] == 1
+    shapes = sorted(tuple(rt.layout.slots[s].shape) for rts in opt._runtimes.values() for rt in rts
+                    if rt.state_precision == "int8" for s in rt._direct_slots)
+    assert shapes == [(300, 512), (512, 300)]   # 153,600 elements each; 300x300 = 90,000 is not whole blocks

@@ -309,7 +309,9 @@ class FlatParamGroup(GradientReduction):
         """Sum of squares of this rank's gradient shard, in float64 (padding is zero and adds nothing)."""
         if self.native:   # one multi-tensor pass over every slot's segment: in place, or its region of ``grad``
             return native_cpu.sumsq_table(self.step_table())
-        total = sumsq(self.grad)
+        # every gradient read in place: ``grad`` holds zeros only (stale copies were zeroed): no pass over it
+        total = torch.zeros((), dtype=torch.float64, device=self.device) if len(self._direct) == len(
+            self.layout.slots) else sumsq(self.grad)
         for g in self._direct.values():
             total = total + sumsq(g)
         return total

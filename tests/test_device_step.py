@@ -215,6 +215,27 @@ def test_large_gradients_read_in_place_equal_the_copied_path(monkeypatch, captur
     assert [tuple(rt.layout.slots[s].shape) for s in rt._direct_slots] == [(300, 300)]
 
 
+def test_norm_when_every_gradient_is_read_in_place(monkeypatch):
+    """One rank, every parameter read in place: the flat gradient buffer holds zeros only and is not summed; the
+    norm still covers every gradient, also right after a statistics step copied them into that buffer (zeroed
+    again before they are read in place), and a NaN still skips the step."""
+    from sharded_optim import zero
+    monkeypatch.setitem(zero.DIRECT_MIN_NUMEL, "cpu", 1 << 16)
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(300, 300))
+    opt = ShardedOptimizer([weight], algorithm="adamw", lr=1e-2, kernel="eager", stats_interval=2)
+    for i in range(5):
+        weight.grad = torch.randn(300, 300, generator=torch.Generator().manual_seed(i))
+        if i == 3:
+            weight.grad[0, 0] = float("nan")
+        exact = weight.grad.double().square().sum().sqrt()
+        norm = opt.clip_grad_norm_(1e9)
+        assert (i == 3 and norm.isnan()) or abs(float(norm) - float(exact)) <= 1e-6 * float(exact), (i, norm, exact)
+        opt.step()
+    rt = next(iter(opt._runtimes.values()))[0]
+    assert rt._direct_slots == {0} and opt.skipped_steps["nonfinite"] == 1
+
+
 def test_large_gradient_is_not_copied(monkeypatch):
     from sharded_optim import zero
     monkeypatch.setitem(zero.DIRECT_MIN_NUMEL, "cpu", 1 << 16)

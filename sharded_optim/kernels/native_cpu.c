@@ -42,10 +42,11 @@ void segment(int variant, const Scalars* ks, float* restrict p, const float* res
  * explicit fmaf (one instruction and one rounding per term: the update's own arithmetic stays unfused, as
  * -ffp-contract=off keeps it; these sums are ours), then into a float64 lane; the lanes are added in lane order at
  * the end of the segment.  Error <= gamma_k * sum|x| (gamma_k = k u / (1 - k u), u = 2^-24) against the exact sum
- * of the unrounded terms, and one u * sum|x| more against the rounded terms the separate passes of stats.py add.  The order is the source's, so the sums do not depend on the vector width the
- * compiler picks; counts are exact.  Why lanes: with one float32 sum per block and `omp simd reduction`, the compiler
- * may not reassociate, so every block ended in 16 in-order scalar adds per sum (a third of the statistics pass).
- * With every term converted to float64 instead, the statistics pass took 1.5x the plain update's time. */
+ * of the unrounded terms, and one u * sum|x| more against the rounded terms the separate passes of stats.py add.
+ * The order is the source's, so the sums do not depend on the vector width the compiler picks; counts are exact.
+ * Why lanes: with one float32 sum per block and `omp simd reduction`, the compiler may not reassociate, so every
+ * block ended in 16 in-order scalar adds per sum (a third of the statistics pass).  With every term converted to
+ * float64 instead, the statistics pass took 1.5x the plain update's time. */
 enum { NUMEL, GRAD_SUMSQ, NONFINITE_GRAD, ZERO_GRAD, MOM_GRAD_DOT, MOM_SUMSQ, PARAM_SUMSQ, UPDATE_SUMSQ,
        EPS_DOMINATED, AMSGRAD_MAX_ACTIVE, ADAMOD_CLIPPED, ADABOUND_CLAMPED, EFF_LR_SUM, EFF_LR_LE_0,
        NUM_EDGES = 12, NUM_SUMS = EFF_LR_LE_0 + NUM_EDGES };

@@ -1,7 +1,8 @@
-/* What the CPU kernels share (native_cpu.c: fp32 state; native_int8.c: 8-bit state): the scalars, and the update
- * of one element with the same IEEE operations, in the same order, as the compiled kernels of adam_family.py
- * (Inductor's generated code: its lerp is base + coeff*(end - start), its maximum and minimum propagate NaN).
- * Built with -ffp-contract=off as Inductor is, so nothing is fused into an FMA.
+/* What the CPU kernels share (native_cpu.c: fp32 state; native_int8.c, native_bf16.c: 8-bit and bf16 state): the
+ * scalars, the update of one element with the same IEEE operations, in the same order, as the compiled kernels of
+ * adam_family.py (Inductor's generated code: its lerp is base + coeff*(end - start), its maximum and minimum
+ * propagate NaN), and the rounding hash of the low-precision states.  Built with -ffp-contract=off as Inductor is,
+ * so nothing is fused into an FMA.
  */
 #ifndef SHARDED_OPTIM_NATIVE_COMMON_H
 #define SHARDED_OPTIM_NATIVE_COMMON_H
@@ -141,11 +142,6 @@ static inline uint16_t hash16(uint16_t a, uint16_t b, uint16_t c, uint16_t d) {
 
 /* the position's mix of low_precision.random_bits, xored into the salt's high half */
 static inline uint16_t position_mix(uint32_t position) { return (uint16_t)(position * 0x3C6F); }
-
-/* low_precision.random_bits: 16 bits from a value's bits, the salt's and the state's position */
-static inline uint32_t random_bits(uint32_t x, uint32_t salt, uint32_t position) {
-    return hash16((uint16_t)x, (uint16_t)(x >> 16), (uint16_t)salt, (uint16_t)((salt >> 16) ^ position_mix(position)));
-}
 
 /* low_precision.rounding_salt's step part: the salt of element i is bits(g[i]) ^ step_salt(step) */
 static inline uint32_t step_salt(int64_t step) { return (uint32_t)(step & 0xFFFF) * 0x2545u; }

@@ -193,7 +193,7 @@ def update(variant: str, table: Tensor, state: tuple[Tensor, ...], sc: Tensor, s
     for tensor, slot in zip(state, _SLOTS[variant], strict=True):
         slots[slot] = _check_flat("state", tensor, 0)
     nstate = min(t.numel() for t in state)
-    scalars = sc if sc.dtype is torch.float32 and sc.is_contiguous() else sc.to(torch.float32).contiguous()
+    scalars = sc.to(torch.float32).contiguous()
     sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64) if stats else None
     rc = lib.sharded_optim_update(VARIANT_IDS[variant], len(table), table.data_ptr(), base, nstate, *slots,
                                   scalars.data_ptr(), torch.get_num_threads(), gsign, _EDGES.data_ptr(),
